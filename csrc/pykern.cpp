@@ -1,0 +1,72 @@
+// The only PYBIND11_MODULE of pykern._C: one m.def per entry point of pykern.h, by family.
+#include <torch/extension.h>
+
+#include "common/index.h"
+#include "common/poison.h"
+#include "pykern.h"
+
+// Stringifies the arch list that setup.py passes as -DPYKERN_CUDA_ARCHS=8.0,9.0+PTX.
+#define PK_STRINGIFY(...) #__VA_ARGS__
+#define PK_XSTRINGIFY(...) PK_STRINGIFY(__VA_ARGS__)
+
+namespace {
+
+bool built_with_cuda() {
+#ifdef PYKERN_WITH_CUDA
+  return true;
+#else
+  return false;
+#endif
+}
+
+std::string cuda_archs() {
+#if defined(PYKERN_WITH_CUDA) && defined(PYKERN_CUDA_ARCHS)
+  return PK_XSTRINGIFY(PYKERN_CUDA_ARCHS);
+#else
+  return "";
+#endif
+}
+
+// The PermutePlan as a dict, so the Triton launcher executes the very plan the C++ kernels do.
+py::dict permute_plan(const std::vector<int64_t>& sizes, const std::vector<int64_t>& strides,
+                      const std::vector<int64_t>& perm) {
+  const pykern::PermutePlan p = pykern::make_permute_plan(sizes, strides, perm);
+  py::list batch;
+  for (int d = 0; d < p.nbatch; ++d) {
+    batch.append(py::make_tuple(p.batch_size[d], p.batch_in[d], p.batch_out[d]));
+  }
+  py::dict plan;
+  plan["batch"] = batch;
+  plan["batch_count"] = p.batch_count;
+  plan["rows"] = p.rows;
+  plan["row_in"] = p.row_in;
+  plan["row_out"] = p.row_out;
+  plan["cols"] = p.cols;
+  plan["col_in"] = p.col_in;
+  plan["numel"] = p.numel;
+  plan["transposed"] = p.transposed();
+  return plan;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "pykern kernels: C++ CPU references and CUDA kernels (see pykern.h)";
+  m.def("built_with_cuda", &built_with_cuda, "True when the CUDA kernels were compiled in");
+  m.def("cuda_archs", &cuda_archs, "the CUDA architectures compiled in, e.g. '8.0,9.0+PTX'");
+
+  m.def(
+      "set_poison_outputs", [](bool on) { pykern::poison_outputs_flag().store(on); },
+      "tests: fill every kernel output with 0xFF bytes before the kernel writes it", py::arg("on"));
+  m.def("poison_outputs", &pykern::poison_outputs, "whether outputs are poisoned first");
+
+  // layout
+  m.def("permute_plan", &permute_plan, "the batch x rows x cols plan of permute_copy",
+        py::arg("sizes"), py::arg("strides"), py::arg("perm"));
+  m.def("permute_copy_cpu", &pykern::permute_copy_cpu, "x.permute(perm).contiguous() on CPU",
+        py::arg("x"), py::arg("perm"));
+#ifdef PYKERN_WITH_CUDA
+  m.def("permute_copy_cuda", &pykern::permute_copy_cuda, "x.permute(perm).contiguous() on CUDA",
+        py::arg("x"), py::arg("perm"));
+#endif
+}

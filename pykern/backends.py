@@ -1,0 +1,103 @@
+"""Which implementation runs an op: the backend setting and the per-call choice.
+
+The setting is "auto" (default), "cuda" or "triton"; it comes from, in order of precedence, an
+enclosing `use_backend(...)` block, `set_backend(...)`, then the PYKERN_BACKEND environment
+variable. It selects among GPU implementations; CPU tensors run the C++ reference, except
+that with backend "triton" and TRITON_INTERPRET=1 they run the Triton kernels in Triton's
+interpreter (how CI tests every Triton kernel without a GPU).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import threading
+from collections.abc import Callable, Iterator
+
+import torch
+
+from pykern import _ext
+
+BACKENDS = ("auto", "cuda", "triton")
+
+# What "auto" picks on a CUDA tensor, per op, from the benchmark (bench/results/). An op not
+# listed uses the CUDA kernels when compiled in, else Triton.
+AUTO_CHOICE: dict[str, str] = {}
+
+_state = threading.local()
+_global_backend: str | None = None
+
+
+def _check_name(name: object, argument: str = "backend") -> str:
+    if not isinstance(name, str) or name.lower() not in BACKENDS:
+        raise ValueError(f"{argument} must be one of {', '.join(BACKENDS)}; got {name!r}")
+    return name.lower()
+
+
+def set_backend(name: str) -> None:
+    """Sets the backend for every later call (all threads): "auto", "cuda" or "triton"."""
+    global _global_backend
+    _global_backend = _check_name(name)
+
+
+def get_backend() -> str:
+    """The backend in force here: innermost use_backend, else set_backend, else PYKERN_BACKEND."""
+    stack = getattr(_state, "stack", None)
+    if stack:
+        return stack[-1]
+    if _global_backend is not None:
+        return _global_backend
+    return _check_name(os.environ.get("PYKERN_BACKEND", "auto"), "PYKERN_BACKEND")
+
+
+@contextlib.contextmanager
+def use_backend(name: str) -> Iterator[str]:
+    """Context manager: run the enclosed calls (this thread) with the given backend."""
+    name = _check_name(name)
+    stack = _state.__dict__.setdefault("stack", [])
+    stack.append(name)
+    try:
+        yield name
+    finally:
+        stack.pop()
+
+
+def triton_interpreted() -> bool:
+    """True when Triton runs kernels in its CPU interpreter (TRITON_INTERPRET=1)."""
+    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
+
+
+def check_device(tensor: torch.Tensor, op: str, argument: str = "input") -> None:
+    """Raises a clear error for a tensor on a device this build cannot run."""
+    kind = tensor.device.type
+    if kind not in ("cpu", "cuda", "meta"):
+        raise ValueError(
+            f"{op}: {argument} is on device '{tensor.device}', which pykern does not support "
+            "(cpu and cuda only)"
+        )
+
+
+def pick(device: torch.device, op: str) -> str:
+    """The implementation for one call: "cpu", "cuda" or "triton"."""
+    backend = get_backend()
+    if device.type == "cpu":
+        if backend == "triton" and triton_interpreted():
+            return "triton"
+        if backend == "triton":
+            raise RuntimeError(
+                f"{op}: backend 'triton' on a CPU tensor needs TRITON_INTERPRET=1 (set before "
+                "triton is imported); use backend 'auto' for the C++ CPU kernels"
+            )
+        return "cpu"
+    if device.type != "cuda":
+        raise ValueError(f"{op}: device '{device}' is not supported (cpu and cuda only)")
+    if backend == "auto":
+        backend = AUTO_CHOICE.get(op, "cuda" if _ext.has_cuda() else "triton")
+    if backend == "cuda" and not _ext.has_cuda():
+        raise RuntimeError(f"{op}: backend 'cuda' was chosen but {_ext.BUILD_CUDA_HINT}")
+    return backend
+
+
+def dispatch(table: dict[str, Callable], device: torch.device, op: str) -> Callable:
+    """The function from an op's backend table {"cpu": ..., "cuda": ..., "triton": ...}."""
+    return table[pick(device, op)]

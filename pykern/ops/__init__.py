@@ -1,0 +1,3 @@
+"""Imports every family so that torch.ops.pykern.* exist after `import pykern`."""
+
+from pykern.ops import layout  # noqa: F401

@@ -1,0 +1,52 @@
+"""Launch helpers: a fixed config under Triton's interpreter, autotuning on a GPU.
+
+@triton.autotune needs a GPU driver to time configs, so under TRITON_INTERPRET=1 a kernel
+runs with one fixed config instead; the launcher code is the same either way.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+
+from pykern._ext import _C
+
+
+def interpreted() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
+
+
+def new_output(shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A kernel's output; 0xFF-filled first when tests poison outputs (csrc/common/poison.h)."""
+    out = torch.empty(shape, dtype=dtype, device=device)
+    if _C.poison_outputs() and out.numel() > 0:
+        out.view(torch.uint8).fill_(0xFF)
+    return out
+
+
+class _FixedConfig:
+    """kernel[grid](...) with the constexprs of one config filled in, like an autotuner."""
+
+    def __init__(self, kernel, config: dict):
+        self.kernel = kernel
+        self.config = config
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            resolved = grid(self.config) if callable(grid) else grid
+            return self.kernel[resolved](*args, **kwargs, **self.config)
+
+        return launch
+
+
+def autotune(configs: list[triton.Config], key: list[str], interpreter_config: dict):
+    """triton.autotune on a GPU; under the interpreter, `interpreter_config` (constexprs) only."""
+
+    def wrap(kernel):
+        if interpreted():
+            return _FixedConfig(kernel, interpreter_config)
+        return triton.autotune(configs=configs, key=key)(kernel)
+
+    return wrap
