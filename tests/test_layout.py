@@ -161,13 +161,15 @@ def test_offsets_past_2_to_the_31(target):
 # Gradients
 
 
-@pytest.mark.parametrize("shape", [(2, 3, 4, 5), (1, 2, 3, 4, 5)], ids=_sid)
+@pytest.mark.parametrize("shape", [(2, 3, 2, 3), (1, 2, 2, 1, 3)], ids=_sid)
 @pytest.mark.parametrize("op", list(OPS))
 def test_gradcheck(target, op, shape):
+    # Small shapes and fast mode: every Jacobian column is a kernel launch, and each launch
+    # costs about 0.1 s in the Triton interpreter.
     fn, _, layout = OPS[op]
     x = make_input(shape, torch.float64, target.device, layout=layout, requires_grad=True)
-    assert torch.autograd.gradcheck(fn, (x,))
-    assert torch.autograd.gradgradcheck(fn, (x,))
+    assert torch.autograd.gradcheck(fn, (x,), fast_mode=True)
+    assert torch.autograd.gradgradcheck(fn, (x,), fast_mode=True)
 
 
 @pytest.mark.parametrize("op", list(OPS))

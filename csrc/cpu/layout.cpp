@@ -15,27 +15,30 @@
 namespace pykern {
 namespace {
 
-// 32x32 elements: for 4-byte types the input and output tiles (4 KiB each) sit in L1 while one
-// side is walked with a stride.
-constexpr int64_t kTile = 32;
+constexpr int64_t kTileEdge = 32;
+constexpr int64_t kTileElems = 1024;  // 4 KiB of float: input and output tiles stay in L1
 constexpr int64_t kParallelGrain = 1 << 15;  // below this many elements one thread is faster
 
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
-// Input walks rows fastest: copy 32x32 tiles, reading down columns of the input, writing
-// along rows of the output.
+// Input walks rows fastest: copy tiles, reading down columns of the input, writing along rows
+// of the output. Tiles are 32x32, stretched along the other dim when rows or cols is short
+// (C=3 images): a 512x2 tile, not 32x2, keeps the per-tile overhead small.
 template <typename T>
 void permute_copy_transposed(const T* in, T* out, const PermutePlan& p) {
-  const int64_t row_tiles = ceil_div(p.rows, kTile);
-  const int64_t col_tiles = ceil_div(p.cols, kTile);
+  int64_t tile_cols = std::min(p.cols, kTileEdge);
+  const int64_t tile_rows = std::min(p.rows, std::max(kTileEdge, kTileElems / tile_cols));
+  if (tile_rows < kTileEdge) tile_cols = std::min(p.cols, kTileElems / tile_rows);
+  const int64_t row_tiles = ceil_div(p.rows, tile_rows);
+  const int64_t col_tiles = ceil_div(p.cols, tile_cols);
   const int64_t tiles = p.batch_count * row_tiles * col_tiles;
 #pragma omp parallel for schedule(static) if (p.numel > kParallelGrain)
   for (int64_t t = 0; t < tiles; ++t) {
     const int64_t col_tile = t % col_tiles;
     const int64_t row_tile = (t / col_tiles) % row_tiles;
     const BatchOffsets base = batch_offsets(p, t / (col_tiles * row_tiles));
-    const int64_t r0 = row_tile * kTile, r1 = std::min(r0 + kTile, p.rows);
-    const int64_t c0 = col_tile * kTile, c1 = std::min(c0 + kTile, p.cols);
+    const int64_t r0 = row_tile * tile_rows, r1 = std::min(r0 + tile_rows, p.rows);
+    const int64_t c0 = col_tile * tile_cols, c1 = std::min(c0 + tile_cols, p.cols);
     const T* src = in + base.in;
     T* dst = out + base.out;
     for (int64_t r = r0; r < r1; ++r) {

@@ -22,6 +22,7 @@ namespace {
 constexpr int kTile = 32;          // tile edge, elements
 constexpr int kTileRowsPerPass = 8;  // block is kTile x 8 threads; each thread moves 4 elements
 constexpr int64_t kMaxBlocks = 1 << 20;  // grid-stride loops cover the rest
+constexpr int64_t kMinTileSide = 8;  // below this, tiles waste threads: go elementwise
 
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
@@ -58,23 +59,25 @@ __global__ void permute_copy_kernel_transposed(const T* __restrict__ in, T* __re
   }
 }
 
-// The input walks cols fastest too (or nothing is transposed): every output element in order;
-// in this mode batch dims are all outside rows, so the output offset is the flat index.
+// One thread per output element, in output order: for plans where the input walks cols fastest
+// too (plain row copies), and for transposes with a short side (C=3 images), where a 32x32
+// tile would leave most threads idle while a warp's reads still land in a few segments.
 template <typename T>
-__global__ void permute_copy_kernel_rows(const T* __restrict__ in, T* __restrict__ out,
-                                         const PermutePlan p) {
+__global__ void permute_copy_kernel_elementwise(const T* __restrict__ in, T* __restrict__ out,
+                                                const PermutePlan p) {
   const int64_t total = p.batch_count * p.rows * p.cols;
   const int64_t step = static_cast<int64_t>(gridDim.x) * blockDim.x;
   for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < total;
        i += step) {
     const int64_t c = i % p.cols;
     const int64_t rb = i / p.cols;
+    const int64_t r = rb % p.rows;
     const BatchOffsets base = batch_offsets(p, rb / p.rows);
-    out[i] = in[base.in + (rb % p.rows) * p.row_in + c * p.col_in];
+    out[base.out + r * p.row_out + c] = in[base.in + r * p.row_in + c * p.col_in];
   }
 }
 
-// Rows mode moving `factor` elements of the original type as one wider element: valid when the
+// A row-copy plan moving `factor` elements of the original type as one wider element: valid when the
 // rows are unit-stride and every stride and base address is a multiple of the factor.
 bool widen_rows_plan(PermutePlan& p, int64_t factor, const void* in, const void* out,
                      int64_t elem_bytes) {
@@ -97,12 +100,12 @@ bool widen_rows_plan(PermutePlan& p, int64_t factor, const void* in, const void*
 }
 
 template <typename T>
-void launch_rows(const void* in, void* out, const PermutePlan& p, cudaStream_t stream) {
+void launch_elementwise(const void* in, void* out, const PermutePlan& p, cudaStream_t stream) {
   constexpr int kThreads = 256;
   const int64_t total = p.batch_count * p.rows * p.cols;
   const int64_t blocks = std::min(ceil_div(total, kThreads), kMaxBlocks);
-  permute_copy_kernel_rows<T><<<blocks, kThreads, 0, stream>>>(static_cast<const T*>(in),
-                                                                 static_cast<T*>(out), p);
+  permute_copy_kernel_elementwise<T><<<blocks, kThreads, 0, stream>>>(
+      static_cast<const T*>(in), static_cast<T*>(out), p);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
@@ -128,11 +131,13 @@ at::Tensor permute_copy_cuda(const at::Tensor& x, const std::vector<int64_t>& pe
     // Wide loads: 16-byte elements where alignment allows, else the element's own width.
     const int64_t factor = 16 / std::min<int64_t>(elem_bytes, 16);
     if (factor > 1 && widen_rows_plan(plan, factor, in, dst, elem_bytes)) {
-      launch_rows<Bytes16>(in, dst, plan, stream);
-    } else {
-      PK_DISPATCH_BY_ELEMENT_SIZE("permute_copy_cuda", elem_bytes,
-                                  [&] { launch_rows<scalar_t>(in, dst, plan, stream); });
+      launch_elementwise<Bytes16>(in, dst, plan, stream);
+      return out;
     }
+  }
+  if (!plan.transposed() || std::min(plan.rows, plan.cols) < kMinTileSide) {
+    PK_DISPATCH_BY_ELEMENT_SIZE("permute_copy_cuda", elem_bytes,
+                                [&] { launch_elementwise<scalar_t>(in, dst, plan, stream); });
     return out;
   }
 
