@@ -47,7 +47,8 @@ def _backends_for(device: str) -> list[str]:
 
 def run(device: str | None = None) -> bool:
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    print(f"pykern demo on {device}" + (f" ({torch.cuda.get_device_name()})" if device == "cuda" else ""))
+    gpu = f" ({torch.cuda.get_device_name()})" if device == "cuda" else ""
+    print(f"pykern demo on {device}{gpu}")
     all_ok = True
     for backend in _backends_for(device):
         with pykern.use_backend(backend):
@@ -61,6 +62,7 @@ def run(device: str | None = None) -> bool:
                         ok = torch.equal(out, ref) and out.stride() == ref.stride()
                         all_ok &= ok
                         name = str(dtype).removeprefix("torch.")
-                        print(f"  {'ok  ' if ok else 'FAIL'} {impl:7s} {op:18s} {str(shape):18s} {name}")
+                        verdict = "ok  " if ok else "FAIL"
+                        print(f"  {verdict} {impl:7s} {op:18s} {str(shape):18s} {name}")
     print("all results equal torch's" if all_ok else "SOME RESULTS DIFFER FROM TORCH")
     return all_ok

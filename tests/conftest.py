@@ -68,5 +68,6 @@ def pytest_collection_modifyitems(items):
     # Tests parametrized over GPU targets carry the gpu marker, so `-m gpu` selects them.
     for item in items:
         callspec = getattr(item, "callspec", None)
-        if callspec and TARGETS.get(callspec.params.get("target", ""), Target("", "")).device == "cuda":
+        name = callspec.params.get("target") if callspec else None
+        if name in TARGETS and TARGETS[name].device == "cuda":
             item.add_marker(pytest.mark.gpu)

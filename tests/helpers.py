@@ -27,7 +27,8 @@ def make_input(
         x = torch.randn(wide, dtype=dtype, device=device)
     else:
         info = torch.iinfo(dtype)
-        x = torch.randint(max(info.min, -1000), min(info.max, 1000), wide, dtype=dtype, device=device)
+        low, high = max(info.min, -1000), min(info.max, 1000)
+        x = torch.randint(low, high, wide, dtype=dtype, device=device)
     if layout == "nhwc":
         fmt = torch.channels_last if x.dim() == 4 else torch.channels_last_3d
         x = x.contiguous(memory_format=fmt)

@@ -83,8 +83,8 @@ def permute_copy(x: torch.Tensor, perm: list[int]) -> torch.Tensor:
     if out.numel() == 0:
         return out
     src, src_perm = _storage_view(x, perm)
-    dst = torch.view_as_real(out).view(torch.int64) if x.element_size() == 16 else out.view(
-        src.dtype
+    dst = (
+        torch.view_as_real(out).view(torch.int64) if x.element_size() == 16 else out.view(src.dtype)
     )
     plan = _C.permute_plan(list(src.shape), list(src.stride()), src_perm)
     batch = [(1, 0, 0)] * (MAX_BATCH_DIMS - len(plan["batch"])) + list(plan["batch"])

@@ -6,6 +6,11 @@
 #include <algorithm>
 #include <cstring>
 
+#if defined(__SSE2__)
+#include <emmintrin.h>
+#include <xmmintrin.h>
+#endif
+
 #include "common/checks.h"
 #include "common/dispatch.h"
 #include "common/index.h"
@@ -20,6 +25,96 @@ constexpr int64_t kTileElems = 1024;  // 4 KiB of float: input and output tiles 
 constexpr int64_t kParallelGrain = 1 << 15;  // below this many elements one thread is faster
 
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// A K x K block transposed in registers, for the common unit-stride case (row_in == 1): K loads
+// of K rows (one input column each), K stores of K cols (one output row each). K = 0: none.
+template <typename T>
+struct RegisterBlock {
+  static constexpr int64_t K = 0;
+};
+
+#if defined(__SSE2__)
+template <>
+struct RegisterBlock<uint32_t> {  // float, int32: 4x4
+  static constexpr int64_t K = 4;
+  static void run(const uint32_t* src, int64_t col_in, uint32_t* dst, int64_t row_out) {
+    // Shuffles only: the bits of NaN payloads and integers pass through unchanged.
+    __m128 c0 = _mm_loadu_ps(reinterpret_cast<const float*>(src));
+    __m128 c1 = _mm_loadu_ps(reinterpret_cast<const float*>(src + col_in));
+    __m128 c2 = _mm_loadu_ps(reinterpret_cast<const float*>(src + 2 * col_in));
+    __m128 c3 = _mm_loadu_ps(reinterpret_cast<const float*>(src + 3 * col_in));
+    _MM_TRANSPOSE4_PS(c0, c1, c2, c3);
+    _mm_storeu_ps(reinterpret_cast<float*>(dst), c0);
+    _mm_storeu_ps(reinterpret_cast<float*>(dst + row_out), c1);
+    _mm_storeu_ps(reinterpret_cast<float*>(dst + 2 * row_out), c2);
+    _mm_storeu_ps(reinterpret_cast<float*>(dst + 3 * row_out), c3);
+  }
+};
+
+template <>
+struct RegisterBlock<uint16_t> {  // bfloat16, float16, int16: 8x8
+  static constexpr int64_t K = 8;
+  static void run(const uint16_t* src, int64_t col_in, uint16_t* dst, int64_t row_out) {
+    __m128i a[8];
+    for (int k = 0; k < 8; ++k) {
+      a[k] = _mm_loadu_si128(reinterpret_cast<const __m128i*>(src + k * col_in));
+    }
+    // Interleave 16-, then 32-, then 64-bit lanes: row j gathers element j of every column.
+    __m128i t[8], u[8];
+    for (int k = 0; k < 4; ++k) {
+      t[k] = _mm_unpacklo_epi16(a[2 * k], a[2 * k + 1]);
+      t[k + 4] = _mm_unpackhi_epi16(a[2 * k], a[2 * k + 1]);
+    }
+    for (int h = 0; h < 2; ++h) {  // h = 0: elements 0-3, h = 1: elements 4-7
+      u[4 * h + 0] = _mm_unpacklo_epi32(t[4 * h + 0], t[4 * h + 1]);
+      u[4 * h + 1] = _mm_unpackhi_epi32(t[4 * h + 0], t[4 * h + 1]);
+      u[4 * h + 2] = _mm_unpacklo_epi32(t[4 * h + 2], t[4 * h + 3]);
+      u[4 * h + 3] = _mm_unpackhi_epi32(t[4 * h + 2], t[4 * h + 3]);
+    }
+    for (int h = 0; h < 2; ++h) {
+      for (int q = 0; q < 2; ++q) {
+        const __m128i lo = u[4 * h + q], hi = u[4 * h + q + 2];
+        const int64_t row = 4 * h + 2 * q;
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + row * row_out),
+                         _mm_unpacklo_epi64(lo, hi));
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + (row + 1) * row_out),
+                         _mm_unpackhi_epi64(lo, hi));
+      }
+    }
+  }
+};
+#endif
+
+template <typename T>
+void copy_tile_scalar(const T* src, T* dst, const PermutePlan& p, int64_t r0, int64_t r1,
+                      int64_t c0, int64_t c1) {
+  for (int64_t r = r0; r < r1; ++r) {
+    const T* src_row = src + r * p.row_in;
+    T* dst_row = dst + r * p.row_out;
+    for (int64_t c = c0; c < c1; ++c) dst_row[c] = src_row[c * p.col_in];
+  }
+}
+
+template <typename T>
+void copy_tile(const T* src, T* dst, const PermutePlan& p, int64_t r0, int64_t r1, int64_t c0,
+               int64_t c1) {
+  constexpr int64_t K = RegisterBlock<T>::K;
+  if constexpr (K > 0) {
+    if (p.row_in == 1) {
+      const int64_t rk = r0 + (r1 - r0) / K * K, ck = c0 + (c1 - c0) / K * K;
+      for (int64_t r = r0; r < rk; r += K) {
+        for (int64_t c = c0; c < ck; c += K) {
+          RegisterBlock<T>::run(src + r + c * p.col_in, p.col_in, dst + r * p.row_out + c,
+                                p.row_out);
+        }
+      }
+      copy_tile_scalar(src, dst, p, r0, rk, ck, c1);  // right edge
+      copy_tile_scalar(src, dst, p, rk, r1, c0, c1);  // bottom edge
+      return;
+    }
+  }
+  copy_tile_scalar(src, dst, p, r0, r1, c0, c1);
+}
 
 // Input walks rows fastest: copy tiles, reading down columns of the input, writing along rows
 // of the output. Tiles are 32x32, stretched along the other dim when rows or cols is short
@@ -37,15 +132,9 @@ void permute_copy_transposed(const T* in, T* out, const PermutePlan& p) {
     const int64_t col_tile = t % col_tiles;
     const int64_t row_tile = (t / col_tiles) % row_tiles;
     const BatchOffsets base = batch_offsets(p, t / (col_tiles * row_tiles));
-    const int64_t r0 = row_tile * tile_rows, r1 = std::min(r0 + tile_rows, p.rows);
-    const int64_t c0 = col_tile * tile_cols, c1 = std::min(c0 + tile_cols, p.cols);
-    const T* src = in + base.in;
-    T* dst = out + base.out;
-    for (int64_t r = r0; r < r1; ++r) {
-      const T* src_row = src + r * p.row_in;
-      T* dst_row = dst + r * p.row_out;
-      for (int64_t c = c0; c < c1; ++c) dst_row[c] = src_row[c * p.col_in];
-    }
+    const int64_t r0 = row_tile * tile_rows, c0 = col_tile * tile_cols;
+    copy_tile(in + base.in, out + base.out, p, r0, std::min(r0 + tile_rows, p.rows), c0,
+              std::min(c0 + tile_cols, p.cols));
   }
 }
 
