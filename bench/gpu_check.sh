@@ -19,10 +19,10 @@
 
 set -u  # no -e: a failing step is recorded and the next one runs
 
-cd "$(dirname "$0")/.." || exit 2
-OUTDIR=${1:-${OUT:-./gpu_check_out}}
+OUTDIR=${1:-${OUT:-./gpu_check_out}}  # relative to where the script is started
 mkdir -p "$OUTDIR/logs" || exit 2
 OUTDIR=$(cd "$OUTDIR" && pwd)
+cd "$(dirname "$0")/.." || exit 2  # the repository root: every step runs from there
 LOGS=$OUTDIR/logs
 SUMMARY=$OUTDIR/summary.txt
 STEPS=${STEPS:-info build test sanitizer bench}
@@ -122,7 +122,7 @@ find_sanitizer() {
 }
 
 # sanitize TOOL LABEL PYTEST_ARGS...: one compute-sanitizer run; adds its line to the note.
-# Returns 0 (clean), 5 (no test selected) or the failure's exit status.
+# Returns 0 (clean), 5 (no test ran) or the failure's exit status.
 sanitize() {
     local tool=$1 label=$2 rc errors
     shift 2
@@ -131,10 +131,12 @@ sanitize() {
         "$PY" -m pytest "$@" -q -m gpu -k cuda >"$LOGS/sanitizer_$label.log" 2>&1
     rc=$?
     cat "$LOGS/sanitizer_$label.log"
+    # Tests that all skipped (no GPU, no CUDA build) checked nothing: not a clean bill.
+    if [ "$rc" -eq 0 ] && ! grep -qE '[0-9]+ passed' "$LOGS/sanitizer_$label.log"; then rc=5; fi
     errors=$(grep -m1 'ERROR SUMMARY' "$LOGS/sanitizer_$label.log")
     case $rc in
         0) note "$tool $label: clean (${errors:-no error summary})" ;;
-        5) note "$tool $label: no test matched -m gpu -k cuda (nothing checked)" ;;
+        5) note "$tool $label: no test ran under -m gpu -k cuda (nothing checked)" ;;
         *) note "$tool $label: FAIL exit $rc (${errors:-see logs/sanitizer_$label.log})" ;;
     esac
     return $rc
@@ -151,7 +153,7 @@ step_sanitizer() {
         "import torch; x = torch.ones(4096, device='cuda'); print(float(x.sum()))" \
         >"$LOGS/sanitizer_probe.log" 2>&1; then
         cat "$LOGS/sanitizer_probe.log"
-        why "compute-sanitizer refused this device: $(grep -m1 -iE 'not supported|error' \
+        why "compute-sanitizer failed on one CUDA allocation: $(grep -m1 -iE 'not supported|error' \
             "$LOGS/sanitizer_probe.log" || tail -n 1 "$LOGS/sanitizer_probe.log")"
         return 200
     fi
@@ -165,7 +167,7 @@ step_sanitizer() {
         case $rc in 0) checked=1 ;; 5) ;; *) failed=1 ;; esac
     done
     [ "$failed" -eq 0 ] || return 1
-    [ "$checked" -eq 1 ] || { why "no GPU test matched -m gpu -k cuda"; return 200; }
+    [ "$checked" -eq 1 ] || { why "no GPU test ran under -m gpu -k cuda"; return 200; }
 }
 
 step_bench() {

@@ -41,7 +41,7 @@ CPU_COPY_BYTES = 64 * MIB  # at least; raised to 2x the L3 where that is larger
 CUDA_COPY_BYTES = 256 * MIB  # at least; raised to 4x the L2 where that is larger
 CPU_MATMUL_N = 1024  # small: the CPU matmul floor is a sanity figure, not a target
 CUDA_MATMUL_N = 8192
-MAX_BUFFERS = 64
+MAX_BUFFERS = 4096  # tiny inputs need many copies to fill 2x the cache; memory stays small
 CPU_ROTATION_CAP = 256 * MIB  # rotation is "when cheap" on CPU: never more memory than this
 
 
@@ -144,9 +144,6 @@ def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
-# ---- machine facts -------------------------------------------------------------------------
-
-
 def _git(*args: str) -> str | None:
     try:
         done = subprocess.run(
@@ -218,9 +215,6 @@ def machine_info(device: str) -> dict:
         props = torch.cuda.get_device_properties(0)
         info.update(sm_count=props.multi_processor_count, gpu_memory_bytes=props.total_memory)
     return info
-
-
-# ---- timing ----------------------------------------------------------------------------------
 
 
 def sync(device: str) -> None:
@@ -305,11 +299,11 @@ class _Timed:
         return start.elapsed_time(end) / count
 
     def calibrate(self, s: Settings) -> None:
-        """Warm-up (compile, autotune, allocator, first touch of every buffer), then choose the
-        batch size so a repeat lasts about s.repeat_ms, and the spin that hides dispatch."""
+        """Warm-up (compile, autotune, allocator), then choose the batch size so a repeat lasts
+        about s.repeat_ms, and the spin that hides dispatch (CUDA)."""
         probe = max(3, min(len(self.inputs), 20))
         with self.provider.active():
-            self._wall_ms(max(3, len(self.inputs)), wait=True)
+            self._wall_ms(max(3, min(len(self.inputs), 32)), wait=True)
             wall_ms = self._wall_ms(probe, wait=True)  # >= both host and device time per call
             if self.cuda:
                 self.spin_ms = 1.5 * wall_ms * probe
@@ -446,9 +440,6 @@ def _record(case: Case, timer: _Timed, device: str, floors: dict, meta: dict) ->
     )
 
 
-# ---- floors ----------------------------------------------------------------------------------
-
-
 def _time_alone(fn: Callable[[], object], device: str, s: Settings) -> dict:
     """Median ms of fn() timed like a case (one buffer: the floor buffers dwarf the cache)."""
     timer = _Timed(Provider("floor", lambda _: fn()), [torch.empty(0)], device)
@@ -456,6 +447,22 @@ def _time_alone(fn: Callable[[], object], device: str, s: Settings) -> dict:
     time_interleaved([timer], s, device)
     repeats = timer.repeats_ms
     return {"time_ms": statistics.median(repeats), "min_ms": min(repeats), "repeats": len(repeats)}
+
+
+def _copy_floor(nbytes: int, device: str, s: Settings) -> dict:
+    src = torch.ones(nbytes // 4, dtype=torch.float32, device=device)
+    dst = torch.empty_like(src)
+    timing = _time_alone(lambda: dst.copy_(src), device, s)
+    timing.update(bytes=2 * nbytes, gbps=2 * nbytes / (timing["time_ms"] * 1e-3) / 1e9)
+    return timing
+
+
+def _matmul_floor(n: int, dtype: torch.dtype, device: str, s: Settings) -> dict:
+    a = torch.randn(n, n, device=device).to(dtype)
+    b = torch.randn(n, n, device=device).to(dtype)
+    timing = _time_alone(lambda: torch.mm(a, b), device, s)
+    timing.update(n=n, tflops=2 * n**3 / (timing["time_ms"] * 1e-3) / 1e12)
+    return timing
 
 
 def measure_floors(device: str, dtypes: Sequence[torch.dtype], quick: bool = False) -> dict:
@@ -472,28 +479,14 @@ def measure_floors(device: str, dtypes: Sequence[torch.dtype], quick: bool = Fal
         nbytes = max(CPU_COPY_BYTES, 2 * cache_bytes(device))
         n, matmul_dtypes = CPU_MATMUL_N, [torch.float32]
 
-    src = torch.ones(nbytes // 4, dtype=torch.float32, device=device)
-    dst = torch.empty_like(src)
-    copy = _time_alone(lambda: dst.copy_(src), device, s)
-    copy.update(bytes=2 * nbytes, gbps=2 * nbytes / (copy["time_ms"] * 1e-3) / 1e9)
-    del src, dst
-
-    matmul = {}
-    for dtype in matmul_dtypes:
-        a = torch.randn(n, n, device=device).to(dtype)
-        b = torch.randn(n, n, device=device).to(dtype)
-        timing = _time_alone(lambda a=a, b=b: torch.mm(a, b), device, s)
-        timing.update(n=n, tflops=2 * n**3 / (timing["time_ms"] * 1e-3) / 1e12)
-        matmul[dtype_name(dtype)] = timing
-        del a, b
-    floors = {"copy": copy, "matmul": matmul}
+    floors = {
+        "copy": _copy_floor(nbytes, device, s),
+        "matmul": {dtype_name(d): _matmul_floor(n, d, device, s) for d in matmul_dtypes},
+    }
     if device == "cuda":
         floors["matmul_allow_tf32"] = bool(torch.backends.cuda.matmul.allow_tf32)
         torch.cuda.empty_cache()
     return floors
-
-
-# ---- output ----------------------------------------------------------------------------------
 
 
 def write_json(

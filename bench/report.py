@@ -130,24 +130,28 @@ def _summary(by_op: dict[str, list[dict]]) -> list[str]:
 def _op_section(op: str, records: list[dict]) -> list[str]:
     family = records[0]["family"]
     lines = [f"## {op} ({family}, {records[0]['pass']})", ""]
+    # CUDA runs time the GPU alone; the host's cost per call gets its own column there.
+    host = any(r.get("host_us") is not None for r in records)
     rows = []
     for cell in _cells(records).values():
         for r in sorted(cell, key=lambda r: _provider_key(r["provider"])):
-            rows.append(
-                [
-                    _shape(r["shape"]),
-                    r["dtype"],
-                    r["layout"],
-                    r["provider"],
-                    f"{r['time_ms']:.4f}",
-                    f"{r['time_min_ms']:.4f} - {r['time_max_ms']:.4f}",
-                    f"{r['gbps']:.1f}",
-                    f"{r['pct_of_floor']:.0f}%",
-                    _ratio(r["ratio_vs_torch"]),
-                ]
-            )
+            row = [
+                _shape(r["shape"]),
+                r["dtype"],
+                r["layout"],
+                r["provider"],
+                f"{r['time_ms']:.4f}",
+                f"{r['time_min_ms']:.4f} - {r['time_max_ms']:.4f}",
+                f"{r['gbps']:.1f}",
+                f"{r['pct_of_floor']:.0f}%",
+                _ratio(r["ratio_vs_torch"]),
+            ]
+            if host:
+                row.append("-" if r.get("host_us") is None else f"{r['host_us']:.1f}")
+            rows.append(row)
     header = ["shape", "dtype", "layout", "provider", "median ms", "min - max ms", "GB/s"]
-    lines += _table(header + ["% of copy floor", "vs torch"], rows)
+    header += ["% of copy floor", "vs torch"] + (["host us/call"] if host else [])
+    lines += _table(header, rows)
 
     lines += [f"### {op}: pykern's best against torch", ""]
     rows = []
@@ -157,9 +161,14 @@ def _op_section(op: str, records: list[dict]) -> list[str]:
         if torch_row is None or best is None:
             continue
         ratio = best["ratio_vs_torch"]
-        verdict = "-" if not ratio else (
-            f"pykern {ratio:.2f}x faster" if ratio >= 1 else f"torch {1 / ratio:.2f}x faster"
-        )
+        if not ratio:
+            verdict = "-"
+        elif abs(ratio - 1) < 0.03:  # within timing noise
+            verdict = "even"
+        elif ratio > 1:
+            verdict = f"pykern {ratio:.2f}x faster"
+        else:
+            verdict = f"torch {1 / ratio:.2f}x faster"
         rows.append(
             [
                 _shape(list(shape)),

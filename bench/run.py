@@ -45,6 +45,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--budget", type=float, help="seconds of timing per case, all providers together"
     )
     parser.add_argument(
+        "--threads", type=int, help="CPU threads for torch and pykern (torch.set_num_threads)"
+    )
+    parser.add_argument(
         "--out", help="output folder (default: bench/results/<YYYY-MM-DD>-<device>/)"
     )
     return parser.parse_args(argv)
@@ -62,13 +65,11 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit("bench.run: --device cuda, but torch sees no CUDA GPU")
     dtypes = None if args.dtypes is None else list(dict.fromkeys(DTYPES[d] for d in args.dtypes))
 
+    if args.threads:
+        torch.set_num_threads(args.threads)  # pykern's OpenMP loops share torch's libgomp
     meta = harness.machine_info(device)
-    out = Path(args.out) if args.out else (
-        harness.REPO_ROOT
-        / "bench"
-        / "results"
-        / f"{datetime.date.today().isoformat()}-{meta['device_slug']}"
-    )
+    run_name = f"{datetime.date.today().isoformat()}-{meta['device_slug']}"
+    out = Path(args.out) if args.out else harness.REPO_ROOT / "bench" / "results" / run_name
     out.mkdir(parents=True, exist_ok=True)
     print(f"bench: {meta['device_name']}, torch {meta['torch']}, commit {meta['commit'][:12]}")
     load = (meta.get("load_average") or [0.0])[0]

@@ -95,9 +95,46 @@ void copy_tile_scalar(const T* src, T* dst, const PermutePlan& p, int64_t r0, in
   }
 }
 
+// A short side known at compile time (C = 2, 3, 4 of an image): the loop over it unrolls, and
+// the compiler vectorizes the long side with interleaving loads or stores.
+template <typename T, int64_t S>
+void copy_tile_short_cols(const T* src, T* dst, const PermutePlan& p, int64_t r0, int64_t r1) {
+  const int64_t col_in = p.col_in, row_out = p.row_out;
+  for (int64_t r = r0; r < r1; ++r) {
+    for (int64_t c = 0; c < S; ++c) dst[r * row_out + c] = src[r + c * col_in];
+  }
+}
+
+template <typename T, int64_t S>
+void copy_tile_short_rows(const T* src, T* dst, const PermutePlan& p, int64_t c0, int64_t c1) {
+  const int64_t col_in = p.col_in, row_out = p.row_out;
+  for (int64_t c = c0; c < c1; ++c) {
+    for (int64_t r = 0; r < S; ++r) dst[r * row_out + c] = src[c * col_in + r];
+  }
+}
+
+// Runs body.template operator()<S>() for S = side in 2..4; false for other sides.
+template <typename Body>
+bool with_short_side(int64_t side, Body&& body) {
+  switch (side) {
+    case 2: body.template operator()<2>(); return true;
+    case 3: body.template operator()<3>(); return true;
+    case 4: body.template operator()<4>(); return true;
+    default: return false;
+  }
+}
+
 template <typename T>
 void copy_tile(const T* src, T* dst, const PermutePlan& p, int64_t r0, int64_t r1, int64_t c0,
                int64_t c1) {
+  if (p.row_in == 1 && c0 == 0 && c1 == p.cols &&
+      with_short_side(p.cols, [&]<int64_t S>() { copy_tile_short_cols<T, S>(src, dst, p, r0, r1); })) {
+    return;
+  }
+  if (p.row_in == 1 && r0 == 0 && r1 == p.rows &&
+      with_short_side(p.rows, [&]<int64_t S>() { copy_tile_short_rows<T, S>(src, dst, p, c0, c1); })) {
+    return;
+  }
   constexpr int64_t K = RegisterBlock<T>::K;
   if constexpr (K > 0) {
     if (p.row_in == 1) {

@@ -72,13 +72,21 @@ class PermuteCopyFunction(torch.autograd.Function):
         return PermuteCopyFunction.apply(grad_out, tuple(inverse_permutation(ctx.perm))), None
 
 
+def _permute_copy(x: torch.Tensor, perm: tuple[int, ...]) -> torch.Tensor:
+    """permute_copy, through the autograd Function only when a gradient can flow (that layer
+    costs tens of microseconds a call, which small tensors on a GPU would feel)."""
+    if torch.is_grad_enabled() and x.requires_grad:
+        return PermuteCopyFunction.apply(x, perm)
+    return torch.ops.pykern.permute_copy(x, list(perm))
+
+
 def permute_contiguous(x: torch.Tensor, perm: Sequence[int]) -> torch.Tensor:
     """x.permute(perm).contiguous(), differentiable; like torch, returns the view itself when
     it is contiguous already."""
     view = x.permute(*perm)
     if view.is_contiguous():
         return view
-    return PermuteCopyFunction.apply(x, tuple(perm))
+    return _permute_copy(x, tuple(perm))
 
 
 def to_memory_format(x: torch.Tensor, channels_last: bool) -> torch.Tensor:
@@ -92,6 +100,6 @@ def to_memory_format(x: torch.Tensor, channels_last: bool) -> torch.Tensor:
         # (e.g. (0, 1, 0, 0) for channels_last with C=0), which a kernel's output would not.
         return x.contiguous(memory_format=fmt)
     if not channels_last:
-        return PermuteCopyFunction.apply(x, tuple(range(ndim)))
-    nhwc = PermuteCopyFunction.apply(x, TO_CHANNELS_LAST[ndim])
+        return _permute_copy(x, tuple(range(ndim)))
+    nhwc = _permute_copy(x, TO_CHANNELS_LAST[ndim])
     return nhwc.permute(*TO_CHANNELS_FIRST[ndim])
