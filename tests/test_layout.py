@@ -60,6 +60,25 @@ DTYPES = [
     torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.int8, torch.uint8,
     torch.int32, torch.int64, torch.bool, torch.complex64, torch.complex128,
 ]  # fmt: skip
+# dtypes torch has few ops for: random bits in, results compared bit for bit.
+BIT_DTYPES = [
+    torch.float8_e4m3fn, torch.float8_e5m2, torch.uint16, torch.uint32, torch.uint64,
+    torch.complex32,
+]  # fmt: skip
+_SAME_WIDTH_INT = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def _random_bits(shape, dtype, device):
+    width = torch.empty((), dtype=dtype).element_size()
+    raw = torch.randint(0, 256, (*shape, width), dtype=torch.uint8, device=device)
+    return raw.view(dtype).squeeze(-1)
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    """t's bits as integers: compares NaN payloads and dtypes without == exactly."""
+    if t.element_size() == 16:  # complex128
+        return torch.view_as_real(t).view(torch.int64)
+    return t.view(_SAME_WIDTH_INT[t.element_size()])
 
 
 def _sid(shape):
@@ -70,7 +89,7 @@ def _check_same(out: torch.Tensor, ref: torch.Tensor) -> None:
     assert out.shape == ref.shape
     assert out.dtype == ref.dtype
     assert out.stride() == ref.stride(), f"strides {out.stride()} != torch's {ref.stride()}"
-    assert torch.equal(out, ref)
+    assert torch.equal(_bits(out), _bits(ref))
 
 
 # Values and strides
@@ -104,6 +123,17 @@ def _strided_inputs(device):
         "batch_step": base[::2],
         "permuted_5d": make_input((2, 3, 4, 5, 6), torch.float32, device).permute(0, 4, 2, 1, 3),
     }
+
+
+@pytest.mark.filterwarnings("ignore:ComplexHalf support is experimental")
+@pytest.mark.parametrize("dtype", BIT_DTYPES, ids=lambda d: str(d).removeprefix("torch."))
+@pytest.mark.parametrize("op", list(OPS))
+def test_every_dtype_bitwise(target, op, dtype):
+    fn, ref_fn, _ = OPS[op]
+    x = _random_bits((2, 19, 5, 7), dtype, target.device)
+    if OPS[op][2] == "nhwc":
+        x = x.permute(0, 2, 3, 1).contiguous().permute(0, 3, 1, 2)  # channels_last strides
+    _check_same(fn(x), ref_fn(x))
 
 
 @pytest.mark.parametrize(
