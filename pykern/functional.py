@@ -9,8 +9,17 @@ import torch
 
 from pykern import backends
 from pykern.ops import layout as _layout
+from pykern.ops import pooling as _pooling
 
-__all__ = ["to_channels_last", "to_channels_first", "nchw_to_nhwc", "nhwc_to_nchw"]
+__all__ = [
+    "to_channels_last",
+    "to_channels_first",
+    "nchw_to_nhwc",
+    "nhwc_to_nchw",
+    "global_avg_pool2d",
+    "global_max_pool2d",
+    "channel_pool",
+]
 
 
 def _check_tensor(op: str, input: object, ranks: tuple[int, ...], shape_names: str) -> None:
@@ -75,3 +84,64 @@ def nhwc_to_nchw(input: torch.Tensor) -> torch.Tensor:
     """
     _check_tensor("nhwc_to_nchw", input, (4, 5), "4D (N, H, W, C) or 5D (N, D, H, W, C)")
     return _layout.permute_contiguous(input, _layout.TO_CHANNELS_FIRST[input.dim()])
+
+
+def _check_pool_input(op: str, input: object, reduced: str) -> bool:
+    """Validates a pooling input; returns True when it is unbatched (C, H, W)."""
+    _check_tensor(op, input, (3, 4), "3D (C, H, W) or 4D (N, C, H, W)")
+    if not input.dtype.is_floating_point:
+        raise TypeError(f"{op}: input must be a floating-point tensor, got {input.dtype}")
+    sizes = dict(zip("CHW", input.shape[-3:], strict=True))
+    if any(sizes[d] == 0 for d in reduced):
+        raise ValueError(
+            f"{op}: input must have non-zero {', '.join(reduced)} to pool over, got shape "
+            f"{tuple(input.shape)}"
+        )
+    return input.dim() == 3
+
+
+def _batched(fn, input: torch.Tensor, unbatched: bool) -> torch.Tensor:
+    return fn(input.unsqueeze(0)).squeeze(0) if unbatched else fn(input)
+
+
+def global_avg_pool2d(input: torch.Tensor) -> torch.Tensor:
+    """Mean over H and W in one pass: ``F.adaptive_avg_pool2d(input, 1)``.
+
+    Args:
+        input: (N, C, H, W) or (C, H, W), floating point, NCHW or channels_last.
+
+    Returns:
+        (N, C, 1, 1) (or (C, 1, 1)) in the input's memory format.
+    """
+    unbatched = _check_pool_input("global_avg_pool2d", input, "HW")
+    return _batched(lambda x: _pooling.global_pool(x, is_max=False), input, unbatched)
+
+
+def global_max_pool2d(input: torch.Tensor) -> torch.Tensor:
+    """Max over H and W in one pass: ``F.adaptive_max_pool2d(input, 1)`` (NaN propagates).
+
+    Args:
+        input: (N, C, H, W) or (C, H, W), floating point, NCHW or channels_last.
+
+    Returns:
+        (N, C, 1, 1) (or (C, 1, 1)) in the input's memory format.
+    """
+    unbatched = _check_pool_input("global_max_pool2d", input, "HW")
+    return _batched(lambda x: _pooling.global_pool(x, is_max=True), input, unbatched)
+
+
+def channel_pool(input: torch.Tensor, mode: str = "avg") -> torch.Tensor:
+    """Pools over channels ("global depth pooling"): ``input.mean(1, keepdim=True)`` for
+    mode "avg", ``input.amax(1, keepdim=True)`` for "max".
+
+    Args:
+        input: (N, C, H, W) or (C, H, W), floating point, NCHW or channels_last.
+        mode: "avg" or "max".
+
+    Returns:
+        (N, 1, H, W) (or (1, H, W)) in the input's memory format.
+    """
+    if mode not in ("avg", "max"):
+        raise ValueError(f"channel_pool: mode must be 'avg' or 'max', got {mode!r}")
+    unbatched = _check_pool_input("channel_pool", input, "C")
+    return _batched(lambda x: _pooling.channel_pool(x, is_max=mode == "max"), input, unbatched)

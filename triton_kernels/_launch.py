@@ -10,6 +10,7 @@ import os
 
 import torch
 import triton
+import triton.language as tl
 
 from pykern._ext import _C
 
@@ -50,3 +51,18 @@ def autotune(configs: list[triton.Config], key: list[str], interpreter_config: d
         return triton.autotune(configs=configs, key=key)(kernel)
 
     return wrap
+
+
+@triton.jit
+def round_for_bfloat16(x, TO_BF16: tl.constexpr):
+    """float32 x rounded to nearest-even at bfloat16's precision, when TO_BF16.
+
+    Triton's interpreter (3.8) truncates float32 -> bfloat16 stores, even when asked for
+    "rtne"; a value rounded here first converts exactly, in the interpreter and on a GPU.
+    NaN and inf keep their class: the carry never crosses into the exponent of either.
+    """
+    if TO_BF16:
+        bits = x.to(tl.uint32, bitcast=True)
+        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+        x = bits.to(tl.float32, bitcast=True)
+    return x

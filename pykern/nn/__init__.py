@@ -1,4 +1,6 @@
-"""Modules that subclass torch.nn's and override forward only (state_dicts load both ways).
+"""Modules. Those with a torch.nn counterpart subclass it and override forward only, so
+state_dicts load both ways."""
 
-The layout family has no modules; the op families add theirs here.
-"""
+from pykern.nn.pooling import ChannelPool, GlobalAvgPool2d, GlobalMaxPool2d
+
+__all__ = ["ChannelPool", "GlobalAvgPool2d", "GlobalMaxPool2d"]
