@@ -132,7 +132,8 @@ def global_max_pool2d(input: torch.Tensor) -> torch.Tensor:
 
 def channel_pool(input: torch.Tensor, mode: str = "avg") -> torch.Tensor:
     """Pools over channels ("global depth pooling"): ``input.mean(1, keepdim=True)`` for
-    mode "avg", ``input.amax(1, keepdim=True)`` for "max".
+    mode "avg", ``input.max(1, keepdim=True).values`` for "max" (its gradient goes to the
+    first maximum, as max's does; amax would split it among ties).
 
     Args:
         input: (N, C, H, W) or (C, H, W), floating point, NCHW or channels_last.

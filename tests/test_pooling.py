@@ -73,15 +73,15 @@ def test_max_propagates_nan_and_keeps_first_of_ties(target, op):
     x[1] = 1.0  # every element ties
     assert torch.equal(fn(x).isnan(), ref_fn(x).isnan())
     torch.testing.assert_close(fn(x), ref_fn(x), equal_nan=True, rtol=0, atol=0)
-    if op == "global_max_pool2d":
-        _, indices = F.adaptive_max_pool2d(x[1:], 1, return_indices=True)
-        out = PF.global_max_pool2d(x[1:].clone().requires_grad_(True))
-        out.sum().backward()  # the gradient lands on torch's index: the first of the ties
 
 
-def test_max_gradient_goes_to_torchs_index(target):
+@pytest.mark.parametrize("fill", ["ties", "all_minus_inf"])
+def test_max_gradient_goes_to_torchs_index(target, fill):
     x = make_input((2, 3, 4, 5), torch.float32, target.device)
-    x[:, :, 1:3, 2:4] = 7.0  # ties: torch routes the gradient to the first one
+    if fill == "ties":
+        x[:, :, 1:3, 2:4] = 7.0  # torch routes the gradient to the first of the ties
+    else:
+        x[:, 1] = float("-inf")  # torch's index is the first element
     x_ref = x.clone().requires_grad_(True)
     x.requires_grad_(True)
     PF.global_max_pool2d(x).sum().backward()

@@ -62,7 +62,9 @@ __global__ void pool_reduce_fwd_kernel_cols(const scalar_t* __restrict__ x, scal
       for (int64_t r = threadIdx.y; r < R; r += kRowsPerBlock) {
         const acc_t v = static_cast<acc_t>(p[r * sR]);
         if constexpr (kMax) {
-          best = merge(best, ArgMax<acc_t>{v, r});
+          // Start from the first element seen, not from (-inf, 0): with all -inf a fake
+          // index 0 would win the tie over this thread's real first index.
+          best = r == threadIdx.y ? ArgMax<acc_t>{v, r} : merge(best, ArgMax<acc_t>{v, r});
         } else {
           best.value += v;
         }
@@ -75,8 +77,7 @@ __global__ void pool_reduce_fwd_kernel_cols(const scalar_t* __restrict__ x, scal
       for (int j = 1; j < kRowsPerBlock; ++j) {
         const ArgMax<acc_t> other{part_value[j][threadIdx.x], part_index[j][threadIdx.x]};
         if constexpr (kMax) {
-          // A thread that saw no element (R < 8) holds -inf at index 0: only merge real ones.
-          if (j < R) best = merge(best, other);
+          if (j < R) best = merge(best, other);  // row j saw elements only if j < R
         } else {
           best.value += other.value;
         }
