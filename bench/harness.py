@@ -29,6 +29,7 @@ import re
 import statistics
 import subprocess
 import time
+import types
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
@@ -43,6 +44,11 @@ CPU_MATMUL_N = 1024  # small: the CPU matmul floor is a sanity figure, not a tar
 CUDA_MATMUL_N = 8192
 MAX_BUFFERS = 4096  # tiny inputs need many copies to fill 2x the cache; memory stays small
 CPU_ROTATION_CAP = 256 * MIB  # rotation is "when cheap" on CPU: never more memory than this
+
+
+# check(x, out, ref): None when out (a provider's result on x) is right against torch's ref,
+# else what is wrong. A family picks one: exact_check, or close_check with a float64 reference.
+Check = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], str | None]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -352,6 +358,87 @@ def exact_check(x: torch.Tensor, out: torch.Tensor, ref: torch.Tensor) -> str | 
     return None
 
 
+def relative_error(out: torch.Tensor, exact: torch.Tensor) -> float:
+    """||out - exact|| / ||exact|| in float64 (the plain difference norm where exact is 0)."""
+    diff = torch.linalg.vector_norm(out.double() - exact).item()
+    scale = torch.linalg.vector_norm(exact).item()
+    return diff / scale if scale > 0 else diff
+
+
+def close_check(
+    x: torch.Tensor,
+    out: torch.Tensor,
+    ref: torch.Tensor,
+    exact: torch.Tensor,
+    rtol: float = 1e-4,
+) -> str | None:
+    """None when out is as close to the float64 result exact as torch's own ref allows.
+
+    For ops whose result depends on the order of a float accumulation (a mean), where bit-equal
+    to torch is too strict. float32 (and wider): ||out - exact|| / ||exact|| <= rtol. bfloat16 and
+    float16: at most 2x torch's own relative error at that dtype, + 1e-7 (so an op torch gets
+    exactly, a max, must be exact here too). Shape and dtype must be torch's, and so must the
+    strides of every dimension longer than 1 (the memory layout; a size-1 dimension's stride is
+    arbitrary).
+    """
+    if out.data_ptr() == x.data_ptr():
+        return "returned its input"
+    if out.shape != ref.shape:
+        return f"shape {tuple(out.shape)} differs from torch's {tuple(ref.shape)}"
+    if out.dtype != ref.dtype:
+        return f"dtype {out.dtype} differs from torch's {ref.dtype}"
+    long_dims = [d for d in range(out.dim()) if out.shape[d] > 1]
+    if [out.stride(d) for d in long_dims] != [ref.stride(d) for d in long_dims]:
+        return f"strides {out.stride()} differ from torch's {ref.stride()}"
+    error = relative_error(out, exact)
+    if out.dtype.itemsize >= 4:
+        allowed = rtol
+    else:
+        allowed = 2 * relative_error(ref, exact) + 1e-7
+    if not error <= allowed:  # NaN fails too
+        return f"relative error {error:.3g} against float64 exceeds {allowed:.3g}"
+    return None
+
+
+def standard_providers(
+    torch_fn: Callable[[torch.Tensor], torch.Tensor],
+    pykern_fn: Callable[[torch.Tensor], torch.Tensor],
+    device: str,
+) -> tuple[list[Provider], dict[str, str]]:
+    """torch, then pykern under each backend this machine can run: (providers, {name: why
+    skipped}). CPU: pykern-cpu. CUDA: pykern-cuda and pykern-triton (never Triton's
+    interpreter, and never Triton on CPU tensors, which only the interpreter runs)."""
+    import pykern
+    from pykern.backends import triton_interpreted
+
+    ready = [Provider("torch", torch_fn)]
+    skipped: dict[str, str] = {}
+    if device != "cuda":
+        ready.append(Provider("pykern-cpu", pykern_fn, backend="auto"))
+        return ready, skipped
+    if pykern.has_cuda():
+        ready.append(Provider("pykern-cuda", pykern_fn, backend="cuda"))
+    else:
+        skipped["pykern-cuda"] = "this pykern build has no CUDA kernels (PYKERN_BUILD_CUDA)"
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        skipped["pykern-triton"] = "triton is not installed"
+    else:
+        if triton_interpreted():
+            skipped["pykern-triton"] = "TRITON_INTERPRET=1: the interpreter is not benchmarked"
+        else:
+            ready.append(Provider("pykern-triton", pykern_fn, backend="triton"))
+    return ready, skipped
+
+
+def family_check(module: types.ModuleType, case: Case) -> Check:
+    """The check(x, out, ref) of a family module for one case: check_for(case) where the module
+    defines one (the check depends on the op), else its module-level check."""
+    check_for = getattr(module, "check_for", None)
+    return check_for(case) if check_for is not None else module.check
+
+
 def run_case(
     case: Case,
     make_input: Callable[[Case, str], torch.Tensor],
@@ -360,7 +447,7 @@ def run_case(
     floors: dict,
     s: Settings,
     meta: dict,
-    check: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], str | None] = exact_check,
+    check: Check = exact_check,
 ) -> tuple[list[Record], list[dict]]:
     """Times every provider on one case, interleaved; returns records and errors.
 

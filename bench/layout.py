@@ -16,9 +16,8 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-import pykern
 import pykern.functional as PF
-from bench.harness import Case, Provider, exact_check
+from bench.harness import Case, Provider, exact_check, standard_providers
 
 FAMILY = "layout"
 check = exact_check  # a layout op moves bits: anything short of bit-equal to torch is a bug
@@ -152,25 +151,5 @@ def make_input(case: Case, device: str) -> torch.Tensor:
 
 def providers(case: Case, device: str) -> tuple[list[Provider], dict[str, str]]:
     """(providers to time, torch first; {provider: why it is skipped})."""
-    from pykern.backends import triton_interpreted
-
     spec = OPS[case.op]
-    ready = [Provider("torch", spec.torch)]
-    skipped: dict[str, str] = {}
-    if device != "cuda":
-        ready.append(Provider("pykern-cpu", spec.pykern, backend="auto"))
-        return ready, skipped
-    if pykern.has_cuda():
-        ready.append(Provider("pykern-cuda", spec.pykern, backend="cuda"))
-    else:
-        skipped["pykern-cuda"] = "this pykern build has no CUDA kernels (PYKERN_BUILD_CUDA)"
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        skipped["pykern-triton"] = "triton is not installed"
-    else:
-        if triton_interpreted():
-            skipped["pykern-triton"] = "TRITON_INTERPRET=1: the interpreter is not benchmarked"
-        else:
-            ready.append(Provider("pykern-triton", spec.pykern, backend="triton"))
-    return ready, skipped
+    return standard_providers(spec.torch, spec.pykern, device)

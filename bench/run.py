@@ -1,8 +1,8 @@
 """`python -m bench.run`: measure the floors, then every case of the chosen families, then write
 results.json and results.md.
 
-Siblings: harness.py (timing, floors, records), the family modules (layout.py), report.py
-(JSON -> markdown). Exit status 1 when any provider failed or disagreed with torch.
+Siblings: harness.py (timing, floors, records), the family modules (layout.py, pooling.py),
+report.py (JSON -> markdown). Exit status 1 when any provider failed or disagreed with torch.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import torch
 
 from bench import harness, report
 
-FAMILIES = ("layout",)  # each names a module bench/<family>.py
+FAMILIES = ("layout", "pooling")  # each names a module bench/<family>.py
 DTYPES = {
     "float32": torch.float32,
     "fp32": torch.float32,
@@ -94,9 +94,10 @@ def main(argv: list[str] | None = None) -> int:
             ready, why = module.providers(case, device)
             for name, reason in why.items():
                 skipped[(family, name)] = reason
+            check = harness.family_check(module, case)
             try:
                 rows, errs = harness.run_case(
-                    case, module.make_input, ready, device, floors, s, meta, module.check
+                    case, module.make_input, ready, device, floors, s, meta, check
                 )
             except Exception as err:  # e.g. out of memory: note it and go on to the next case
                 rows, errs = [], [harness.error_entry(case, "case", err)]

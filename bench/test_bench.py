@@ -3,11 +3,12 @@
     pytest bench/ --benchmark-only --benchmark-group-by=group
 
 One test per (device, op, shape, dtype, layout, provider); the group is op + shape + dtype, so
-torch and pykern sit in one table. Siblings: the family modules (layout.py) give cases and
-providers (their PYTEST_SHAPES are small, so a plain `pytest bench/` without a GPU takes about a
-minute); harness.py gives input rotation. run.py is the full method (floors, interleaving,
-CUDA events): use it for published numbers. A test fails only when a provider raises or
-disagrees with torch; there are no timing assertions.
+torch and pykern (and a pooling op's NCHW and NHWC inputs) sit in one table. Siblings: the family
+modules (layout.py, pooling.py) give cases, providers and checks (their PYTEST_SHAPES are small,
+so a plain `pytest bench/` without a GPU takes a minute or two); harness.py gives input
+rotation. run.py is the full method (floors, interleaving, CUDA events): use it for published
+numbers. A test fails only when a provider raises or disagrees with torch; there are no timing
+assertions.
 """
 
 from __future__ import annotations
@@ -18,9 +19,9 @@ import time
 import pytest
 import torch
 
-from bench import harness, layout
+from bench import harness, layout, pooling
 
-FAMILIES = (layout,)
+FAMILIES = (layout, pooling)
 ROUND_BUDGET_S = 0.5  # timed seconds per test, about
 PROVIDERS = {"cpu": ("torch", "pykern-cpu"), "cuda": ("torch", "pykern-cuda", "pykern-triton")}
 
@@ -52,7 +53,8 @@ def test_bench(benchmark, family, device, case, provider_name):
         first, harness.rotation_count(first.numel() * first.element_size(), device)
     )
     with provider.active():
-        problem = family.check(first, provider.fn(first), ready[0].fn(first))
+        check = harness.family_check(family, case)
+        problem = check(first, provider.fn(first), ready[0].fn(first))
     assert problem is None, f"{provider_name}: {problem}"
 
     fn, count = provider.fn, [0]

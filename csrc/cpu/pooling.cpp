@@ -9,9 +9,11 @@
 #include <ATen/OpMathType.h>
 #include <ATen/ops/empty.h>
 
+#include <algorithm>
 #include <cmath>
 #include <limits>
 #include <tuple>
+#include <utility>
 #include <vector>
 
 #include "common/checks.h"
@@ -28,36 +30,117 @@ inline bool max_pool_takes(acc_t value, acc_t best) {
   return value > best || std::isnan(value);
 }
 
+// Sums accumulate in double: the CPU reference must stay accurate over long reductions
+// (112x112 planes). Max compares in the element's precision widened to float (exact).
+template <typename scalar_t>
+using max_t = at::opmath_type<scalar_t>;
+
+constexpr int kLanes = 8;  // independent partials: vectorizable, and a shorter error chain
+
+// K == 1 (global pooling of NCHW, channel pooling of NHWC): one run of R elements per output.
+template <typename scalar_t>
+double run_sum(const scalar_t* p, int64_t n, int64_t stride) {
+  double lane[kLanes] = {};
+  int64_t r = 0;
+  for (; r + kLanes <= n; r += kLanes) {
+    for (int l = 0; l < kLanes; ++l) lane[l] += static_cast<double>(p[(r + l) * stride]);
+  }
+  double tail = 0;
+  for (; r < n; ++r) tail += static_cast<double>(p[r * stride]);
+  return ((lane[0] + lane[1]) + (lane[2] + lane[3])) + ((lane[4] + lane[5]) + (lane[6] + lane[7])) +
+         tail;
+}
+
+// torch's serial rule over one run: the first maximum, or the last NaN if there is one.
+template <typename scalar_t>
+std::pair<max_t<scalar_t>, int64_t> run_max(const scalar_t* p, int64_t n, int64_t stride) {
+  using acc_t = max_t<scalar_t>;
+  acc_t lane[kLanes];
+  std::fill(lane, lane + kLanes, -std::numeric_limits<acc_t>::infinity());
+  bool any_nan = false;
+  int64_t r = 0;
+  for (; r + kLanes <= n; r += kLanes) {  // branch-free value pass
+    for (int l = 0; l < kLanes; ++l) {
+      const acc_t v = static_cast<acc_t>(p[(r + l) * stride]);
+      any_nan |= v != v;
+      lane[l] = v > lane[l] ? v : lane[l];
+    }
+  }
+  acc_t best = *std::max_element(lane, lane + kLanes);
+  for (; r < n; ++r) {
+    const acc_t v = static_cast<acc_t>(p[r * stride]);
+    any_nan |= v != v;
+    best = v > best ? v : best;
+  }
+  if (any_nan) {
+    for (int64_t q = n - 1; q >= 0; --q) {
+      if (std::isnan(static_cast<acc_t>(p[q * stride]))) return {static_cast<acc_t>(p[q * stride]), q};
+    }
+  }
+  for (int64_t q = 0; q < n; ++q) {  // index pass: stops at the first maximum
+    if (static_cast<acc_t>(p[q * stride]) == best) return {best, q};
+  }
+  return {best, 0};  // every element is -inf: torch's index is the first
+}
+
 template <typename scalar_t>
 void reduce_fwd(const at::Tensor& x, at::Tensor& out, at::Tensor& indices, bool is_max) {
-  using acc_t = at::opmath_type<scalar_t>;
   const int64_t B = x.size(0), R = x.size(1), K = x.size(2);
   const int64_t sB = x.stride(0), sR = x.stride(1), sK = x.stride(2);
   const scalar_t* in = x.const_data_ptr<scalar_t>();
   scalar_t* o = out.data_ptr<scalar_t>();
   int64_t* idx = is_max ? indices.data_ptr<int64_t>() : nullptr;
-#pragma omp parallel for schedule(static) if (B * R * K > (1 << 15))
-  for (int64_t b = 0; b < B; ++b) {
-    // r outer, k inner, one accumulator per k: when K is the unit-stride dim (NHWC global,
-    // NCHW channel pooling) every r step reads one contiguous row.
-    std::vector<acc_t> acc(K, is_max ? -std::numeric_limits<acc_t>::infinity() : acc_t(0));
-    std::vector<int64_t> arg(is_max ? K : 0, 0);
-    const scalar_t* base = in + b * sB;
-    for (int64_t r = 0; r < R; ++r) {
-      const scalar_t* row = base + r * sR;
-      for (int64_t k = 0; k < K; ++k) {
-        const acc_t v = static_cast<acc_t>(row[k * sK]);
-        if (!is_max) {
-          acc[k] += v;
-        } else if (max_pool_takes(v, acc[k])) {
-          acc[k] = v;
-          arg[k] = r;
-        }
+  const bool parallel = B * R * K > (1 << 15);
+  if (K == 1) {
+#pragma omp parallel for schedule(static) if (parallel)
+    for (int64_t b = 0; b < B; ++b) {
+      if (is_max) {
+        const auto [best, r] = run_max(in + b * sB, R, sR);
+        o[b] = static_cast<scalar_t>(best);
+        idx[b] = r;
+      } else {
+        o[b] = static_cast<scalar_t>(run_sum(in + b * sB, R, sR) / static_cast<double>(R));
       }
     }
-    for (int64_t k = 0; k < K; ++k) {
-      o[b * K + k] = static_cast<scalar_t>(is_max ? acc[k] : acc[k] / static_cast<acc_t>(R));
-      if (is_max) idx[b * K + k] = arg[k];
+    return;
+  }
+  // K > 1: r outer, k inner, one accumulator per k, so that when K is the unit-stride dim
+  // (NHWC global, NCHW channel pooling) every r step reads one contiguous row.
+#pragma omp parallel if (parallel)
+  {
+    std::vector<double> sum(is_max ? 0 : K);
+    std::vector<max_t<scalar_t>> best(is_max ? K : 0);
+    std::vector<int64_t> arg(is_max ? K : 0);
+#pragma omp for schedule(static)
+    for (int64_t b = 0; b < B; ++b) {
+      const scalar_t* base = in + b * sB;
+      if (is_max) {
+        std::fill(best.begin(), best.end(), -std::numeric_limits<max_t<scalar_t>>::infinity());
+        std::fill(arg.begin(), arg.end(), 0);
+        for (int64_t r = 0; r < R; ++r) {
+          const scalar_t* row = base + r * sR;
+          for (int64_t k = 0; k < K; ++k) {
+            const max_t<scalar_t> v = static_cast<max_t<scalar_t>>(row[k * sK]);
+            if (max_pool_takes(v, best[k])) {
+              best[k] = v;
+              arg[k] = r;
+            }
+          }
+        }
+        for (int64_t k = 0; k < K; ++k) {
+          o[b * K + k] = static_cast<scalar_t>(best[k]);
+          idx[b * K + k] = arg[k];
+        }
+      } else {
+        std::fill(sum.begin(), sum.end(), 0.0);
+        for (int64_t r = 0; r < R; ++r) {
+          const scalar_t* row = base + r * sR;
+          for (int64_t k = 0; k < K; ++k) sum[k] += static_cast<double>(row[k * sK]);
+        }
+        for (int64_t k = 0; k < K; ++k) {
+          o[b * K + k] = static_cast<scalar_t>(sum[k] / static_cast<double>(R));
+        }
+      }
     }
   }
 }
