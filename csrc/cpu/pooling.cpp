@@ -37,9 +37,17 @@ using max_t = at::opmath_type<scalar_t>;
 
 constexpr int kLanes = 8;  // independent partials: vectorizable, and a shorter error chain
 
+// The hot loops are compiled twice, for AVX2 and for plain x86-64, and picked at load time:
+// the wheel must run on any x86-64, and AVX2 doubles the width of the double accumulators.
+#if defined(__x86_64__) && defined(__GNUC__)
+#define PK_HOT_LOOP __attribute__((target_clones("avx2", "default")))
+#else
+#define PK_HOT_LOOP
+#endif
+
 // K == 1 (global pooling of NCHW, channel pooling of NHWC): one run of R elements per output.
 template <typename scalar_t>
-double run_sum(const scalar_t* p, int64_t n, int64_t stride) {
+PK_HOT_LOOP double run_sum(const scalar_t* p, int64_t n, int64_t stride) {
   double lane[kLanes] = {};
   int64_t r = 0;
   for (; r + kLanes <= n; r += kLanes) {
@@ -53,7 +61,7 @@ double run_sum(const scalar_t* p, int64_t n, int64_t stride) {
 
 // torch's serial rule over one run: the first maximum, or the last NaN if there is one.
 template <typename scalar_t>
-std::pair<max_t<scalar_t>, int64_t> run_max(const scalar_t* p, int64_t n, int64_t stride) {
+PK_HOT_LOOP std::pair<max_t<scalar_t>, int64_t> run_max(const scalar_t* p, int64_t n, int64_t stride) {
   using acc_t = max_t<scalar_t>;
   acc_t lane[kLanes];
   std::fill(lane, lane + kLanes, -std::numeric_limits<acc_t>::infinity());
@@ -81,6 +89,15 @@ std::pair<max_t<scalar_t>, int64_t> run_max(const scalar_t* p, int64_t n, int64_
     if (static_cast<acc_t>(p[q * stride]) == best) return {best, q};
   }
   return {best, 0};  // every element is -inf: torch's index is the first
+}
+
+template <typename scalar_t>
+PK_HOT_LOOP void add_row(double* sum, const scalar_t* row, int64_t K, int64_t sK) {
+  if (sK == 1) {
+    for (int64_t k = 0; k < K; ++k) sum[k] += static_cast<double>(row[k]);
+  } else {
+    for (int64_t k = 0; k < K; ++k) sum[k] += static_cast<double>(row[k * sK]);
+  }
 }
 
 template <typename scalar_t>
@@ -133,10 +150,7 @@ void reduce_fwd(const at::Tensor& x, at::Tensor& out, at::Tensor& indices, bool 
         }
       } else {
         std::fill(sum.begin(), sum.end(), 0.0);
-        for (int64_t r = 0; r < R; ++r) {
-          const scalar_t* row = base + r * sR;
-          for (int64_t k = 0; k < K; ++k) sum[k] += static_cast<double>(row[k * sK]);
-        }
+        for (int64_t r = 0; r < R; ++r) add_row(sum.data(), base + r * sR, K, sK);
         for (int64_t k = 0; k < K; ++k) {
           o[b * K + k] = static_cast<scalar_t>(sum[k] / static_cast<double>(R));
         }
