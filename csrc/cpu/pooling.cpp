@@ -23,13 +23,6 @@
 namespace pykern {
 namespace {
 
-// torch's max-pool rule, serially: a later element wins if greater or NaN, so ties keep the
-// first index and NaNs propagate (the last NaN's index).
-template <typename acc_t>
-inline bool max_pool_takes(acc_t value, acc_t best) {
-  return value > best || std::isnan(value);
-}
-
 // Sums accumulate in double: the CPU reference must stay accurate over long reductions
 // (112x112 planes). Max compares in the element's precision widened to float (exact).
 template <typename scalar_t>
@@ -100,6 +93,20 @@ PK_HOT_LOOP void add_row(double* sum, const scalar_t* row, int64_t K, int64_t sK
   }
 }
 
+// One step of torch's serial max-pool rule for K running maxima: a later element wins if
+// greater or NaN, so ties keep the first index and NaNs propagate (the last NaN's index).
+// Branch-free (selects), so that it vectorizes.
+template <typename scalar_t>
+PK_HOT_LOOP void max_row(max_t<scalar_t>* best, int64_t* arg, const scalar_t* row, int64_t r,
+                         int64_t K, int64_t sK) {
+  for (int64_t k = 0; k < K; ++k) {
+    const max_t<scalar_t> v = static_cast<max_t<scalar_t>>(row[k * sK]);
+    const bool take = v > best[k] || v != v;
+    best[k] = take ? v : best[k];
+    arg[k] = take ? r : arg[k];
+  }
+}
+
 template <typename scalar_t>
 void reduce_fwd(const at::Tensor& x, at::Tensor& out, at::Tensor& indices, bool is_max) {
   const int64_t B = x.size(0), R = x.size(1), K = x.size(2);
@@ -134,16 +141,7 @@ void reduce_fwd(const at::Tensor& x, at::Tensor& out, at::Tensor& indices, bool 
       if (is_max) {
         std::fill(best.begin(), best.end(), -std::numeric_limits<max_t<scalar_t>>::infinity());
         std::fill(arg.begin(), arg.end(), 0);
-        for (int64_t r = 0; r < R; ++r) {
-          const scalar_t* row = base + r * sR;
-          for (int64_t k = 0; k < K; ++k) {
-            const max_t<scalar_t> v = static_cast<max_t<scalar_t>>(row[k * sK]);
-            if (max_pool_takes(v, best[k])) {
-              best[k] = v;
-              arg[k] = r;
-            }
-          }
-        }
+        for (int64_t r = 0; r < R; ++r) max_row(best.data(), arg.data(), base + r * sR, r, K, sK);
         for (int64_t k = 0; k < K; ++k) {
           o[b * K + k] = static_cast<scalar_t>(best[k]);
           idx[b * K + k] = arg[k];
