@@ -64,10 +64,11 @@ def test_noncontiguous_and_unbatched(target, op):
     _check(target, op, (6, 5, 7), torch.float32, "nchw")
 
 
+@pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("op", ["global_max_pool2d", "channel_pool_max"])
-def test_max_propagates_nan_and_keeps_first_of_ties(target, op):
+def test_max_propagates_nan_and_keeps_first_of_ties(target, op, layout):
     fn, ref_fn = OPS[op]
-    x = make_input((2, 4, 3, 5), torch.float32, target.device)
+    x = make_input((2, 12, 3, 5), torch.float32, target.device, layout=layout)
     x[0, 1, 1, 2] = float("nan")
     x[0, 2, 1, 2] = float("nan")
     x[1] = 1.0  # every element ties
@@ -75,9 +76,10 @@ def test_max_propagates_nan_and_keeps_first_of_ties(target, op):
     torch.testing.assert_close(fn(x), ref_fn(x), equal_nan=True, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("fill", ["ties", "all_minus_inf"])
-def test_max_gradient_goes_to_torchs_index(target, fill):
-    x = make_input((2, 3, 4, 5), torch.float32, target.device)
+def test_max_gradient_goes_to_torchs_index(target, fill, layout):
+    x = make_input((2, 3, 4, 5), torch.float32, target.device, layout=layout)
     if fill == "ties":
         x[:, :, 1:3, 2:4] = 7.0  # torch routes the gradient to the first of the ties
     else:

@@ -52,36 +52,48 @@ PK_HOT_LOOP double run_sum(const scalar_t* p, int64_t n, int64_t stride) {
          tail;
 }
 
-// torch's serial rule over one run: the first maximum, or the last NaN if there is one.
+// Merges two partial maxima as torch's serial rule would: the greater wins, ties keep the
+// earlier index, a NaN beats any number, and among NaNs the later index wins.
+template <typename acc_t>
+std::pair<acc_t, int64_t> merge_max(std::pair<acc_t, int64_t> a, std::pair<acc_t, int64_t> b) {
+  const bool a_nan = std::isnan(a.first), b_nan = std::isnan(b.first);
+  if (a_nan || b_nan) {
+    if (a_nan && b_nan) return a.second > b.second ? a : b;
+    return a_nan ? a : b;
+  }
+  if (a.first != b.first) return a.first > b.first ? a : b;
+  return a.second < b.second ? a : b;
+}
+
+// One run, one pass: kLanes running maxima (branch-free, so it vectorizes), then merged.
 template <typename scalar_t>
-PK_HOT_LOOP std::pair<max_t<scalar_t>, int64_t> run_max(const scalar_t* p, int64_t n, int64_t stride) {
+PK_HOT_LOOP std::pair<max_t<scalar_t>, int64_t> run_max(const scalar_t* p, int64_t n,
+                                                        int64_t stride) {
   using acc_t = max_t<scalar_t>;
-  acc_t lane[kLanes];
-  std::fill(lane, lane + kLanes, -std::numeric_limits<acc_t>::infinity());
-  bool any_nan = false;
+  acc_t best[kLanes];
+  int64_t arg[kLanes];
+  for (int l = 0; l < kLanes; ++l) {
+    best[l] = -std::numeric_limits<acc_t>::infinity();
+    arg[l] = l;  // a lane of -inf keeps its first index, as the serial rule does
+  }
   int64_t r = 0;
-  for (; r + kLanes <= n; r += kLanes) {  // branch-free value pass
+  for (; r + kLanes <= n; r += kLanes) {
     for (int l = 0; l < kLanes; ++l) {
       const acc_t v = static_cast<acc_t>(p[(r + l) * stride]);
-      any_nan |= v != v;
-      lane[l] = v > lane[l] ? v : lane[l];
+      const bool take = v > best[l] || v != v;
+      best[l] = take ? v : best[l];
+      arg[l] = take ? r + l : arg[l];
     }
   }
-  acc_t best = *std::max_element(lane, lane + kLanes);
-  for (; r < n; ++r) {
-    const acc_t v = static_cast<acc_t>(p[r * stride]);
-    any_nan |= v != v;
-    best = v > best ? v : best;
+  std::pair<acc_t, int64_t> result{-std::numeric_limits<acc_t>::infinity(), r < n ? r : 0};
+  for (int64_t q = r; q < n; ++q) {  // the tail, serially
+    const acc_t v = static_cast<acc_t>(p[q * stride]);
+    if (v > result.first || v != v) result = {v, q};
   }
-  if (any_nan) {
-    for (int64_t q = n - 1; q >= 0; --q) {
-      if (std::isnan(static_cast<acc_t>(p[q * stride]))) return {static_cast<acc_t>(p[q * stride]), q};
-    }
+  if (r > 0) {
+    for (int l = 0; l < kLanes; ++l) result = merge_max(result, {best[l], arg[l]});
   }
-  for (int64_t q = 0; q < n; ++q) {  // index pass: stops at the first maximum
-    if (static_cast<acc_t>(p[q * stride]) == best) return {best, q};
-  }
-  return {best, 0};  // every element is -inf: torch's index is the first
+  return result;
 }
 
 template <typename scalar_t>
