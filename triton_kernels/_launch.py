@@ -63,6 +63,7 @@ def round_for_bfloat16(x, TO_BF16: tl.constexpr):
     """
     if TO_BF16:
         bits = x.to(tl.uint32, bitcast=True)
-        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+        # Shifts rather than a 0xFFFF0000 mask: that literal would widen the tensor to int64.
+        bits = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16) << 16
         x = bits.to(tl.float32, bitcast=True)
     return x
