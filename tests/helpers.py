@@ -55,3 +55,15 @@ def assert_close_to_ref(out, ref_fp64, torch_lowp=None, fp32_tol=1e-4):
     else:
         limit = fp32_tol
     assert err <= limit, f"relative error {err:.3e} > {limit:.3e}"
+
+
+def grads_against_torch(fn, ref_fn, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Backpropagates one random gradient through fn(x) and through torch's ref_fn on a copy of
+    x; returns (our x.grad, torch's x.grad)."""
+    x = x.detach().requires_grad_(True)
+    x_ref = x.detach().clone().requires_grad_(True)
+    out, ref = fn(x), ref_fn(x_ref)
+    g = torch.randn_like(ref)
+    out.backward(g)
+    ref.backward(g)
+    return x.grad, x_ref.grad

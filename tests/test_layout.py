@@ -11,7 +11,7 @@ import torch
 import pykern
 import pykern.functional as PF
 from pykern._ext import _C
-from tests.helpers import make_input
+from tests.helpers import grads_against_torch, make_input
 
 OPS = {
     # name: (pykern op, torch expression, layout of the input it transforms)
@@ -209,13 +209,9 @@ def test_gradcheck(target, op, shape):
 @pytest.mark.parametrize("op", list(OPS))
 def test_grad_matches_torch(target, op):
     fn, ref_fn, layout = OPS[op]
-    x = make_input((2, 6, 5, 7), torch.float32, target.device, layout=layout, requires_grad=True)
-    x_ref = x.detach().clone().requires_grad_(True)
-    out, ref = fn(x), ref_fn(x_ref)
-    g = torch.randn_like(ref)
-    out.backward(g)
-    ref.backward(g)
-    assert torch.equal(x.grad, x_ref.grad)
+    x = make_input((2, 6, 5, 7), torch.float32, target.device, layout=layout)
+    grad, ref_grad = grads_against_torch(fn, ref_fn, x)
+    assert torch.equal(grad, ref_grad)
 
 
 # opcheck: schema, fake (meta) implementation and strides, dispatch under every mode

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 import pykern
 import pykern.functional as PF
-from tests.helpers import assert_close_to_ref, make_input
+from tests.helpers import assert_close_to_ref, grads_against_torch, make_input
 
 OPS = {
     # name: (pykern op, torch reference)
@@ -106,14 +106,10 @@ def test_gradcheck(target, op, layout):
 @pytest.mark.parametrize("op", list(OPS))
 def test_grad_matches_torch(target, op, layout):
     fn, ref_fn = OPS[op]
-    x = make_input((2, 9, 5, 6), torch.float32, target.device, layout=layout, requires_grad=True)
-    x_ref = x.detach().clone().requires_grad_(True)
-    out, ref = fn(x), ref_fn(x_ref)
-    g = torch.randn_like(ref)
-    out.backward(g)
-    ref.backward(g)
-    torch.testing.assert_close(x.grad, x_ref.grad, rtol=1e-5, atol=1e-6)
-    assert x.grad.stride() == x_ref.grad.stride()
+    x = make_input((2, 9, 5, 6), torch.float32, target.device, layout=layout)
+    grad, ref_grad = grads_against_torch(fn, ref_fn, x)
+    torch.testing.assert_close(grad, ref_grad, rtol=1e-5, atol=1e-6)
+    assert grad.stride() == ref_grad.stride()
 
 
 # opcheck
