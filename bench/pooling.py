@@ -1,14 +1,17 @@
-"""Pooling family: global pooling (over H and W) and channel pooling (over C), torch's own
-expression against pykern's kernels, each with NCHW and with NHWC (channels_last) inputs.
+"""Pooling family: windowed pooling (max_pool2d, avg_pool2d, adaptive forms), global pooling
+(over H and W) and channel pooling (over C), torch's own op against pykern's kernels, each with
+NCHW and with NHWC (channels_last) inputs.
 
 The cases and providers here are timed by harness.py (driven by run.py) and by test_bench.py;
-the kernels measured are the pool_reduce_fwd backends of pykern/ops/pooling.py
-(csrc/cpu/pooling.cpp, csrc/cuda/pooling.cu, triton_kernels/pooling.py). Both layouts are read
-natively by torch and pykern alike, so every op runs once per layout and the report's layout
-advice says which one each provider prefers.
+the kernels measured are the forward backends of pykern/ops/pooling.py (csrc/cpu/pooling.cpp,
+csrc/cuda/pooling.cu, triton_kernels/pooling.py). Both layouts are read natively by torch and
+pykern alike, so every op runs once per layout and the report's layout advice says which one
+each provider prefers.
 
-Each op reads its input once and writes its (much smaller) output once: bytes moved = input
-bytes + output bytes. A mean is not bit-equal to torch's (the float32 accumulation order
+Each op reads its input once and writes its output once: bytes moved = input bytes + output
+bytes (max pooling's indices are not asked for here, by torch or pykern).
+
+A mean is not bit-equal to torch's (the float32 accumulation order
 differs), so a provider is checked against torch's op run in float64 (harness.close_check);
 a max is exact and passes that check only when exactly right.
 """
@@ -32,7 +35,7 @@ LAYOUTS = ("nchw", "nhwc")  # the input's memory layout; the output keeps it
 @dataclasses.dataclass(frozen=True)
 class PoolOp:
     name: str
-    over: str  # the dimensions reduced: "HW" (global pooling) or "C" (channel pooling)
+    over: str  # "window" (windowed pooling), "HW" (global pooling) or "C" (channel pooling)
     pykern: Callable[[torch.Tensor], torch.Tensor]
     torch: Callable[[torch.Tensor], torch.Tensor]  # the expression a torch user writes today
 
@@ -40,6 +43,36 @@ class PoolOp:
 OPS = {
     op.name: op
     for op in (
+        PoolOp(  # ResNet's stem
+            "max_pool2d_3x3s2",
+            "window",
+            lambda x: PF.max_pool2d(x, 3, 2, 1),
+            lambda x: F.max_pool2d(x, 3, 2, 1),
+        ),
+        PoolOp(  # DenseNet's transitions, U-Net-style downsampling
+            "avg_pool2d_2x2s2",
+            "window",
+            lambda x: PF.avg_pool2d(x, 2),
+            lambda x: F.avg_pool2d(x, 2),
+        ),
+        PoolOp(  # Inception-style 3x3 stride-1 average pooling branch
+            "avg_pool2d_3x3s1",
+            "window",
+            lambda x: PF.avg_pool2d(x, 3, 1, 1, count_include_pad=False),
+            lambda x: F.avg_pool2d(x, 3, 1, 1, count_include_pad=False),
+        ),
+        PoolOp(  # VGG-style head: any map to 7x7
+            "adaptive_avg_pool2d_7",
+            "window",
+            lambda x: PF.adaptive_avg_pool2d(x, 7),
+            lambda x: F.adaptive_avg_pool2d(x, 7),
+        ),
+        PoolOp(
+            "adaptive_max_pool2d_7",
+            "window",
+            lambda x: PF.adaptive_max_pool2d(x, 7),
+            lambda x: F.adaptive_max_pool2d(x, 7),
+        ),
         PoolOp(
             "global_avg_pool2d",
             "HW",
@@ -71,6 +104,11 @@ OPS = {
 # ResNet-50 (C = 2048, 7x7: H*W much smaller than C) and on larger, earlier maps; channel
 # pooling as CBAM's spatial attention does it, on stage 1 to 3 activations. float32 sizes.
 CUDA_SHAPES = {
+    "window": [
+        (64, 64, 112, 112),  # ResNet-50 stem output at batch 64: 205 MB
+        (64, 256, 56, 56),  # stage 1: 205 MB
+        (64, 512, 28, 28),  # stage 2: 103 MB
+    ],
     "HW": [
         (64, 2048, 7, 7),  # ResNet-50 stage 4 at batch 64: 25.7 MB
         (256, 2048, 7, 7),  # the same at batch 256: 103 MB
@@ -84,12 +122,13 @@ CUDA_SHAPES = {
     ],
 }
 CUDA_QUICK_SHAPES = {
+    "window": [(64, 64, 112, 112)],
     "HW": [(64, 2048, 7, 7), (64, 64, 112, 112)],
     "C": [(64, 256, 56, 56), (64, 1024, 14, 14)],
 }
 
-# CPU: 8 MB to 64 MB in float32, and one of 1 MB that fits the L3; the same for both kinds.
-# Four ops, two layouts, two dtypes: 64 cases, about a minute (40 s with --quick).
+# CPU: 8 MB to 64 MB in float32, and one of 1 MB that fits the L3; the same for every kind.
+# Nine ops, two layouts, two dtypes, four shapes: 144 cases, about three minutes.
 CPU_SHAPES = [
     (32, 2048, 7, 7),  # 12.8 MB, C much larger than H*W
     (16, 256, 28, 28),  # 12.8 MB
@@ -101,7 +140,7 @@ CPU_QUICK_SHAPES = [(32, 2048, 7, 7), (8, 64, 112, 112), (4, 64, 32, 32)]
 # test_bench.py: small enough that `pytest bench/` stays near a minute or two without a GPU.
 PYTEST_SHAPES = {
     "cpu": [(4, 64, 32, 32)],
-    "cuda": [(64, 2048, 7, 7), (64, 256, 56, 56)],
+    "cuda": [(64, 64, 112, 112), (64, 2048, 7, 7)],
 }
 
 DTYPES = {
@@ -111,8 +150,7 @@ DTYPES = {
 
 
 def make_case(op: str, shape: Sequence[int], dtype: torch.dtype, layout: str) -> Case:
-    n, c, h, w = shape
-    out_numel = n * c if OPS[op].over == "HW" else n * h * w
+    out_numel = OPS[op].torch(torch.empty(shape, device="meta")).numel()  # torch's own shape
     size = torch.empty((), dtype=dtype).element_size()
     nbytes = (math.prod(shape) + out_numel) * size  # input read once, output written once
     return Case(FAMILY, op, tuple(shape), dtype, layout, nbytes)
@@ -122,7 +160,7 @@ def _default_shapes(device: str, quick: bool) -> dict[str, list[tuple[int, ...]]
     if device == "cuda":
         return CUDA_QUICK_SHAPES if quick else CUDA_SHAPES
     shapes = CPU_QUICK_SHAPES if quick else CPU_SHAPES
-    return {"HW": shapes, "C": shapes}
+    return {"window": shapes, "HW": shapes, "C": shapes}
 
 
 def cases(
@@ -132,9 +170,12 @@ def cases(
     shapes: Sequence[Sequence[int]] | None = None,
 ) -> list[Case]:
     """Every (op, shape, dtype, layout) for this device; shapes given are used for every op.
-    Shapes outermost (global pooling's, then channel pooling's), so one shape's rows sit
+    Shapes outermost (windowed, global, then channel pooling's), so one shape's rows sit
     together in the progress output."""
-    by_kind = _default_shapes(device, quick) if shapes is None else {"HW": shapes, "C": shapes}
+    if shapes is None:
+        by_kind = _default_shapes(device, quick)
+    else:
+        by_kind = {"window": shapes, "HW": shapes, "C": shapes}
     wanted = DTYPES[device] if dtypes is None else list(dtypes)  # asked for: taken as asked
     return [
         make_case(op, s, d, layout)

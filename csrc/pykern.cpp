@@ -79,4 +79,30 @@ PYBIND11_MODULE(_C, m) {
   m.def("pool_reduce_bwd_cuda", &pykern::pool_reduce_bwd_cuda, py::arg("grad_out"),
         py::arg("indices"), py::arg("R"), py::arg("is_max"));
 #endif
+  m.def("max_pool2d_fwd_cpu", &pykern::max_pool2d_fwd_cpu, py::arg("x"), py::arg("kernel"),
+        py::arg("stride"), py::arg("padding"), py::arg("dilation"), py::arg("out_size"),
+        py::arg("adaptive"), py::arg("channels_last"));
+  m.def("max_pool2d_bwd_cpu", &pykern::max_pool2d_bwd_cpu, py::arg("grad_out"), py::arg("indices"),
+        py::arg("in_size"), py::arg("kernel"), py::arg("stride"), py::arg("padding"),
+        py::arg("dilation"), py::arg("adaptive"), py::arg("channels_last"));
+  m.def("avg_pool2d_fwd_cpu", &pykern::avg_pool2d_fwd_cpu, py::arg("x"), py::arg("kernel"),
+        py::arg("stride"), py::arg("padding"), py::arg("out_size"), py::arg("adaptive"),
+        py::arg("count_include_pad"), py::arg("divisor_override"), py::arg("channels_last"));
+  m.def("avg_pool2d_bwd_cpu", &pykern::avg_pool2d_bwd_cpu, py::arg("grad_out"), py::arg("in_size"),
+        py::arg("kernel"), py::arg("stride"), py::arg("padding"), py::arg("adaptive"),
+        py::arg("count_include_pad"), py::arg("divisor_override"), py::arg("channels_last"));
+#ifdef PYKERN_WITH_CUDA
+  m.def("max_pool2d_fwd_cuda", &pykern::max_pool2d_fwd_cuda, py::arg("x"), py::arg("kernel"),
+        py::arg("stride"), py::arg("padding"), py::arg("dilation"), py::arg("out_size"),
+        py::arg("adaptive"), py::arg("channels_last"));
+  m.def("max_pool2d_bwd_cuda", &pykern::max_pool2d_bwd_cuda, py::arg("grad_out"), py::arg("indices"),
+        py::arg("in_size"), py::arg("kernel"), py::arg("stride"), py::arg("padding"),
+        py::arg("dilation"), py::arg("adaptive"), py::arg("channels_last"));
+  m.def("avg_pool2d_fwd_cuda", &pykern::avg_pool2d_fwd_cuda, py::arg("x"), py::arg("kernel"),
+        py::arg("stride"), py::arg("padding"), py::arg("out_size"), py::arg("adaptive"),
+        py::arg("count_include_pad"), py::arg("divisor_override"), py::arg("channels_last"));
+  m.def("avg_pool2d_bwd_cuda", &pykern::avg_pool2d_bwd_cuda, py::arg("grad_out"), py::arg("in_size"),
+        py::arg("kernel"), py::arg("stride"), py::arg("padding"), py::arg("adaptive"),
+        py::arg("count_include_pad"), py::arg("divisor_override"), py::arg("channels_last"));
+#endif
 }

@@ -19,6 +19,10 @@ __all__ = [
     "global_avg_pool2d",
     "global_max_pool2d",
     "channel_pool",
+    "max_pool2d",
+    "avg_pool2d",
+    "adaptive_avg_pool2d",
+    "adaptive_max_pool2d",
 ]
 
 
@@ -146,3 +150,186 @@ def channel_pool(input: torch.Tensor, mode: str = "avg") -> torch.Tensor:
         raise ValueError(f"channel_pool: mode must be 'avg' or 'max', got {mode!r}")
     unbatched = _check_pool_input("channel_pool", input, "C")
     return _batched(lambda x: _pooling.channel_pool(x, is_max=mode == "max"), input, unbatched)
+
+
+def _pair(op: str, name: str, value, allow_none: bool = False) -> tuple:
+    """An int or a sequence of one or two ints as an (H, W) pair, as torch takes them."""
+    if isinstance(value, (list, tuple)) and len(value) in (1, 2):
+        pair = tuple(value) * (3 - len(value))
+    else:
+        pair = (value, value)
+    ok = all(
+        (v is None and allow_none) or (isinstance(v, int) and not isinstance(v, bool)) for v in pair
+    )
+    if not ok:
+        raise TypeError(f"{op}: {name} must be an int or a pair of ints, got {value!r}")
+    return pair
+
+
+def _check_window_input(op: str, input: object, integers: tuple[torch.dtype, ...]) -> bool:
+    """Validates a windowed pooling input: 3D or 4D, non-empty (C, H, W); floating point or
+    one of the integer dtypes torch's op takes. Returns True when it is unbatched (C, H, W)."""
+    _check_tensor(op, input, (3, 4), "3D (C, H, W) or 4D (N, C, H, W)")
+    if not (input.dtype.is_floating_point or input.dtype in integers):
+        kinds = "floating-point" + (" or integer" if integers else "")
+        raise TypeError(f"{op}: input must be a {kinds} tensor, got {input.dtype}")
+    if any(s == 0 for s in input.shape[-3:]):
+        raise ValueError(
+            f"{op}: input must have non-zero C, H and W (only the batch may be empty), got "
+            f"shape {tuple(input.shape)}"
+        )
+    return input.dim() == 3
+
+
+_INTEGER_DTYPES = (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
+
+
+def _strided_window(
+    op, input, kernel_size, stride, padding, dilation, ceil_mode, max_pad_of
+) -> _pooling.Window:
+    """The window of max_pool2d / avg_pool2d, validated; max_pad_of(kernel, dilation) is the
+    largest padding the op allows."""
+    kernel = _pair(op, "kernel_size", kernel_size)
+    no_stride = stride is None or (isinstance(stride, (list, tuple)) and len(stride) == 0)
+    stride = kernel if no_stride else _pair(op, "stride", stride)
+    padding = _pair(op, "padding", padding)
+    dilation = _pair(op, "dilation", dilation)
+    for name, pair in (("kernel_size", kernel), ("stride", stride), ("dilation", dilation)):
+        if min(pair) <= 0:
+            raise ValueError(f"{op}: {name} must be greater than zero, got {pair}")
+    if min(padding) < 0:
+        raise ValueError(f"{op}: padding must be non-negative, got {padding}")
+    for p, k, d in zip(padding, kernel, dilation, strict=True):
+        if p > max_pad_of(k, d):
+            raise ValueError(
+                f"{op}: padding ({p}) must be at most half of the kernel_size ({k})"
+                + (f" dilated by {d}" if d > 1 else "")
+                + f", got padding={padding}, kernel_size={kernel}"
+            )
+    in_hw = tuple(input.shape[-2:])
+    out = tuple(
+        _pooling.pool2d_out_size(*args, ceil_mode)
+        for args in zip(in_hw, kernel, stride, padding, dilation, strict=True)
+    )
+    if min(out) <= 0:
+        raise ValueError(
+            f"{op}: the output would be empty: input (H, W) = {in_hw} with kernel_size={kernel}, "
+            f"stride={stride}, padding={padding}, dilation={dilation} gives {out}"
+        )
+    return _pooling.Window(kernel, stride, padding, dilation, out)
+
+
+def max_pool2d(
+    input: torch.Tensor,
+    kernel_size,
+    stride=None,
+    padding=0,
+    dilation=1,
+    ceil_mode: bool = False,
+    return_indices: bool = False,
+):
+    """``F.max_pool2d``: the max of each (dilated) window, NaN propagating.
+
+    Args:
+        input: (N, C, H, W) or (C, H, W); floating point or integer; NCHW or channels_last.
+        kernel_size, stride (default kernel_size), padding, dilation: an int or an (H, W) pair.
+            Padding is implicit -inf and at most half the dilated kernel.
+        ceil_mode: round the output size up (a last window may hang over the padding).
+        return_indices: also return the int64 index h * W + w of each max in its plane.
+
+    Returns:
+        (N, C, H_out, W_out) in the input's memory format; with return_indices, (out, indices).
+    """
+    unbatched = _check_window_input("max_pool2d", input, _INTEGER_DTYPES)
+    win = _strided_window(
+        "max_pool2d", input, kernel_size, stride, padding, dilation, ceil_mode,
+        lambda k, d: (d * (k - 1) + 1) // 2,
+    )  # fmt: skip
+    x = input.unsqueeze(0) if unbatched else input
+    out, indices = _pooling.max_pool2d(x, win)
+    if unbatched:
+        out, indices = out.squeeze(0), indices.squeeze(0)
+    return (out, indices) if return_indices else out
+
+
+def avg_pool2d(
+    input: torch.Tensor,
+    kernel_size,
+    stride=None,
+    padding=0,
+    ceil_mode: bool = False,
+    count_include_pad: bool = True,
+    divisor_override: int | None = None,
+) -> torch.Tensor:
+    """``F.avg_pool2d``: the mean of each window.
+
+    Args:
+        input: (N, C, H, W) or (C, H, W); floating point or int64; NCHW or channels_last.
+        kernel_size, stride (default kernel_size), padding: an int or an (H, W) pair; padding
+            is implicit zeros and at most half the kernel.
+        ceil_mode: round the output size up.
+        count_include_pad: count the padding in the divisor.
+        divisor_override: divide every sum by this instead (non-zero).
+
+    Returns:
+        (N, C, H_out, W_out) in the input's memory format.
+    """
+    unbatched = _check_window_input("avg_pool2d", input, (torch.int64,))
+    if divisor_override is not None and (
+        not isinstance(divisor_override, int) or isinstance(divisor_override, bool)
+    ):
+        raise TypeError(f"avg_pool2d: divisor_override must be an int, got {divisor_override!r}")
+    if divisor_override == 0:
+        raise ValueError("avg_pool2d: divisor_override must be non-zero, got 0")
+    win = _strided_window(
+        "avg_pool2d", input, kernel_size, stride, padding, 1, ceil_mode, lambda k, d: k // 2
+    )
+    return _batched(
+        lambda x: _pooling.avg_pool2d(x, win, bool(count_include_pad), divisor_override or 0),
+        input,
+        unbatched,
+    )
+
+
+def _adaptive_window(op: str, input: torch.Tensor, output_size) -> _pooling.Window:
+    out = _pair(op, "output_size", output_size, allow_none=True)
+    out = tuple(s if o is None else o for o, s in zip(out, input.shape[-2:], strict=True))
+    if min(out) < 0:
+        raise ValueError(f"{op}: output_size must be >= 0, got {output_size!r}")
+    return _pooling.Window(out_size=out, adaptive=True)
+
+
+def adaptive_avg_pool2d(input: torch.Tensor, output_size) -> torch.Tensor:
+    """``F.adaptive_avg_pool2d``: output (i, j) averages rows [floor(i H / H_out),
+    ceil((i + 1) H / H_out)) and the same columns of W.
+
+    Args:
+        input: (N, C, H, W) or (C, H, W), floating point, NCHW or channels_last.
+        output_size: an int or an (H_out, W_out) pair; None keeps that input size.
+
+    Returns:
+        (N, C, H_out, W_out) in the input's memory format.
+    """
+    unbatched = _check_window_input("adaptive_avg_pool2d", input, ())
+    win = _adaptive_window("adaptive_avg_pool2d", input, output_size)
+    return _batched(lambda x: _pooling.avg_pool2d(x, win), input, unbatched)
+
+
+def adaptive_max_pool2d(input: torch.Tensor, output_size, return_indices: bool = False):
+    """``F.adaptive_max_pool2d``: the max over adaptive_avg_pool2d's windows.
+
+    Args:
+        input: (N, C, H, W) or (C, H, W), floating point, NCHW or channels_last.
+        output_size: an int or an (H_out, W_out) pair; None keeps that input size.
+        return_indices: also return the int64 index h * W + w of each max in its plane.
+
+    Returns:
+        (N, C, H_out, W_out) in the input's memory format; with return_indices, (out, indices).
+    """
+    unbatched = _check_window_input("adaptive_max_pool2d", input, ())
+    win = _adaptive_window("adaptive_max_pool2d", input, output_size)
+    x = input.unsqueeze(0) if unbatched else input
+    out, indices = _pooling.max_pool2d(x, win)
+    if unbatched:
+        out, indices = out.squeeze(0), indices.squeeze(0)
+    return (out, indices) if return_indices else out

@@ -173,3 +173,331 @@ def test_bad_input(op):
     if op == "channel_pool":
         with pytest.raises(ValueError, match="channel_pool: mode must be 'avg' or 'max'"):
             fn(torch.randn(1, 2, 3, 3), mode="sum")
+
+
+# Windowed pooling: max_pool2d, avg_pool2d, adaptive_avg_pool2d, adaptive_max_pool2d.
+#
+# Each case: (op, input shape, keyword arguments). Shapes are odd and small (the Triton
+# interpreter runs them too); arguments cover stride < kernel (overlapping windows), padding,
+# dilation, ceil_mode with a last window over the padding, count_include_pad, divisor_override,
+# and adaptive sizes above and below the input.
+WINDOW_OPS = {
+    "max_pool2d": (
+        lambda x, **kw: PF.max_pool2d(x, return_indices=True, **kw),
+        lambda x, **kw: F.max_pool2d(x, return_indices=True, **kw),
+    ),
+    "avg_pool2d": (PF.avg_pool2d, F.avg_pool2d),
+    "adaptive_avg_pool2d": (PF.adaptive_avg_pool2d, F.adaptive_avg_pool2d),
+    "adaptive_max_pool2d": (
+        lambda x, **kw: PF.adaptive_max_pool2d(x, return_indices=True, **kw),
+        lambda x, **kw: F.adaptive_max_pool2d(x, return_indices=True, **kw),
+    ),
+}
+WINDOW_CASES = [
+    ("max_pool2d", (2, 3, 9, 11), dict(kernel_size=3, stride=2, padding=1)),
+    ("max_pool2d", (1, 5, 7, 6), dict(kernel_size=2)),
+    ("max_pool2d", (2, 4, 10, 9), dict(kernel_size=(3, 2), stride=(2, 1), padding=(1, 1),
+                                       dilation=(2, 3), ceil_mode=True)),
+    ("max_pool2d", (1, 3, 8, 8), dict(kernel_size=3, stride=3, padding=1, ceil_mode=True)),
+    ("max_pool2d", (2, 2, 5, 5), dict(kernel_size=5, stride=1, padding=2)),
+    ("max_pool2d", (1, 1, 1, 1), dict(kernel_size=1)),
+    ("avg_pool2d", (2, 3, 9, 11), dict(kernel_size=3, stride=2, padding=1)),
+    ("avg_pool2d", (2, 3, 9, 11), dict(kernel_size=3, stride=2, padding=1,
+                                       count_include_pad=False)),
+    ("avg_pool2d", (1, 4, 8, 7), dict(kernel_size=(2, 4), stride=(3, 2), padding=(1, 2),
+                                      ceil_mode=True)),
+    ("avg_pool2d", (1, 4, 8, 7), dict(kernel_size=(2, 4), stride=(3, 2), padding=(1, 2),
+                                      ceil_mode=True, count_include_pad=False)),
+    ("avg_pool2d", (2, 3, 7, 7), dict(kernel_size=3, stride=2, divisor_override=5,
+                                      ceil_mode=True)),
+    ("avg_pool2d", (1, 2, 6, 6), dict(kernel_size=2)),
+    ("adaptive_avg_pool2d", (2, 3, 9, 11), dict(output_size=(4, 5))),
+    ("adaptive_avg_pool2d", (1, 4, 5, 3), dict(output_size=(7, 8))),
+    ("adaptive_avg_pool2d", (2, 3, 10, 10), dict(output_size=(None, 3))),
+    ("adaptive_avg_pool2d", (2, 5, 6, 9), dict(output_size=1)),
+    ("adaptive_max_pool2d", (2, 3, 9, 11), dict(output_size=(4, 5))),
+    ("adaptive_max_pool2d", (1, 4, 5, 3), dict(output_size=(7, 8))),
+    ("adaptive_max_pool2d", (2, 3, 10, 10), dict(output_size=(3, None))),
+    ("adaptive_max_pool2d", (2, 5, 6, 9), dict(output_size=1)),
+]  # fmt: skip
+
+
+def _case_id(case):
+    op, shape, kw = case
+    args = "-".join(f"{k}={v}" for k, v in kw.items()).replace(" ", "")
+    return f"{op}-{_sid(shape)}-{args}"
+
+
+def _as_pair(result):
+    """(values, indices or None) of a pooling result."""
+    return result if isinstance(result, tuple) else (result, None)
+
+
+def _check_window(target, op, shape, kw, dtype, layout, noncontig=False, batched=True):
+    fn, ref_fn = WINDOW_OPS[op]
+    if dtype.is_floating_point:
+        x = make_input(shape, dtype, target.device, layout=layout, noncontig=noncontig)
+    else:  # integers: small values, so that ties happen
+        x = torch.randint(-20, 20, shape, device=target.device).to(dtype)
+        if layout == "nhwc":
+            x = x.contiguous(memory_format=torch.channels_last)
+    if not batched:
+        x = x[0]
+    out, indices = _as_pair(fn(x, **kw))
+    expected, expected_indices = _as_pair(ref_fn(x, **kw))
+    assert out.dtype == dtype and out.shape == expected.shape
+    assert out.stride() == expected.stride(), f"strides {out.stride()} != {expected.stride()}"
+    if indices is not None:
+        # A max is exact in any precision, so are its indices: torch's, element for element.
+        assert torch.equal(out, expected)
+        assert torch.equal(indices, expected_indices)
+        assert indices.stride() == expected_indices.stride()
+    elif not dtype.is_floating_point:
+        assert torch.equal(out, expected)  # int64 avg_pool2d: torch's truncating division
+    elif out.numel():
+        assert_close_to_ref(out, ref_fn(x.double(), **kw), torch_lowp=expected)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("case", WINDOW_CASES, ids=_case_id)
+def test_window_matches_torch(target, case, layout):
+    _check_window(target, *case, torch.float32, layout)
+
+
+WINDOW_DTYPE_CASES = [WINDOW_CASES[i] for i in (0, 2, 7, 10, 12, 17)]
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("case", WINDOW_DTYPE_CASES, ids=_case_id)
+def test_window_dtypes(target, case, dtype, layout):
+    _check_window(target, *case, dtype, layout)
+
+
+INTEGER_DTYPES = [torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64]
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("dtype", INTEGER_DTYPES, ids=str)
+def test_window_integers_where_torch_takes_them(target, dtype, layout):
+    # torch's max_pool2d takes every integer dtype, its avg_pool2d int64 alone.
+    _check_window(target, *WINDOW_CASES[2], dtype, layout)
+    if dtype == torch.int64:
+        _check_window(target, *WINDOW_CASES[8], dtype, layout)
+
+
+@pytest.mark.parametrize("case", [WINDOW_CASES[i] for i in (0, 6, 12, 16)], ids=_case_id)
+def test_window_noncontiguous_unbatched_and_empty_batch(target, case):
+    op, shape, kw = case
+    _check_window(target, op, shape, kw, torch.float32, "nchw", noncontig=True)
+    _check_window(target, op, shape, kw, torch.float32, "nhwc", batched=False)
+    _check_window(target, op, (0, *shape[1:]), kw, torch.float32, "nchw")
+    # a channels_last tensor that is sliced: torch still answers in channels_last
+    x = make_input(shape, torch.float32, target.device, layout="nhwc")[:, :, :, ::2]
+    fn, ref_fn = WINDOW_OPS[op]
+    out, expected = _as_pair(fn(x, **kw))[0], _as_pair(ref_fn(x, **kw))[0]
+    assert out.stride() == expected.stride()
+    assert_close_to_ref(out, _as_pair(ref_fn(x.double(), **kw))[0])
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("op", ["max_pool2d", "adaptive_max_pool2d"])
+def test_window_max_nan_ties_and_minus_inf(target, op, layout):
+    fn, ref_fn = WINDOW_OPS[op]
+    kw = dict(kernel_size=3, stride=2, padding=1) if op == "max_pool2d" else dict(output_size=4)
+    x = make_input((2, 3, 9, 9), torch.float32, target.device, layout=layout)
+    x[0, 0, 2, 3] = float("nan")
+    x[0, 0, 3, 3] = float("nan")  # two NaNs in a window: torch keeps the later index
+    x[0, 1] = 1.0  # all ties: the first tap
+    x[1, 2] = float("-inf")  # all -inf: the first valid tap
+    out, indices = fn(x, **kw)
+    expected, expected_indices = ref_fn(x, **kw)
+    torch.testing.assert_close(out, expected, equal_nan=True, rtol=0, atol=0)
+    assert torch.equal(indices, expected_indices)
+
+
+# Gradients
+
+
+GRAD_CASES = [WINDOW_CASES[i] for i in (0, 2, 3, 7, 8, 10, 13, 16)]
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("case", GRAD_CASES, ids=_case_id)
+def test_window_gradcheck(target, case, layout):
+    op, shape, kw = case
+    fn = lambda x: _as_pair(WINDOW_OPS[op][0](x, **kw))[0]  # noqa: E731
+    x = make_input(shape, torch.float64, target.device, layout=layout, requires_grad=True)
+    assert torch.autograd.gradcheck(fn, (x,), fast_mode=True)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("case", GRAD_CASES, ids=_case_id)
+def test_window_grad_matches_torch(target, case, layout):
+    op, shape, kw = case
+    fn, ref_fn = WINDOW_OPS[op]
+    x = make_input(shape, torch.float32, target.device, layout=layout)
+    grad, ref_grad = grads_against_torch(
+        lambda t: _as_pair(fn(t, **kw))[0], lambda t: _as_pair(ref_fn(t, **kw))[0], x
+    )
+    torch.testing.assert_close(grad, ref_grad, rtol=1e-5, atol=1e-6)
+    assert grad.stride() == ref_grad.stride()
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("case", [WINDOW_CASES[i] for i in (0, 7, 13)], ids=_case_id)
+def test_window_low_precision_grad(target, case, dtype):
+    op, shape, kw = case
+    fn, ref_fn = WINDOW_OPS[op]
+    first = lambda f, t: _as_pair(f(t, **kw))[0]  # noqa: E731
+    x = make_input(shape, dtype, target.device, layout="nhwc")
+    g = torch.randn_like(first(ref_fn, x))
+    grads = []
+    for f, t in ((fn, x), (ref_fn, x), (ref_fn, x.double())):  # ours, torch's, float64
+        t = t.detach().requires_grad_(True)
+        first(f, t).backward(g.to(t.dtype))
+        grads.append(t.grad)
+    assert_close_to_ref(grads[0], grads[2], torch_lowp=grads[1])
+
+
+def test_window_backward_is_deterministic(target):
+    x = make_input((2, 4, 11, 11), torch.float32, target.device, layout="nhwc")
+    grads = []
+    for _ in range(2):
+        t = x.detach().requires_grad_(True)
+        PF.avg_pool2d(t, 3, 1, 1).backward(torch.ones(2, 4, 11, 11, device=target.device))
+        grads.append(t.grad)
+    assert torch.equal(grads[0], grads[1])
+
+
+# opcheck and torch.compile
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_window_opcheck(target, layout):
+    x = make_input((2, 3, 7, 6), torch.float32, target.device, layout=layout)
+    cl = layout == "nhwc"
+    strided = ([3, 2], [2, 1], [1, 1], [1, 1])
+    out, idx = torch.ops.pykern.max_pool2d_fwd(x, *strided[:3], [1, 2], [3, 5], False, cl)
+    for args in (
+        (x, *strided, [4, 6], False, cl),
+        (x, [1, 1], [1, 1], [0, 0], [1, 1], [3, 4], True, cl),
+    ):
+        torch.library.opcheck(torch.ops.pykern.max_pool2d_fwd.default, args)
+    torch.library.opcheck(
+        torch.ops.pykern.max_pool2d_bwd.default,
+        (torch.randn_like(out), idx, [7, 6], *strided[:3], [1, 2], False, cl),
+    )
+    for args in (
+        (x, *strided[:3], [4, 6], False, True, 0, cl),
+        (x, *strided[:3], [4, 6], False, False, 3, cl),
+    ):
+        torch.library.opcheck(torch.ops.pykern.avg_pool2d_fwd.default, args)
+        grad = torch.randn(2, 3, 4, 6, device=target.device)
+        if cl:
+            grad = grad.contiguous(memory_format=torch.channels_last)
+        torch.library.opcheck(
+            torch.ops.pykern.avg_pool2d_bwd.default, (grad, [7, 6], *args[1:4], *args[5:])
+        )
+
+
+@pytest.mark.parametrize("case", [WINDOW_CASES[i] for i in (0, 6, 12, 16)], ids=_case_id)
+def test_window_compile_fullgraph(target, case):
+    op, shape, kw = case
+    fn, ref_fn = WINDOW_OPS[op]
+    torch._dynamo.reset()
+    compiled = torch.compile(
+        lambda x: _as_pair(fn(x * 2.0, **kw))[0], fullgraph=True, backend="aot_eager"
+    )
+    x = make_input(shape, torch.float32, target.device, layout="nhwc", requires_grad=True)
+    out = compiled(x)
+    torch.testing.assert_close(out, _as_pair(ref_fn(x.detach() * 2.0, **kw))[0])
+    out.sum().backward()
+    assert x.grad is not None and not x.grad.isnan().any()
+
+
+# Window modules: torch's subclasses, same arguments, repr and behaviour
+
+
+WINDOW_MODULES = [
+    ("MaxPool2d", dict(kernel_size=3, stride=2, padding=1, dilation=2, ceil_mode=True)),
+    ("MaxPool2d", dict(kernel_size=2, return_indices=True)),
+    ("AvgPool2d", dict(kernel_size=3, stride=2, padding=1, ceil_mode=True,
+                       count_include_pad=False)),
+    ("AvgPool2d", dict(kernel_size=2, divisor_override=3)),
+    ("AdaptiveAvgPool2d", dict(output_size=(3, None))),
+    ("AdaptiveMaxPool2d", dict(output_size=3, return_indices=True)),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("name", "kw"), WINDOW_MODULES, ids=lambda v: str(v))
+def test_window_modules(name, kw):
+    ours, theirs = getattr(pykern.nn, name)(**kw), getattr(torch.nn, name)(**kw)
+    assert isinstance(ours, getattr(torch.nn, name))
+    assert repr(ours) == repr(theirs)
+    ours.load_state_dict(theirs.state_dict())
+    x = make_input((2, 3, 9, 8), torch.float32, layout="nhwc")
+    out, expected = _as_pair(ours(x)), _as_pair(theirs(x))
+    torch.testing.assert_close(out[0], expected[0])
+    if out[1] is not None:
+        assert torch.equal(out[1], expected[1])
+
+
+# Window bad input: each refused with the argument named
+
+
+WINDOW_BAD_INPUT = [
+    (PF.max_pool2d, dict(kernel_size=0), ValueError, "max_pool2d: kernel_size must be greater"),
+    (PF.max_pool2d, dict(kernel_size=2, stride=0), ValueError, "max_pool2d: stride must be"),
+    (PF.max_pool2d, dict(kernel_size=2, stride=-1), ValueError, "max_pool2d: stride must be"),
+    (PF.max_pool2d, dict(kernel_size=2, dilation=0), ValueError, "max_pool2d: dilation must be"),
+    (PF.max_pool2d, dict(kernel_size=3, padding=2), ValueError,
+     r"max_pool2d: padding \(2\) must be at most half"),
+    (PF.max_pool2d, dict(kernel_size=2, padding=-1), ValueError,
+     "max_pool2d: padding must be non-negative"),
+    (PF.max_pool2d, dict(kernel_size=7), ValueError, "max_pool2d: the output would be empty"),
+    (PF.max_pool2d, dict(kernel_size=(2, 2, 2)), TypeError, "max_pool2d: kernel_size must be"),
+    (PF.max_pool2d, dict(kernel_size=2.5), TypeError, "max_pool2d: kernel_size must be"),
+    (PF.avg_pool2d, dict(kernel_size=3, padding=2), ValueError,
+     r"avg_pool2d: padding \(2\) must be at most half"),
+    (PF.avg_pool2d, dict(kernel_size=2, divisor_override=0), ValueError,
+     "avg_pool2d: divisor_override must be non-zero"),
+    (PF.avg_pool2d, dict(kernel_size=0), ValueError, "avg_pool2d: kernel_size must be greater"),
+    (PF.adaptive_avg_pool2d, dict(output_size=-1), ValueError,
+     "adaptive_avg_pool2d: output_size must be >= 0"),
+    (PF.adaptive_max_pool2d, dict(output_size=(2, -3)), ValueError,
+     "adaptive_max_pool2d: output_size must be >= 0"),
+    (PF.adaptive_avg_pool2d, dict(output_size="big"), TypeError,
+     "adaptive_avg_pool2d: output_size must be"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("fn", "kw", "error", "match"), WINDOW_BAD_INPUT, ids=lambda v: getattr(v, "__name__", None)
+)
+def test_window_bad_arguments(fn, kw, error, match):
+    with pytest.raises(error, match=match):
+        fn(torch.randn(1, 2, 5, 5), **kw)
+
+
+@pytest.mark.parametrize("op", ["max_pool2d", "avg_pool2d", "adaptive_avg_pool2d",
+                                "adaptive_max_pool2d"])  # fmt: skip
+def test_window_bad_input_tensor(op):
+    fn = getattr(PF, op)
+    first = dict(output_size=2) if op.startswith("adaptive") else dict(kernel_size=2)
+    with pytest.raises(TypeError, match=f"{op}: input must be a torch.Tensor"):
+        fn([1.0], **first)
+    for shape in ((3, 4), (1, 2, 3, 4, 5)):
+        with pytest.raises(ValueError, match=f"{op}: input must be 3D .* got a {len(shape)}D"):
+            fn(torch.randn(shape), **first)
+    with pytest.raises(ValueError, match=f"{op}: input must have non-zero C, H and W"):
+        fn(torch.randn(2, 3, 0, 4), **first)
+    refused = {
+        "max_pool2d": [torch.bool, torch.complex64],
+        "avg_pool2d": [torch.int32, torch.uint8, torch.bool],
+        "adaptive_avg_pool2d": [torch.int64, torch.int32],
+        "adaptive_max_pool2d": [torch.int64, torch.uint8],
+    }[op]
+    for dtype in refused:
+        with pytest.raises(TypeError, match=f"{op}: input must be a"):
+            fn(torch.ones(1, 2, 4, 4, dtype=dtype), **first)

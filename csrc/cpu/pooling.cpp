@@ -1,6 +1,11 @@
 // Pooling family, CPU reference. CUDA twin: csrc/cuda/pooling.cu; Triton twin:
 // triton_kernels/pooling.py.
 //
+// Two kinds of kernel. Windowed pooling (max_pool2d, avg_pool2d, adaptive forms): each output
+// reads the window that common/pool_window.h defines; the NCHW kernels walk planes, the NHWC
+// kernels walk pixels with the channels as the contiguous inner loop. Backward gathers: each
+// input element sums the gradients of the outputs whose windows hold it (deterministic).
+//
 // Global pooling (over H, W) and channel pooling (over C) are one reduction: x seen as a 3D
 // strided view (B, R, K) is reduced over R into a contiguous (B, K). pykern/ops/pooling.py
 // builds the view so that no layout is copied: global pooling of NCHW is (N*C, H*W, 1), of
@@ -13,11 +18,13 @@
 #include <cmath>
 #include <limits>
 #include <tuple>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
 #include "common/checks.h"
 #include "common/poison.h"
+#include "common/pool_window.h"
 #include "pykern.h"
 
 namespace pykern {
@@ -96,12 +103,12 @@ PK_HOT_LOOP std::pair<max_t<scalar_t>, int64_t> run_max(const scalar_t* p, int64
   return result;
 }
 
-template <typename scalar_t>
-PK_HOT_LOOP void add_row(double* sum, const scalar_t* row, int64_t K, int64_t sK) {
+template <typename acc_t, typename scalar_t>
+PK_HOT_LOOP void add_row(acc_t* sum, const scalar_t* row, int64_t K, int64_t sK) {
   if (sK == 1) {
-    for (int64_t k = 0; k < K; ++k) sum[k] += static_cast<double>(row[k]);
+    for (int64_t k = 0; k < K; ++k) sum[k] += static_cast<acc_t>(row[k]);
   } else {
-    for (int64_t k = 0; k < K; ++k) sum[k] += static_cast<double>(row[k * sK]);
+    for (int64_t k = 0; k < K; ++k) sum[k] += static_cast<acc_t>(row[k * sK]);
   }
 }
 
@@ -191,7 +198,406 @@ void reduce_bwd(const at::Tensor& dy, const at::Tensor& indices, at::Tensor& dx,
   }
 }
 
+// Windowed pooling.
+//
+// Forward, NCHW: a strided window is walked tap by tap over a whole output row, so the inner
+// loop runs along ow and vectorizes (stride-s loads); an adaptive window per output. NHWC: one
+// output pixel at a time, every tap updating C accumulators from one contiguous channel row.
+// Taps are visited h outer, w inner for every output, as torch's serial rule needs.
+// Backward scatters each output's gradient into its window; a thread owns whole planes (NCHW)
+// or whole images x a block of channels (NHWC), so the sums run in a fixed order.
+
+template <typename scalar_t>
+using sum_t = std::conditional_t<std::is_integral_v<scalar_t>, int64_t, at::opmath_type<scalar_t>>;
+
+template <typename acc_t>
+constexpr acc_t lowest() {
+  return std::numeric_limits<acc_t>::has_infinity ? -std::numeric_limits<acc_t>::infinity()
+                                                  : std::numeric_limits<acc_t>::lowest();
+}
+
+struct Window2d {
+  Taps h, w;
+  int64_t count() const {
+    return ((h.end - h.first + h.step - 1) / h.step) * ((w.end - w.first + w.step - 1) / w.step);
+  }
+  bool empty() const { return h.first >= h.end || w.first >= w.end; }
+};
+
+inline Window2d window_of(const std::array<PoolAxis, 2>& ax, int64_t oh, int64_t ow) {
+  return {taps_of(ax[0], oh), taps_of(ax[1], ow)};
+}
+
+// avg_pool2d's divisor of output (oh, ow), whose clipped window is win.
+inline int64_t avg_divisor(const std::array<PoolAxis, 2>& ax, const Window2d& win, int64_t oh,
+                           int64_t ow, bool count_include_pad, int64_t divisor_override) {
+  if (ax[0].adaptive) return win.count();
+  if (divisor_override != 0) return divisor_override;
+  if (count_include_pad) return padded_window(ax[0], oh) * padded_window(ax[1], ow);
+  return win.count();
+}
+
+// The outputs ow of a strided axis whose tap j falls inside the input: [lo, hi).
+inline OutRange outputs_with_tap(const PoolAxis& a, int64_t j) {
+  const int64_t shift = j * a.dilation - a.pad;  // input position = ow * stride + shift
+  const int64_t lo = shift >= 0 ? 0 : (-shift + a.stride - 1) / a.stride;
+  const int64_t hi = a.in - shift <= 0 ? 0 : (a.in - shift - 1) / a.stride + 1;
+  return {lo, std::min(hi, a.out)};
+}
+
+struct Sizes {
+  int64_t N, C, H, W;
+  explicit Sizes(const at::Tensor& t) : N(t.size(0)), C(t.size(1)), H(t.size(2)), W(t.size(3)) {}
+};
+
+constexpr int64_t kPoolGrain = 1 << 14;  // below this many elements one thread is faster
+constexpr int64_t kChannelBlock = 64;    // NHWC backward: channels one thread owns at a time
+
+// One output row (plane p, row oh) of a strided max or avg pool over an NCHW plane.
+template <typename scalar_t, bool kMax>
+void pool_row_nchw(const scalar_t* plane, scalar_t* out_row, int64_t* idx_row,
+                   const std::array<PoolAxis, 2>& ax, int64_t oh, bool count_include_pad,
+                   int64_t divisor_override, sum_t<scalar_t>* acc, int64_t* arg) {
+  using acc_t = sum_t<scalar_t>;
+  const PoolAxis& aw = ax[1];
+  const int64_t W = aw.in, OW = aw.out, s = aw.stride;
+  const Taps th = taps_of(ax[0], oh);
+  for (int64_t ow = 0; ow < OW; ++ow) {
+    acc[ow] = kMax ? lowest<acc_t>() : acc_t(0);
+    if (kMax) arg[ow] = th.first * W + taps_of(aw, ow).first;
+  }
+  for (int64_t h = th.first; h < th.end; h += th.step) {
+    const scalar_t* row = plane + h * W;
+    for (int64_t j = 0; j < aw.kernel; ++j) {
+      const OutRange r = outputs_with_tap(aw, j);
+      const int64_t shift = j * aw.dilation - aw.pad;
+      if constexpr (kMax) {
+        for (int64_t ow = r.lo; ow < r.hi; ++ow) {
+          const acc_t v = static_cast<acc_t>(row[ow * s + shift]);
+          const bool take = v > acc[ow] || v != v;  // later NaN wins; ties keep the first
+          acc[ow] = take ? v : acc[ow];
+          arg[ow] = take ? h * W + ow * s + shift : arg[ow];
+        }
+      } else {
+        for (int64_t ow = r.lo; ow < r.hi; ++ow) acc[ow] += static_cast<acc_t>(row[ow * s + shift]);
+      }
+    }
+  }
+  for (int64_t ow = 0; ow < OW; ++ow) {
+    if constexpr (kMax) {
+      out_row[ow] = static_cast<scalar_t>(acc[ow]);
+      idx_row[ow] = arg[ow];
+    } else {
+      const Window2d win = window_of(ax, oh, ow);
+      const int64_t div = avg_divisor(ax, win, oh, ow, count_include_pad, divisor_override);
+      out_row[ow] = win.empty() ? scalar_t(0) : static_cast<scalar_t>(acc[ow] / acc_t(div));
+    }
+  }
+}
+
+// One output (oh, ow) of any window over an NCHW plane (adaptive windows take this path).
+template <typename scalar_t, bool kMax>
+std::pair<sum_t<scalar_t>, int64_t> pool_one_nchw(const scalar_t* plane, const Window2d& win,
+                                                  int64_t W) {
+  using acc_t = sum_t<scalar_t>;
+  acc_t acc = kMax ? lowest<acc_t>() : acc_t(0);
+  int64_t arg = win.h.first * W + win.w.first;
+  for (int64_t h = win.h.first; h < win.h.end; h += win.h.step) {
+    for (int64_t w = win.w.first; w < win.w.end; w += win.w.step) {
+      const acc_t v = static_cast<acc_t>(plane[h * W + w]);
+      if constexpr (kMax) {
+        const bool take = v > acc || v != v;
+        acc = take ? v : acc;
+        arg = take ? h * W + w : arg;
+      } else {
+        acc += v;
+      }
+    }
+  }
+  return {acc, arg};
+}
+
+// One output pixel of an NHWC image: C accumulators updated from each tap's channel row.
+template <typename scalar_t, bool kMax>
+PK_HOT_LOOP void pool_pixel_nhwc(const scalar_t* image, const Window2d& win, int64_t W,
+                                 int64_t C, sum_t<scalar_t>* acc, int32_t* arg) {
+  using acc_t = sum_t<scalar_t>;
+  for (int64_t c = 0; c < C; ++c) acc[c] = kMax ? lowest<acc_t>() : acc_t(0);
+  if (kMax) std::fill(arg, arg + C, static_cast<int32_t>(win.h.first * W + win.w.first));
+  for (int64_t h = win.h.first; h < win.h.end; h += win.h.step) {
+    for (int64_t w = win.w.first; w < win.w.end; w += win.w.step) {
+      const scalar_t* row = image + (h * W + w) * C;
+      const int32_t here = static_cast<int32_t>(h * W + w);
+      if constexpr (kMax) {
+        for (int64_t c = 0; c < C; ++c) {
+          const acc_t v = static_cast<acc_t>(row[c]);
+          const bool take = v > acc[c] || v != v;
+          acc[c] = take ? v : acc[c];
+          arg[c] = take ? here : arg[c];
+        }
+      } else {
+        for (int64_t c = 0; c < C; ++c) acc[c] += static_cast<acc_t>(row[c]);
+      }
+    }
+  }
+}
+
+template <typename scalar_t, bool kMax>
+void pool_fwd(const at::Tensor& x, at::Tensor& out, at::Tensor* indices,
+              const std::array<PoolAxis, 2>& ax, bool count_include_pad, int64_t divisor_override,
+              bool channels_last) {
+  using acc_t = sum_t<scalar_t>;
+  const Sizes in(x), o(out);
+  const scalar_t* src = x.const_data_ptr<scalar_t>();
+  scalar_t* dst = out.data_ptr<scalar_t>();
+  int64_t* idx = kMax ? indices->data_ptr<int64_t>() : nullptr;
+  const bool parallel = x.numel() + out.numel() > kPoolGrain;
+  if (!channels_last) {
+#pragma omp parallel if (parallel)
+    {
+      std::vector<acc_t> acc(o.W);
+      std::vector<int64_t> arg(kMax ? o.W : 0);
+#pragma omp for collapse(2) schedule(static)
+      for (int64_t p = 0; p < in.N * in.C; ++p) {
+        for (int64_t oh = 0; oh < o.H; ++oh) {
+          const scalar_t* plane = src + p * in.H * in.W;
+          const int64_t at = (p * o.H + oh) * o.W;
+          if (!ax[0].adaptive) {
+            pool_row_nchw<scalar_t, kMax>(plane, dst + at, kMax ? idx + at : nullptr, ax, oh,
+                                          count_include_pad, divisor_override, acc.data(),
+                                          arg.data());
+            continue;
+          }
+          for (int64_t ow = 0; ow < o.W; ++ow) {
+            const Window2d win = window_of(ax, oh, ow);
+            const auto [value, index] = pool_one_nchw<scalar_t, kMax>(plane, win, in.W);
+            if constexpr (kMax) {
+              dst[at + ow] = static_cast<scalar_t>(value);
+              idx[at + ow] = index;
+            } else {
+              dst[at + ow] = static_cast<scalar_t>(value / acc_t(win.count()));
+            }
+          }
+        }
+      }
+    }
+    return;
+  }
+#pragma omp parallel if (parallel)
+  {
+    std::vector<acc_t> acc(in.C);
+    std::vector<int32_t> arg(kMax ? in.C : 0);  // H * W < 2^31: checked by the entry point
+#pragma omp for schedule(static)
+    for (int64_t pixel = 0; pixel < in.N * o.H * o.W; ++pixel) {
+      const int64_t n = pixel / (o.H * o.W), oh = pixel / o.W % o.H, ow = pixel % o.W;
+      const Window2d win = window_of(ax, oh, ow);
+      pool_pixel_nhwc<scalar_t, kMax>(src + n * in.H * in.W * in.C, win, in.W, in.C, acc.data(),
+                                      arg.data());
+      scalar_t* out_row = dst + pixel * in.C;
+      if constexpr (kMax) {
+        int64_t* idx_row = idx + pixel * in.C;
+        for (int64_t c = 0; c < in.C; ++c) {
+          out_row[c] = static_cast<scalar_t>(acc[c]);
+          idx_row[c] = arg[c];
+        }
+      } else {
+        const acc_t div =
+            static_cast<acc_t>(avg_divisor(ax, win, oh, ow, count_include_pad, divisor_override));
+        for (int64_t c = 0; c < in.C; ++c) {
+          out_row[c] = win.empty() ? scalar_t(0) : static_cast<scalar_t>(acc[c] / div);
+        }
+      }
+    }
+  }
+}
+
+// Backward: dx = 0, then each output's gradient added into its window (max: at its index;
+// avg: grad / divisor at every tap). Sums in opmath: dx itself for float and double, else a
+// float buffer per plane (NCHW) or per image block (NHWC), converted at the end.
+template <typename scalar_t, bool kMax>
+void pool_bwd(const at::Tensor& dy, const at::Tensor* indices, at::Tensor& dx,
+              const std::array<PoolAxis, 2>& ax, bool count_include_pad, int64_t divisor_override,
+              bool channels_last) {
+  using acc_t = at::opmath_type<scalar_t>;
+  constexpr bool kInPlace = std::is_same_v<acc_t, scalar_t>;
+  const Sizes g(dy), in(dx);
+  const scalar_t* grad = dy.const_data_ptr<scalar_t>();
+  const int64_t* idx = kMax ? indices->const_data_ptr<int64_t>() : nullptr;
+  scalar_t* d = dx.data_ptr<scalar_t>();
+  const int64_t plane = in.H * in.W, out_plane = g.H * g.W;
+  // The factor grad_out is scaled by for each tap of output (oh, ow): 1 / divisor.
+  const auto inv_divisor = [&](int64_t oh, int64_t ow) {
+    const Window2d win = window_of(ax, oh, ow);
+    return acc_t(1) / static_cast<acc_t>(
+                          avg_divisor(ax, win, oh, ow, count_include_pad, divisor_override));
+  };
+  const bool parallel = dx.numel() + dy.numel() > kPoolGrain;
+  if (!channels_last) {
+#pragma omp parallel if (parallel)
+    {
+      std::vector<acc_t> buffer(kInPlace ? 0 : plane);
+#pragma omp for schedule(static)
+      for (int64_t p = 0; p < in.N * in.C; ++p) {
+        acc_t* sum = kInPlace ? reinterpret_cast<acc_t*>(d + p * plane) : buffer.data();
+        std::fill(sum, sum + plane, acc_t(0));
+        const scalar_t* gp = grad + p * out_plane;
+        if constexpr (kMax) {
+          const int64_t* ip = idx + p * out_plane;
+          for (int64_t o = 0; o < out_plane; ++o) sum[ip[o]] += static_cast<acc_t>(gp[o]);
+        } else {
+          for (int64_t oh = 0; oh < g.H; ++oh) {
+            for (int64_t ow = 0; ow < g.W; ++ow) {
+              const Window2d win = window_of(ax, oh, ow);
+              const acc_t share = static_cast<acc_t>(gp[oh * g.W + ow]) * inv_divisor(oh, ow);
+              for (int64_t h = win.h.first; h < win.h.end; ++h) {
+                for (int64_t w = win.w.first; w < win.w.end; ++w) sum[h * in.W + w] += share;
+              }
+            }
+          }
+        }
+        if constexpr (!kInPlace) {
+          for (int64_t i = 0; i < plane; ++i) d[p * plane + i] = static_cast<scalar_t>(sum[i]);
+        }
+      }
+    }
+    return;
+  }
+  const int64_t blocks = (in.C + kChannelBlock - 1) / kChannelBlock;
+#pragma omp parallel if (parallel)
+  {
+    std::vector<acc_t> buffer(plane * std::min(in.C, kChannelBlock));
+#pragma omp for schedule(static)
+    for (int64_t nb = 0; nb < in.N * blocks; ++nb) {
+      const int64_t n = nb / blocks, c0 = nb % blocks * kChannelBlock;
+      const int64_t cb = std::min(kChannelBlock, in.C - c0);
+      acc_t* sum = buffer.data();  // (H * W, cb)
+      std::fill(sum, sum + plane * cb, acc_t(0));
+      for (int64_t o = 0; o < out_plane; ++o) {
+        const scalar_t* g_row = grad + (n * out_plane + o) * in.C + c0;
+        if constexpr (kMax) {
+          const int64_t* i_row = idx + (n * out_plane + o) * in.C + c0;
+          for (int64_t c = 0; c < cb; ++c) sum[i_row[c] * cb + c] += static_cast<acc_t>(g_row[c]);
+        } else {
+          const int64_t oh = o / g.W, ow = o % g.W;
+          const Window2d win = window_of(ax, oh, ow);
+          const acc_t factor = inv_divisor(oh, ow);
+          for (int64_t h = win.h.first; h < win.h.end; ++h) {
+            for (int64_t w = win.w.first; w < win.w.end; ++w) {
+              acc_t* s = sum + (h * in.W + w) * cb;
+              for (int64_t c = 0; c < cb; ++c) s[c] += static_cast<acc_t>(g_row[c]) * factor;
+            }
+          }
+        }
+      }
+      for (int64_t i = 0; i < plane; ++i) {
+        scalar_t* d_row = d + (n * plane + i) * in.C + c0;
+        for (int64_t c = 0; c < cb; ++c) d_row[c] = static_cast<scalar_t>(sum[i * cb + c]);
+      }
+    }
+  }
+}
+
+// Checks shared by the windowed entry points; returns the output's memory format.
+at::MemoryFormat pool_format(const char* fn, const at::Tensor& t, bool channels_last) {
+  PK_CHECK_VALUE(t.device().is_cpu(), fn, ": expected a CPU tensor, got ", t.device());
+  PK_CHECK_VALUE(t.dim() == 4, fn, ": expected a 4D (N, C, H, W) tensor, got ", t.dim(), "D");
+  const at::MemoryFormat format =
+      channels_last ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
+  PK_CHECK_VALUE(t.is_contiguous(format), fn, ": tensor must be ",
+                 channels_last ? "channels_last" : "contiguous", " (channels_last=",
+                 channels_last, ")");
+  return format;
+}
+
 }  // namespace
+
+std::tuple<at::Tensor, at::Tensor> max_pool2d_fwd_cpu(
+    const at::Tensor& x, const std::vector<int64_t>& kernel, const std::vector<int64_t>& stride,
+    const std::vector<int64_t>& padding, const std::vector<int64_t>& dilation,
+    const std::vector<int64_t>& out_size, bool adaptive, bool channels_last) {
+  const at::MemoryFormat format = pool_format("max_pool2d_fwd_cpu", x, channels_last);
+  const auto ax = pool_axes("max_pool2d_fwd_cpu", {x.size(2), x.size(3)}, out_size, kernel,
+                            stride, padding, dilation, adaptive);
+  PK_CHECK_VALUE(x.size(2) * x.size(3) <= std::numeric_limits<int32_t>::max(),
+                 "max_pool2d_fwd_cpu: planes of 2^31 or more elements are not supported, got ",
+                 x.size(2), " x ", x.size(3));
+  const auto options = x.options().memory_format(format);
+  at::Tensor out = at::empty({x.size(0), x.size(1), out_size[0], out_size[1]}, options);
+  at::Tensor indices = at::empty(out.sizes(), options.dtype(at::kLong));
+  if (out.numel() == 0) return {out, indices};
+  poison_cpu(out);
+  poison_cpu(indices);
+  AT_DISPATCH_ALL_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "max_pool2d_fwd_cpu", [&] {
+    pool_fwd<scalar_t, true>(x, out, &indices, ax, false, 0, channels_last);
+  });
+  return {out, indices};
+}
+
+at::Tensor max_pool2d_bwd_cpu(const at::Tensor& grad_out, const at::Tensor& indices,
+                              const std::vector<int64_t>& in_size,
+                              const std::vector<int64_t>& kernel,
+                              const std::vector<int64_t>& stride,
+                              const std::vector<int64_t>& padding,
+                              const std::vector<int64_t>& dilation, bool adaptive,
+                              bool channels_last) {
+  const at::MemoryFormat format = pool_format("max_pool2d_bwd_cpu", grad_out, channels_last);
+  pool_format("max_pool2d_bwd_cpu", indices, channels_last);
+  PK_CHECK_VALUE(indices.sizes() == grad_out.sizes() && indices.scalar_type() == at::kLong,
+                 "max_pool2d_bwd_cpu: indices must be int64 with grad_out's shape");
+  const auto ax = pool_axes("max_pool2d_bwd_cpu", in_size, {grad_out.size(2), grad_out.size(3)},
+                            kernel, stride, padding, dilation, adaptive);
+  at::Tensor dx = at::empty({grad_out.size(0), grad_out.size(1), in_size[0], in_size[1]},
+                            grad_out.options().memory_format(format));
+  if (dx.numel() == 0) return dx;
+  poison_cpu(dx);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad_out.scalar_type(),
+                                  "max_pool2d_bwd_cpu", [&] {
+    pool_bwd<scalar_t, true>(grad_out, &indices, dx, ax, false, 0, channels_last);
+  });
+  return dx;
+}
+
+at::Tensor avg_pool2d_fwd_cpu(const at::Tensor& x, const std::vector<int64_t>& kernel,
+                              const std::vector<int64_t>& stride,
+                              const std::vector<int64_t>& padding,
+                              const std::vector<int64_t>& out_size, bool adaptive,
+                              bool count_include_pad, int64_t divisor_override,
+                              bool channels_last) {
+  const at::MemoryFormat format = pool_format("avg_pool2d_fwd_cpu", x, channels_last);
+  const auto ax = pool_axes("avg_pool2d_fwd_cpu", {x.size(2), x.size(3)}, out_size, kernel,
+                            stride, padding, {1, 1}, adaptive);
+  at::Tensor out = at::empty({x.size(0), x.size(1), out_size[0], out_size[1]},
+                             x.options().memory_format(format));
+  if (out.numel() == 0) return out;
+  poison_cpu(out);
+  AT_DISPATCH_FLOATING_TYPES_AND3(at::kHalf, at::kBFloat16, at::kLong, x.scalar_type(),
+                                  "avg_pool2d_fwd_cpu", [&] {
+    pool_fwd<scalar_t, false>(x, out, nullptr, ax, count_include_pad, divisor_override,
+                              channels_last);
+  });
+  return out;
+}
+
+at::Tensor avg_pool2d_bwd_cpu(const at::Tensor& grad_out, const std::vector<int64_t>& in_size,
+                              const std::vector<int64_t>& kernel,
+                              const std::vector<int64_t>& stride,
+                              const std::vector<int64_t>& padding, bool adaptive,
+                              bool count_include_pad, int64_t divisor_override,
+                              bool channels_last) {
+  const at::MemoryFormat format = pool_format("avg_pool2d_bwd_cpu", grad_out, channels_last);
+  const auto ax = pool_axes("avg_pool2d_bwd_cpu", in_size, {grad_out.size(2), grad_out.size(3)},
+                            kernel, stride, padding, {1, 1}, adaptive);
+  at::Tensor dx = at::empty({grad_out.size(0), grad_out.size(1), in_size[0], in_size[1]},
+                            grad_out.options().memory_format(format));
+  if (dx.numel() == 0) return dx;
+  poison_cpu(dx);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad_out.scalar_type(),
+                                  "avg_pool2d_bwd_cpu", [&] {
+    pool_bwd<scalar_t, false>(grad_out, nullptr, dx, ax, count_include_pad, divisor_override,
+                              channels_last);
+  });
+  return dx;
+}
 
 std::tuple<at::Tensor, at::Tensor> pool_reduce_fwd_cpu(const at::Tensor& x, bool is_max) {
   PK_CHECK_CPU("pool_reduce_fwd_cpu", x);

@@ -1,5 +1,6 @@
-"""Pooling modules. Global and channel pooling have no torch.nn counterpart, so these are plain
-modules with no parameters; the torch-shaped ones (MaxPool2d, ...) will subclass torch's."""
+"""Pooling modules. Those torch has subclass torch's and override forward only (same
+constructor arguments, repr and state_dict); global and channel pooling have no torch.nn
+counterpart, so these are plain modules with no parameters."""
 
 from __future__ import annotations
 
@@ -36,3 +37,37 @@ class ChannelPool(torch.nn.Module):
 
     def extra_repr(self) -> str:
         return f"mode={self.mode!r}"
+
+
+class MaxPool2d(torch.nn.MaxPool2d):
+    """torch.nn.MaxPool2d on pykern's kernels."""
+
+    def forward(self, input: torch.Tensor):
+        return PF.max_pool2d(
+            input, self.kernel_size, self.stride, self.padding, self.dilation, self.ceil_mode,
+            self.return_indices,
+        )  # fmt: skip
+
+
+class AvgPool2d(torch.nn.AvgPool2d):
+    """torch.nn.AvgPool2d on pykern's kernels."""
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        return PF.avg_pool2d(
+            input, self.kernel_size, self.stride, self.padding, self.ceil_mode,
+            self.count_include_pad, self.divisor_override,
+        )  # fmt: skip
+
+
+class AdaptiveAvgPool2d(torch.nn.AdaptiveAvgPool2d):
+    """torch.nn.AdaptiveAvgPool2d on pykern's kernels."""
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        return PF.adaptive_avg_pool2d(input, self.output_size)
+
+
+class AdaptiveMaxPool2d(torch.nn.AdaptiveMaxPool2d):
+    """torch.nn.AdaptiveMaxPool2d on pykern's kernels."""
+
+    def forward(self, input: torch.Tensor):
+        return PF.adaptive_max_pool2d(input, self.output_size, self.return_indices)

@@ -53,6 +53,9 @@ def permute_copy(x: torch.Tensor, perm: list[int]) -> torch.Tensor:
     return backends.dispatch(PERMUTE_COPY, x.device, "permute_copy")(x, list(perm))
 
 
+_permute_copy_call = backends.caller("permute_copy", PERMUTE_COPY)
+
+
 @permute_copy.register_fake
 def _permute_copy_fake(x: torch.Tensor, perm: list[int]) -> torch.Tensor:
     return x.new_empty(permuted_shape(x.shape, perm))
@@ -64,7 +67,7 @@ class PermuteCopyFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, perm: tuple[int, ...]) -> torch.Tensor:
         ctx.perm = tuple(perm)
-        return torch.ops.pykern.permute_copy(x, list(perm))
+        return _permute_copy_call(x, list(perm))
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
@@ -77,7 +80,7 @@ def _permute_copy(x: torch.Tensor, perm: tuple[int, ...]) -> torch.Tensor:
     costs tens of microseconds a call, which small tensors on a GPU would feel)."""
     if torch.is_grad_enabled() and x.requires_grad:
         return PermuteCopyFunction.apply(x, perm)
-    return torch.ops.pykern.permute_copy(x, list(perm))
+    return _permute_copy_call(x, list(perm))
 
 
 def permute_contiguous(x: torch.Tensor, perm: Sequence[int]) -> torch.Tensor:
