@@ -81,7 +81,8 @@ PYBIND11_MODULE(_C, m) {
 #endif
   m.def("max_pool2d_fwd_cpu", &pykern::max_pool2d_fwd_cpu, py::arg("x"), py::arg("kernel"),
         py::arg("stride"), py::arg("padding"), py::arg("dilation"), py::arg("out_size"),
-        py::arg("adaptive"), py::arg("channels_last"));
+        py::arg("adaptive"), py::arg("channels_last"),
+        py::arg("with_indices"));
   m.def("max_pool2d_bwd_cpu", &pykern::max_pool2d_bwd_cpu, py::arg("grad_out"), py::arg("indices"),
         py::arg("in_size"), py::arg("kernel"), py::arg("stride"), py::arg("padding"),
         py::arg("dilation"), py::arg("adaptive"), py::arg("channels_last"));
@@ -94,7 +95,8 @@ PYBIND11_MODULE(_C, m) {
 #ifdef PYKERN_WITH_CUDA
   m.def("max_pool2d_fwd_cuda", &pykern::max_pool2d_fwd_cuda, py::arg("x"), py::arg("kernel"),
         py::arg("stride"), py::arg("padding"), py::arg("dilation"), py::arg("out_size"),
-        py::arg("adaptive"), py::arg("channels_last"));
+        py::arg("adaptive"), py::arg("channels_last"),
+        py::arg("with_indices"));
   m.def("max_pool2d_bwd_cuda", &pykern::max_pool2d_bwd_cuda, py::arg("grad_out"), py::arg("indices"),
         py::arg("in_size"), py::arg("kernel"), py::arg("stride"), py::arg("padding"),
         py::arg("dilation"), py::arg("adaptive"), py::arg("channels_last"));

@@ -30,12 +30,13 @@ at::Tensor pool_reduce_bwd_cuda(const at::Tensor& grad_out, const at::Tensor& in
 // pooling windows (max_pool2d, avg_pool2d and their adaptive forms; csrc/common/pool_window.h
 // defines the windows). Window arguments are (H, W) pairs; with adaptive only out_size is
 // read. channels_last: x, grad_out and every output are NHWC in memory, else NCHW-contiguous.
-// Max indices are int64 flat offsets h * W + w into each (H, W) plane, as torch's.
+// Max indices are int64 flat offsets h * W + w into each (H, W) plane, as torch's; without
+// with_indices none are computed and an empty tensor stands in for them.
 // divisor_override 0 means none.
 std::tuple<at::Tensor, at::Tensor> max_pool2d_fwd_cpu(
     const at::Tensor& x, const std::vector<int64_t>& kernel, const std::vector<int64_t>& stride,
     const std::vector<int64_t>& padding, const std::vector<int64_t>& dilation,
-    const std::vector<int64_t>& out_size, bool adaptive, bool channels_last);
+    const std::vector<int64_t>& out_size, bool adaptive, bool channels_last, bool with_indices);
 at::Tensor max_pool2d_bwd_cpu(const at::Tensor& grad_out, const at::Tensor& indices,
                             const std::vector<int64_t>& in_size, const std::vector<int64_t>& kernel,
                             const std::vector<int64_t>& stride, const std::vector<int64_t>& padding,
@@ -52,7 +53,7 @@ at::Tensor avg_pool2d_bwd_cpu(const at::Tensor& grad_out, const std::vector<int6
 std::tuple<at::Tensor, at::Tensor> max_pool2d_fwd_cuda(
     const at::Tensor& x, const std::vector<int64_t>& kernel, const std::vector<int64_t>& stride,
     const std::vector<int64_t>& padding, const std::vector<int64_t>& dilation,
-    const std::vector<int64_t>& out_size, bool adaptive, bool channels_last);
+    const std::vector<int64_t>& out_size, bool adaptive, bool channels_last, bool with_indices);
 at::Tensor max_pool2d_bwd_cuda(const at::Tensor& grad_out, const at::Tensor& indices,
                             const std::vector<int64_t>& in_size, const std::vector<int64_t>& kernel,
                             const std::vector<int64_t>& stride, const std::vector<int64_t>& padding,

@@ -246,10 +246,10 @@ def max_pool2d(
         lambda k, d: (d * (k - 1) + 1) // 2,
     )  # fmt: skip
     x = input.unsqueeze(0) if unbatched else input
-    out, indices = _pooling.max_pool2d(x, win)
-    if unbatched:
-        out, indices = out.squeeze(0), indices.squeeze(0)
-    return (out, indices) if return_indices else out
+    out, indices = _pooling.max_pool2d(x, win, bool(return_indices))
+    if not return_indices:
+        return out.squeeze(0) if unbatched else out
+    return (out.squeeze(0), indices.squeeze(0)) if unbatched else (out, indices)
 
 
 def avg_pool2d(
@@ -329,7 +329,7 @@ def adaptive_max_pool2d(input: torch.Tensor, output_size, return_indices: bool =
     unbatched = _check_window_input("adaptive_max_pool2d", input, ())
     win = _adaptive_window("adaptive_max_pool2d", input, output_size)
     x = input.unsqueeze(0) if unbatched else input
-    out, indices = _pooling.max_pool2d(x, win)
-    if unbatched:
-        out, indices = out.squeeze(0), indices.squeeze(0)
-    return (out, indices) if return_indices else out
+    out, indices = _pooling.max_pool2d(x, win, bool(return_indices))
+    if not return_indices:
+        return out.squeeze(0) if unbatched else out
+    return (out.squeeze(0), indices.squeeze(0)) if unbatched else (out, indices)

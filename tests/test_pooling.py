@@ -378,10 +378,11 @@ def test_window_opcheck(target, layout):
     x = make_input((2, 3, 7, 6), torch.float32, target.device, layout=layout)
     cl = layout == "nhwc"
     strided = ([3, 2], [2, 1], [1, 1], [1, 1])
-    out, idx = torch.ops.pykern.max_pool2d_fwd(x, *strided[:3], [1, 2], [3, 5], False, cl)
+    out, idx = torch.ops.pykern.max_pool2d_fwd(x, *strided[:3], [1, 2], [3, 5], False, cl, True)
     for args in (
-        (x, *strided, [4, 6], False, cl),
-        (x, [1, 1], [1, 1], [0, 0], [1, 1], [3, 4], True, cl),
+        (x, *strided, [4, 6], False, cl, True),
+        (x, *strided, [4, 6], False, cl, False),
+        (x, [1, 1], [1, 1], [0, 0], [1, 1], [3, 4], True, cl, True),
     ):
         torch.library.opcheck(torch.ops.pykern.max_pool2d_fwd.default, args)
     torch.library.opcheck(

@@ -30,8 +30,9 @@
 namespace pykern {
 namespace {
 
-// Sums accumulate in double: the CPU reference must stay accurate over long reductions
-// (112x112 planes). Max compares in the element's precision widened to float (exact).
+// Sums and maxima run in at::opmath_type (float for float, half and bfloat16, as torch's): sums
+// in kLanes independent partials, which keeps the float error chain short over long
+// reductions (112x112 planes) and vectorizes.
 template <typename scalar_t>
 using max_t = at::opmath_type<scalar_t>;
 
@@ -45,18 +46,33 @@ constexpr int kLanes = 8;  // independent partials: vectorizable, and a shorter 
 #define PK_HOT_LOOP
 #endif
 
-// K == 1 (global pooling of NCHW, channel pooling of NHWC): one run of R elements per output.
+// Unit-stride runs (the common case) get a loop of their own, which the compiler vectorizes.
+#define PK_WITH_STRIDE(stride, ...)                                  \
+  ((stride) == 1 ? __VA_ARGS__(std::integral_constant<int64_t, 1>{}) \
+                 : __VA_ARGS__(stride))
+
+// K == 1 (global pooling of NCHW, channel pooling of NHWC): the means of runs b0..b1 of R
+// elements each, one call per thread's share so that short runs (7x7 planes) pay no call each.
 template <typename scalar_t>
-PK_HOT_LOOP double run_sum(const scalar_t* p, int64_t n, int64_t stride) {
-  double lane[kLanes] = {};
-  int64_t r = 0;
-  for (; r + kLanes <= n; r += kLanes) {
-    for (int l = 0; l < kLanes; ++l) lane[l] += static_cast<double>(p[(r + l) * stride]);
-  }
-  double tail = 0;
-  for (; r < n; ++r) tail += static_cast<double>(p[r * stride]);
-  return ((lane[0] + lane[1]) + (lane[2] + lane[3])) + ((lane[4] + lane[5]) + (lane[6] + lane[7])) +
-         tail;
+PK_HOT_LOOP void run_means(const scalar_t* in, scalar_t* out, int64_t b0, int64_t b1, int64_t n,
+                           int64_t sB, int64_t stride) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const acc_t inv_n = acc_t(1) / static_cast<acc_t>(n);
+  PK_WITH_STRIDE(stride, [&](auto st) {
+    for (int64_t b = b0; b < b1; ++b) {
+      const scalar_t* p = in + b * sB;
+      acc_t lane[kLanes] = {};
+      int64_t r = 0;
+      for (; r + kLanes <= n; r += kLanes) {
+        for (int l = 0; l < kLanes; ++l) lane[l] += static_cast<acc_t>(p[(r + l) * st]);
+      }
+      acc_t tail = 0;
+      for (; r < n; ++r) tail += static_cast<acc_t>(p[r * st]);
+      const acc_t sum = ((lane[0] + lane[1]) + (lane[2] + lane[3])) +
+                        ((lane[4] + lane[5]) + (lane[6] + lane[7])) + tail;
+      out[b] = static_cast<scalar_t>(sum * inv_n);
+    }
+  });
 }
 
 // Merges two partial maxima as torch's serial rule would: the greater wins, ties keep the
@@ -73,12 +89,12 @@ std::pair<acc_t, int64_t> merge_max(std::pair<acc_t, int64_t> a, std::pair<acc_t
 }
 
 // One run, one pass: kLanes running maxima (branch-free, so it vectorizes), then merged.
-template <typename scalar_t>
-PK_HOT_LOOP std::pair<max_t<scalar_t>, int64_t> run_max(const scalar_t* p, int64_t n,
-                                                        int64_t stride) {
+template <typename scalar_t, typename Stride>
+inline std::pair<max_t<scalar_t>, int64_t> run_max_impl(const scalar_t* p, int64_t n,
+                                                        Stride stride) {
   using acc_t = max_t<scalar_t>;
   acc_t best[kLanes];
-  int64_t arg[kLanes];
+  int32_t arg[kLanes];  // n < 2^31 (checked): int32 lanes match float lanes
   for (int l = 0; l < kLanes; ++l) {
     best[l] = -std::numeric_limits<acc_t>::infinity();
     arg[l] = l;  // a lane of -inf keeps its first index, as the serial rule does
@@ -89,7 +105,7 @@ PK_HOT_LOOP std::pair<max_t<scalar_t>, int64_t> run_max(const scalar_t* p, int64
       const acc_t v = static_cast<acc_t>(p[(r + l) * stride]);
       const bool take = v > best[l] || v != v;
       best[l] = take ? v : best[l];
-      arg[l] = take ? r + l : arg[l];
+      arg[l] = take ? static_cast<int32_t>(r + l) : arg[l];
     }
   }
   std::pair<acc_t, int64_t> result{-std::numeric_limits<acc_t>::infinity(), r < n ? r : 0};
@@ -101,6 +117,12 @@ PK_HOT_LOOP std::pair<max_t<scalar_t>, int64_t> run_max(const scalar_t* p, int64
     for (int l = 0; l < kLanes; ++l) result = merge_max(result, {best[l], arg[l]});
   }
   return result;
+}
+
+template <typename scalar_t>
+PK_HOT_LOOP std::pair<max_t<scalar_t>, int64_t> run_max(const scalar_t* p, int64_t n,
+                                                        int64_t stride) {
+  return PK_WITH_STRIDE(stride, [&](auto st) { return run_max_impl(p, n, st); });
 }
 
 template <typename acc_t, typename scalar_t>
@@ -115,14 +137,19 @@ PK_HOT_LOOP void add_row(acc_t* sum, const scalar_t* row, int64_t K, int64_t sK)
 // One step of torch's serial max-pool rule for K running maxima: a later element wins if
 // greater or NaN, so ties keep the first index and NaNs propagate (the last NaN's index).
 // Branch-free (selects), so that it vectorizes.
+// Indices are int32 (R < 2^31 is checked), so they share the lanes of float comparisons.
 template <typename scalar_t>
-PK_HOT_LOOP void max_row(max_t<scalar_t>* best, int64_t* arg, const scalar_t* row, int64_t r,
+PK_HOT_LOOP void max_row(max_t<scalar_t>* best, int32_t* arg, const scalar_t* row, int32_t r,
                          int64_t K, int64_t sK) {
-  for (int64_t k = 0; k < K; ++k) {
-    const max_t<scalar_t> v = static_cast<max_t<scalar_t>>(row[k * sK]);
+  const auto step = [&](int64_t k, max_t<scalar_t> v) {
     const bool take = v > best[k] || v != v;
     best[k] = take ? v : best[k];
     arg[k] = take ? r : arg[k];
+  };
+  if (sK == 1) {
+    for (int64_t k = 0; k < K; ++k) step(k, static_cast<max_t<scalar_t>>(row[k]));
+  } else {
+    for (int64_t k = 0; k < K; ++k) step(k, static_cast<max_t<scalar_t>>(row[k * sK]));
   }
 }
 
@@ -134,43 +161,60 @@ void reduce_fwd(const at::Tensor& x, at::Tensor& out, at::Tensor& indices, bool 
   scalar_t* o = out.data_ptr<scalar_t>();
   int64_t* idx = is_max ? indices.data_ptr<int64_t>() : nullptr;
   const bool parallel = B * R * K > (1 << 15);
-  if (K == 1) {
+  // K == 1: means one run at a time, in lanes; maxima so too for long runs.
+  constexpr int64_t kShortRun = 1024;
+  if (K == 1 && !is_max) {
+    constexpr int64_t kChunk = 256;  // runs per call
 #pragma omp parallel for schedule(static) if (parallel)
-    for (int64_t b = 0; b < B; ++b) {
-      if (is_max) {
-        const auto [best, r] = run_max(in + b * sB, R, sR);
-        o[b] = static_cast<scalar_t>(best);
-        idx[b] = r;
-      } else {
-        o[b] = static_cast<scalar_t>(run_sum(in + b * sB, R, sR) / static_cast<double>(R));
-      }
+    for (int64_t b0 = 0; b0 < B; b0 += kChunk) {
+      run_means(in, o, b0, std::min(b0 + kChunk, B), R, sB, sR);
     }
     return;
   }
-  // K > 1: r outer, k inner, one accumulator per k, so that when K is the unit-stride dim
-  // (NHWC global, NCHW channel pooling) every r step reads one contiguous row.
+  if (K == 1 && R >= kShortRun) {
+#pragma omp parallel for schedule(static) if (parallel)
+    for (int64_t b = 0; b < B; ++b) {
+      const auto [best, r] = run_max(in + b * sB, R, sR);
+      o[b] = static_cast<scalar_t>(best);
+      idx[b] = r;
+    }
+    return;
+  }
+  // Otherwise groups of columns reduced side by side: r outer, columns inner, one accumulator
+  // per column. K > 1: each b's K columns, so that when K is the unit-stride dim (NHWC
+  // global, NCHW channel pooling) every r step reads one contiguous row. K == 1 (short runs,
+  // e.g. 7x7 planes, max only): kRunBlock runs as the columns, independent chains instead
+  // of one short chain with a costly merge of lanes each.
+  constexpr int64_t kRunBlock = 64;
+  const bool runs = K == 1;
+  const int64_t width = runs ? kRunBlock : K, col_stride = runs ? sB : sK;
+  const int64_t groups = runs ? (B + kRunBlock - 1) / kRunBlock : B;
 #pragma omp parallel if (parallel)
   {
-    std::vector<double> sum(is_max ? 0 : K);
-    std::vector<max_t<scalar_t>> best(is_max ? K : 0);
-    std::vector<int64_t> arg(is_max ? K : 0);
+    std::vector<max_t<scalar_t>> sum(is_max ? 0 : width);
+    std::vector<max_t<scalar_t>> best(is_max ? width : 0);
+    std::vector<int32_t> arg(is_max ? width : 0);
 #pragma omp for schedule(static)
-    for (int64_t b = 0; b < B; ++b) {
-      const scalar_t* base = in + b * sB;
+    for (int64_t g = 0; g < groups; ++g) {
+      const int64_t first = g * width;  // the group's first output
+      const int64_t cols = std::min(width, B * K - first);
+      const scalar_t* base = in + (runs ? first * sB : g * sB);
       if (is_max) {
         std::fill(best.begin(), best.end(), -std::numeric_limits<max_t<scalar_t>>::infinity());
         std::fill(arg.begin(), arg.end(), 0);
-        for (int64_t r = 0; r < R; ++r) max_row(best.data(), arg.data(), base + r * sR, r, K, sK);
-        for (int64_t k = 0; k < K; ++k) {
-          o[b * K + k] = static_cast<scalar_t>(best[k]);
-          idx[b * K + k] = arg[k];
+        for (int64_t r = 0; r < R; ++r) {
+          max_row(best.data(), arg.data(), base + r * sR, static_cast<int32_t>(r), cols,
+                  col_stride);
+        }
+        for (int64_t k = 0; k < cols; ++k) {
+          o[first + k] = static_cast<scalar_t>(best[k]);
+          idx[first + k] = arg[k];
         }
       } else {
-        std::fill(sum.begin(), sum.end(), 0.0);
-        for (int64_t r = 0; r < R; ++r) add_row(sum.data(), base + r * sR, K, sK);
-        for (int64_t k = 0; k < K; ++k) {
-          o[b * K + k] = static_cast<scalar_t>(sum[k] / static_cast<double>(R));
-        }
+        std::fill(sum.begin(), sum.end(), max_t<scalar_t>(0));
+        for (int64_t r = 0; r < R; ++r) add_row(sum.data(), base + r * sR, cols, col_stride);
+        const max_t<scalar_t> inv_r = max_t<scalar_t>(1) / static_cast<max_t<scalar_t>>(R);
+        for (int64_t k = 0; k < cols; ++k) o[first + k] = static_cast<scalar_t>(sum[k] * inv_r);
       }
     }
   }
@@ -253,131 +297,149 @@ struct Sizes {
 constexpr int64_t kPoolGrain = 1 << 14;  // below this many elements one thread is faster
 constexpr int64_t kChannelBlock = 64;    // NHWC backward: channels one thread owns at a time
 
-// One output row (plane p, row oh) of a strided max or avg pool over an NCHW plane.
-template <typename scalar_t, bool kMax>
-void pool_row_nchw(const scalar_t* plane, scalar_t* out_row, int64_t* idx_row,
-                   const std::array<PoolAxis, 2>& ax, int64_t oh, bool count_include_pad,
-                   int64_t divisor_override, sum_t<scalar_t>* acc, int64_t* arg) {
+// What a forward pass computes: a sum (avg), a max, or a max with its index. Without indices
+// the max loops carry one accumulator, which vectorizes cleanly; indices are tracked as int32
+// (H * W < 2^31 is checked) so that they share the lanes of float comparisons.
+enum class Reduce { kSum, kMax, kArgMax };
+
+template <typename acc_t, Reduce kReduce>
+constexpr acc_t start_value() {
+  return kReduce == Reduce::kSum ? acc_t(0) : lowest<acc_t>();
+}
+
+// Folds v (at flat index `here`) into one accumulator: torch's serial max rule (a later value
+// wins if greater or NaN: ties keep the first, the last NaN wins), or a sum. Branch-free.
+template <Reduce kReduce, typename acc_t>
+inline void fold(acc_t& acc, int32_t& arg, acc_t v, int32_t here) {
+  if constexpr (kReduce == Reduce::kSum) {
+    acc += v;
+  } else {
+    const bool take = v > acc || v != v;
+    acc = take ? v : acc;
+    if constexpr (kReduce == Reduce::kArgMax) arg = take ? here : arg;
+  }
+}
+
+// One output row (plane p, row oh) of a strided window over an NCHW plane: tap by tap, each
+// tap a strided pass along the row (vectorized), so every output still sees its taps in order.
+template <typename scalar_t, Reduce kReduce>
+PK_HOT_LOOP void pool_row_nchw(const scalar_t* plane, const std::array<PoolAxis, 2>& ax,
+                               int64_t oh, sum_t<scalar_t>* acc, int32_t* arg) {
   using acc_t = sum_t<scalar_t>;
   const PoolAxis& aw = ax[1];
-  const int64_t W = aw.in, OW = aw.out, s = aw.stride;
+  const int64_t W = aw.in, s = aw.stride;
   const Taps th = taps_of(ax[0], oh);
-  for (int64_t ow = 0; ow < OW; ++ow) {
-    acc[ow] = kMax ? lowest<acc_t>() : acc_t(0);
-    if (kMax) arg[ow] = th.first * W + taps_of(aw, ow).first;
+  for (int64_t ow = 0; ow < aw.out; ++ow) {
+    acc[ow] = start_value<acc_t, kReduce>();
+    if (kReduce == Reduce::kArgMax) arg[ow] = th.first * W + taps_of(aw, ow).first;
   }
   for (int64_t h = th.first; h < th.end; h += th.step) {
-    const scalar_t* row = plane + h * W;
     for (int64_t j = 0; j < aw.kernel; ++j) {
       const OutRange r = outputs_with_tap(aw, j);
       const int64_t shift = j * aw.dilation - aw.pad;
-      if constexpr (kMax) {
-        for (int64_t ow = r.lo; ow < r.hi; ++ow) {
-          const acc_t v = static_cast<acc_t>(row[ow * s + shift]);
-          const bool take = v > acc[ow] || v != v;  // later NaN wins; ties keep the first
-          acc[ow] = take ? v : acc[ow];
-          arg[ow] = take ? h * W + ow * s + shift : arg[ow];
-        }
-      } else {
-        for (int64_t ow = r.lo; ow < r.hi; ++ow) acc[ow] += static_cast<acc_t>(row[ow * s + shift]);
+      const scalar_t* row = plane + h * W + shift;
+      const int32_t here = static_cast<int32_t>(h * W + shift);
+      for (int64_t ow = r.lo; ow < r.hi; ++ow) {
+        fold<kReduce>(acc[ow], arg[ow], static_cast<acc_t>(row[ow * s]),
+                      here + static_cast<int32_t>(ow * s));
       }
-    }
-  }
-  for (int64_t ow = 0; ow < OW; ++ow) {
-    if constexpr (kMax) {
-      out_row[ow] = static_cast<scalar_t>(acc[ow]);
-      idx_row[ow] = arg[ow];
-    } else {
-      const Window2d win = window_of(ax, oh, ow);
-      const int64_t div = avg_divisor(ax, win, oh, ow, count_include_pad, divisor_override);
-      out_row[ow] = win.empty() ? scalar_t(0) : static_cast<scalar_t>(acc[ow] / acc_t(div));
     }
   }
 }
 
-// One output (oh, ow) of any window over an NCHW plane (adaptive windows take this path).
-template <typename scalar_t, bool kMax>
-std::pair<sum_t<scalar_t>, int64_t> pool_one_nchw(const scalar_t* plane, const Window2d& win,
+// One output of any window over an NCHW plane (adaptive windows take this path).
+template <typename scalar_t, Reduce kReduce>
+std::pair<sum_t<scalar_t>, int32_t> pool_one_nchw(const scalar_t* plane, const Window2d& win,
                                                   int64_t W) {
   using acc_t = sum_t<scalar_t>;
-  acc_t acc = kMax ? lowest<acc_t>() : acc_t(0);
-  int64_t arg = win.h.first * W + win.w.first;
+  acc_t acc = start_value<acc_t, kReduce>();
+  int32_t arg = static_cast<int32_t>(win.h.first * W + win.w.first);
   for (int64_t h = win.h.first; h < win.h.end; h += win.h.step) {
     for (int64_t w = win.w.first; w < win.w.end; w += win.w.step) {
-      const acc_t v = static_cast<acc_t>(plane[h * W + w]);
-      if constexpr (kMax) {
-        const bool take = v > acc || v != v;
-        acc = take ? v : acc;
-        arg = take ? h * W + w : arg;
-      } else {
-        acc += v;
-      }
+      fold<kReduce>(acc, arg, static_cast<acc_t>(plane[h * W + w]), static_cast<int32_t>(h * W + w));
     }
   }
   return {acc, arg};
 }
 
 // One output pixel of an NHWC image: C accumulators updated from each tap's channel row.
-template <typename scalar_t, bool kMax>
+template <typename scalar_t, Reduce kReduce>
 PK_HOT_LOOP void pool_pixel_nhwc(const scalar_t* image, const Window2d& win, int64_t W,
                                  int64_t C, sum_t<scalar_t>* acc, int32_t* arg) {
   using acc_t = sum_t<scalar_t>;
-  for (int64_t c = 0; c < C; ++c) acc[c] = kMax ? lowest<acc_t>() : acc_t(0);
-  if (kMax) std::fill(arg, arg + C, static_cast<int32_t>(win.h.first * W + win.w.first));
+  for (int64_t c = 0; c < C; ++c) acc[c] = start_value<acc_t, kReduce>();
+  if (kReduce == Reduce::kArgMax) {
+    std::fill(arg, arg + C, static_cast<int32_t>(win.h.first * W + win.w.first));
+  }
   for (int64_t h = win.h.first; h < win.h.end; h += win.h.step) {
     for (int64_t w = win.w.first; w < win.w.end; w += win.w.step) {
       const scalar_t* row = image + (h * W + w) * C;
       const int32_t here = static_cast<int32_t>(h * W + w);
-      if constexpr (kMax) {
-        for (int64_t c = 0; c < C; ++c) {
-          const acc_t v = static_cast<acc_t>(row[c]);
-          const bool take = v > acc[c] || v != v;
-          acc[c] = take ? v : acc[c];
-          arg[c] = take ? here : arg[c];
-        }
-      } else {
-        for (int64_t c = 0; c < C; ++c) acc[c] += static_cast<acc_t>(row[c]);
-      }
+      for (int64_t c = 0; c < C; ++c) fold<kReduce>(acc[c], arg[c], static_cast<acc_t>(row[c]), here);
     }
   }
 }
 
-template <typename scalar_t, bool kMax>
+// Writes n results: maxima (and their indices) as they are, sums divided by their divisor.
+template <typename scalar_t, Reduce kReduce>
+PK_HOT_LOOP void store(scalar_t* out, int64_t* idx, const sum_t<scalar_t>* acc,
+                       const int32_t* arg, int64_t n, sum_t<scalar_t> divisor) {
+  using acc_t = sum_t<scalar_t>;
+  if constexpr (kReduce == Reduce::kSum) {
+    if constexpr (std::is_integral_v<acc_t>) {
+      for (int64_t i = 0; i < n; ++i) out[i] = static_cast<scalar_t>(acc[i] / divisor);
+    } else {
+      const acc_t scale = acc_t(1) / divisor;  // one rounding more than a division: < 1 ulp
+      for (int64_t i = 0; i < n; ++i) out[i] = static_cast<scalar_t>(acc[i] * scale);
+    }
+  } else {
+    for (int64_t i = 0; i < n; ++i) out[i] = static_cast<scalar_t>(acc[i]);
+    if constexpr (kReduce == Reduce::kArgMax) {
+      for (int64_t i = 0; i < n; ++i) idx[i] = arg[i];
+    }
+  }
+}
+
+template <typename scalar_t, Reduce kReduce>
 void pool_fwd(const at::Tensor& x, at::Tensor& out, at::Tensor* indices,
               const std::array<PoolAxis, 2>& ax, bool count_include_pad, int64_t divisor_override,
               bool channels_last) {
   using acc_t = sum_t<scalar_t>;
+  constexpr bool kSum = kReduce == Reduce::kSum;
   const Sizes in(x), o(out);
   const scalar_t* src = x.const_data_ptr<scalar_t>();
   scalar_t* dst = out.data_ptr<scalar_t>();
-  int64_t* idx = kMax ? indices->data_ptr<int64_t>() : nullptr;
+  int64_t* idx = kReduce == Reduce::kArgMax ? indices->data_ptr<int64_t>() : nullptr;
+  // The divisor of output (oh, ow) whose clipped window is win; 0 for an empty window (whose
+  // sum, 0, is written as it is).
+  const auto divisor = [&](const Window2d& win, int64_t oh, int64_t ow) -> acc_t {
+    if (!kSum || win.empty()) return acc_t(1);
+    return static_cast<acc_t>(avg_divisor(ax, win, oh, ow, count_include_pad, divisor_override));
+  };
   const bool parallel = x.numel() + out.numel() > kPoolGrain;
   if (!channels_last) {
 #pragma omp parallel if (parallel)
     {
       std::vector<acc_t> acc(o.W);
-      std::vector<int64_t> arg(kMax ? o.W : 0);
+      std::vector<int32_t> arg(o.W);
 #pragma omp for collapse(2) schedule(static)
       for (int64_t p = 0; p < in.N * in.C; ++p) {
         for (int64_t oh = 0; oh < o.H; ++oh) {
           const scalar_t* plane = src + p * in.H * in.W;
           const int64_t at = (p * o.H + oh) * o.W;
           if (!ax[0].adaptive) {
-            pool_row_nchw<scalar_t, kMax>(plane, dst + at, kMax ? idx + at : nullptr, ax, oh,
-                                          count_include_pad, divisor_override, acc.data(),
-                                          arg.data());
-            continue;
-          }
-          for (int64_t ow = 0; ow < o.W; ++ow) {
-            const Window2d win = window_of(ax, oh, ow);
-            const auto [value, index] = pool_one_nchw<scalar_t, kMax>(plane, win, in.W);
-            if constexpr (kMax) {
-              dst[at + ow] = static_cast<scalar_t>(value);
-              idx[at + ow] = index;
-            } else {
-              dst[at + ow] = static_cast<scalar_t>(value / acc_t(win.count()));
+            pool_row_nchw<scalar_t, kReduce>(plane, ax, oh, acc.data(), arg.data());
+          } else {
+            for (int64_t ow = 0; ow < o.W; ++ow) {
+              std::tie(acc[ow], arg[ow]) =
+                  pool_one_nchw<scalar_t, kReduce>(plane, window_of(ax, oh, ow), in.W);
             }
           }
+          if constexpr (kSum) {  // each output its own divisor
+            for (int64_t ow = 0; ow < o.W; ++ow) acc[ow] /= divisor(window_of(ax, oh, ow), oh, ow);
+          }
+          store<scalar_t, kReduce>(dst + at, idx ? idx + at : nullptr, acc.data(), arg.data(), o.W,
+                                   acc_t(1));
         }
       }
     }
@@ -386,27 +448,15 @@ void pool_fwd(const at::Tensor& x, at::Tensor& out, at::Tensor* indices,
 #pragma omp parallel if (parallel)
   {
     std::vector<acc_t> acc(in.C);
-    std::vector<int32_t> arg(kMax ? in.C : 0);  // H * W < 2^31: checked by the entry point
+    std::vector<int32_t> arg(in.C);
 #pragma omp for schedule(static)
     for (int64_t pixel = 0; pixel < in.N * o.H * o.W; ++pixel) {
       const int64_t n = pixel / (o.H * o.W), oh = pixel / o.W % o.H, ow = pixel % o.W;
       const Window2d win = window_of(ax, oh, ow);
-      pool_pixel_nhwc<scalar_t, kMax>(src + n * in.H * in.W * in.C, win, in.W, in.C, acc.data(),
-                                      arg.data());
-      scalar_t* out_row = dst + pixel * in.C;
-      if constexpr (kMax) {
-        int64_t* idx_row = idx + pixel * in.C;
-        for (int64_t c = 0; c < in.C; ++c) {
-          out_row[c] = static_cast<scalar_t>(acc[c]);
-          idx_row[c] = arg[c];
-        }
-      } else {
-        const acc_t div =
-            static_cast<acc_t>(avg_divisor(ax, win, oh, ow, count_include_pad, divisor_override));
-        for (int64_t c = 0; c < in.C; ++c) {
-          out_row[c] = win.empty() ? scalar_t(0) : static_cast<scalar_t>(acc[c] / div);
-        }
-      }
+      pool_pixel_nhwc<scalar_t, kReduce>(src + n * in.H * in.W * in.C, win, in.W, in.C,
+                                         acc.data(), arg.data());
+      store<scalar_t, kReduce>(dst + pixel * in.C, idx ? idx + pixel * in.C : nullptr,
+                               acc.data(), arg.data(), in.C, divisor(win, oh, ow));
     }
   }
 }
@@ -514,7 +564,7 @@ at::MemoryFormat pool_format(const char* fn, const at::Tensor& t, bool channels_
 std::tuple<at::Tensor, at::Tensor> max_pool2d_fwd_cpu(
     const at::Tensor& x, const std::vector<int64_t>& kernel, const std::vector<int64_t>& stride,
     const std::vector<int64_t>& padding, const std::vector<int64_t>& dilation,
-    const std::vector<int64_t>& out_size, bool adaptive, bool channels_last) {
+    const std::vector<int64_t>& out_size, bool adaptive, bool channels_last, bool with_indices) {
   const at::MemoryFormat format = pool_format("max_pool2d_fwd_cpu", x, channels_last);
   const auto ax = pool_axes("max_pool2d_fwd_cpu", {x.size(2), x.size(3)}, out_size, kernel,
                             stride, padding, dilation, adaptive);
@@ -523,12 +573,17 @@ std::tuple<at::Tensor, at::Tensor> max_pool2d_fwd_cpu(
                  x.size(2), " x ", x.size(3));
   const auto options = x.options().memory_format(format);
   at::Tensor out = at::empty({x.size(0), x.size(1), out_size[0], out_size[1]}, options);
-  at::Tensor indices = at::empty(out.sizes(), options.dtype(at::kLong));
+  at::Tensor indices = with_indices ? at::empty(out.sizes(), options.dtype(at::kLong))
+                                    : at::empty({0}, x.options().dtype(at::kLong));
   if (out.numel() == 0) return {out, indices};
   poison_cpu(out);
   poison_cpu(indices);
   AT_DISPATCH_ALL_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "max_pool2d_fwd_cpu", [&] {
-    pool_fwd<scalar_t, true>(x, out, &indices, ax, false, 0, channels_last);
+    if (with_indices) {
+      pool_fwd<scalar_t, Reduce::kArgMax>(x, out, &indices, ax, false, 0, channels_last);
+    } else {
+      pool_fwd<scalar_t, Reduce::kMax>(x, out, nullptr, ax, false, 0, channels_last);
+    }
   });
   return {out, indices};
 }
@@ -572,7 +627,7 @@ at::Tensor avg_pool2d_fwd_cpu(const at::Tensor& x, const std::vector<int64_t>& k
   poison_cpu(out);
   AT_DISPATCH_FLOATING_TYPES_AND3(at::kHalf, at::kBFloat16, at::kLong, x.scalar_type(),
                                   "avg_pool2d_fwd_cpu", [&] {
-    pool_fwd<scalar_t, false>(x, out, nullptr, ax, count_include_pad, divisor_override,
+    pool_fwd<scalar_t, Reduce::kSum>(x, out, nullptr, ax, count_include_pad, divisor_override,
                               channels_last);
   });
   return out;
@@ -604,6 +659,8 @@ std::tuple<at::Tensor, at::Tensor> pool_reduce_fwd_cpu(const at::Tensor& x, bool
   PK_CHECK_VALUE(x.dim() == 3, "pool_reduce_fwd_cpu: x must be a (B, R, K) view, got ", x.dim(),
                  "D");
   PK_CHECK_VALUE(x.size(1) > 0, "pool_reduce_fwd_cpu: nothing to pool over (R = 0)");
+  PK_CHECK_VALUE(x.size(1) <= std::numeric_limits<int32_t>::max(),
+                 "pool_reduce_fwd_cpu: reductions over 2^31 or more elements are not supported");
   at::Tensor out = at::empty({x.size(0), x.size(2)}, x.options());
   at::Tensor indices = at::empty({is_max ? x.size(0) : 0, x.size(2)}, x.options().dtype(at::kLong));
   if (out.numel() == 0) return {out, indices};

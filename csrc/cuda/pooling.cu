@@ -393,7 +393,7 @@ __global__ void max_pool2d_fwd_kernel_nchw(const scalar_t* __restrict__ x,
     const DivMod b = divmod(a.q, ah.out);  // b.r = oh, b.q = n * C + c
     const auto best = window_max(x + b.q * H * W, W, 1, taps_of(ah, b.r), taps_of(aw, a.r), W);
     out[i] = static_cast<scalar_t>(best.value);
-    indices[i] = best.index;
+    if (indices != nullptr) indices[i] = best.index;
   }
 }
 
@@ -410,7 +410,7 @@ __global__ void max_pool2d_fwd_kernel_nhwc(const scalar_t* __restrict__ x,
     const auto best = window_max(x + d.q * H * W * C + a.r, W * C, C, taps_of(ah, d.r),
                                  taps_of(aw, b.r), W);
     out[i] = static_cast<scalar_t>(best.value);
-    indices[i] = best.index;
+    if (indices != nullptr) indices[i] = best.index;
   }
 }
 
@@ -607,7 +607,7 @@ void poison_output(const at::Tensor& t, cudaStream_t stream) {
 std::tuple<at::Tensor, at::Tensor> max_pool2d_fwd_cuda(
     const at::Tensor& x, const std::vector<int64_t>& kernel, const std::vector<int64_t>& stride,
     const std::vector<int64_t>& padding, const std::vector<int64_t>& dilation,
-    const std::vector<int64_t>& out_size, bool adaptive, bool channels_last) {
+    const std::vector<int64_t>& out_size, bool adaptive, bool channels_last, bool with_indices) {
   constexpr const char* fn = "max_pool2d_fwd_cuda";
   PK_CHECK_CUDA("max_pool2d_fwd_cuda", x);
   check_pool_input(fn, x, channels_last);
@@ -618,8 +618,9 @@ std::tuple<at::Tensor, at::Tensor> max_pool2d_fwd_cuda(
   const int64_t N = x.size(0), C = x.size(1);
   const auto fmt = pool_format(channels_last);
   at::Tensor out = at::empty({N, C, out_size[0], out_size[1]}, x.options().memory_format(fmt));
-  at::Tensor indices =
-      at::empty(out.sizes(), x.options().dtype(at::kLong).memory_format(fmt));
+  at::Tensor indices = with_indices
+                           ? at::empty(out.sizes(), x.options().dtype(at::kLong).memory_format(fmt))
+                           : at::empty({0}, x.options().dtype(at::kLong));
   const int64_t total = out.numel();
   if (total == 0) return {out, indices};
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
@@ -630,7 +631,7 @@ std::tuple<at::Tensor, at::Tensor> max_pool2d_fwd_cuda(
                              [&] {
     const auto* in = x.const_data_ptr<scalar_t>();
     auto* o = out.data_ptr<scalar_t>();
-    auto* idx = indices.data_ptr<int64_t>();
+    auto* idx = with_indices ? indices.data_ptr<int64_t>() : nullptr;  // null: values only
     if (channels_last) {
       // A thread per output element, consecutive threads along c; grid-stride over N*OH*OW*C.
       max_pool2d_fwd_kernel_nhwc<scalar_t><<<blocks, kPoolThreads, 0, stream>>>(

@@ -196,15 +196,23 @@ def max_pool2d_fwd(
     out_size: list[int],
     adaptive: bool,
     channels_last: bool,
+    with_indices: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(max over each window, int64 index h * W + w of the max in its plane)."""
+    """(max over each window, int64 index h * W + w of the max in its plane; without
+    with_indices an empty tensor, and no index is computed)."""
     impl = backends.dispatch(MAX_POOL2D_FWD, x.device, "max_pool2d_fwd")
-    return impl(x, kernel, stride, padding, dilation, out_size, adaptive, channels_last)
+    return impl(
+        x, kernel, stride, padding, dilation, out_size, adaptive, channels_last, with_indices
+    )
 
 
 @max_pool2d_fwd.register_fake
-def _max_pool2d_fwd_fake(x, kernel, stride, padding, dilation, out_size, adaptive, channels_last):
+def _max_pool2d_fwd_fake(
+    x, kernel, stride, padding, dilation, out_size, adaptive, channels_last, with_indices
+):
     out = _new_pooled(x, out_size, channels_last)
+    if not with_indices:
+        return out, x.new_empty((0,), dtype=torch.int64)
     return out, _new_pooled(x, out_size, channels_last, torch.int64)
 
 
@@ -325,7 +333,7 @@ class MaxPool2dFunction(torch.autograd.Function):
         kernel, stride, padding = win.args()
         out, indices = _max_pool2d_fwd(
             x, kernel, stride, padding, list(win.dilation), list(win.out_size), win.adaptive,
-            channels_last,
+            channels_last, True,
         )  # fmt: skip
         ctx.save_for_backward(indices)
         ctx.mark_non_differentiable(indices)
@@ -374,16 +382,20 @@ def _layout_of(x: torch.Tensor) -> tuple[torch.Tensor, bool]:
     return _in_layout(x, channels_last), channels_last
 
 
-def max_pool2d(x: torch.Tensor, win: Window) -> tuple[torch.Tensor, torch.Tensor]:
-    """(N, C, H, W) -> (values, indices), both (N, C, *win.out_size) in torch's format."""
+def max_pool2d(
+    x: torch.Tensor, win: Window, with_indices: bool
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(N, C, H, W) -> (values, indices), both (N, C, *win.out_size) in torch's format;
+    indices None unless asked for (the gradient computes them regardless)."""
     x, channels_last = _layout_of(x)
     if torch.is_grad_enabled() and x.requires_grad:
         return MaxPool2dFunction.apply(x, win, channels_last)
     kernel, stride, padding = win.args()
-    return _max_pool2d_fwd(
+    out, indices = _max_pool2d_fwd(
         x, kernel, stride, padding, list(win.dilation), list(win.out_size), win.adaptive,
-        channels_last,
+        channels_last, with_indices,
     )  # fmt: skip
+    return out, indices if with_indices else None
 
 
 def avg_pool2d(
