@@ -262,23 +262,10 @@ constexpr acc_t lowest() {
 
 struct Window2d {
   Taps h, w;
-  int64_t count() const {
-    return ((h.end - h.first + h.step - 1) / h.step) * ((w.end - w.first + w.step - 1) / w.step);
-  }
-  bool empty() const { return h.first >= h.end || w.first >= w.end; }
 };
 
 inline Window2d window_of(const std::array<PoolAxis, 2>& ax, int64_t oh, int64_t ow) {
   return {taps_of(ax[0], oh), taps_of(ax[1], ow)};
-}
-
-// avg_pool2d's divisor of output (oh, ow), whose clipped window is win.
-inline int64_t avg_divisor(const std::array<PoolAxis, 2>& ax, const Window2d& win, int64_t oh,
-                           int64_t ow, bool count_include_pad, int64_t divisor_override) {
-  if (ax[0].adaptive) return win.count();
-  if (divisor_override != 0) return divisor_override;
-  if (count_include_pad) return padded_window(ax[0], oh) * padded_window(ax[1], ow);
-  return win.count();
 }
 
 // The outputs ow of a strided axis whose tap j falls inside the input: [lo, hi).
@@ -320,78 +307,49 @@ inline void fold(acc_t& acc, int32_t& arg, acc_t v, int32_t here) {
   }
 }
 
-// One output row (plane p, row oh) of a strided window over an NCHW plane: tap by tap, each
-// tap a strided pass along the row (vectorized), so every output still sees its taps in order.
-template <typename scalar_t, Reduce kReduce>
-PK_HOT_LOOP void pool_row_nchw(const scalar_t* plane, const std::array<PoolAxis, 2>& ax,
-                               int64_t oh, sum_t<scalar_t>* acc, int32_t* arg) {
-  using acc_t = sum_t<scalar_t>;
-  const PoolAxis& aw = ax[1];
-  const int64_t W = aw.in, s = aw.stride;
-  const Taps th = taps_of(ax[0], oh);
-  for (int64_t ow = 0; ow < aw.out; ++ow) {
-    acc[ow] = start_value<acc_t, kReduce>();
-    if (kReduce == Reduce::kArgMax) arg[ow] = th.first * W + taps_of(aw, ow).first;
-  }
-  for (int64_t h = th.first; h < th.end; h += th.step) {
-    for (int64_t j = 0; j < aw.kernel; ++j) {
-      const OutRange r = outputs_with_tap(aw, j);
-      const int64_t shift = j * aw.dilation - aw.pad;
-      const scalar_t* row = plane + h * W + shift;
-      const int32_t here = static_cast<int32_t>(h * W + shift);
-      for (int64_t ow = r.lo; ow < r.hi; ++ow) {
-        fold<kReduce>(acc[ow], arg[ow], static_cast<acc_t>(row[ow * s]),
-                      here + static_cast<int32_t>(ow * s));
+// avg_pool2d's divisors of one call, per axis once (every rule is a product of an H and a W
+// factor, or divisor_override): get(oh, ow) is the divisor, 0 for a window with no tap.
+struct AvgDivisors {
+  std::vector<int64_t> h, w;  // per-axis factor; 0 where the axis has no tap
+  int64_t override_value = 0;
+  AvgDivisors(const std::array<PoolAxis, 2>& ax, bool count_include_pad, int64_t divisor_override)
+      : h(ax[0].out), w(ax[1].out), override_value(ax[0].adaptive ? 0 : divisor_override) {
+    for (int d = 0; d < 2; ++d) {
+      std::vector<int64_t>& factor = d == 0 ? h : w;
+      for (int64_t o = 0; o < ax[d].out; ++o) {
+        const Taps t = taps_of(ax[d], o);  // avg windows have dilation 1
+        const int64_t taps = std::max<int64_t>(t.end - t.first, 0);
+        const bool padded = count_include_pad && !ax[d].adaptive;
+        factor[o] = taps == 0 ? 0 : padded ? padded_window(ax[d], o) : taps;
       }
     }
   }
+  int64_t get(int64_t oh, int64_t ow) const {
+    if (h[oh] == 0 || w[ow] == 0) return 0;
+    return override_value != 0 ? override_value : h[oh] * w[ow];
+  }
+};
+
+// The divisor of output (oh, ow): 1 for a max, and for an empty window (whose sum, 0, is
+// written as it is).
+template <Reduce kReduce, typename acc_t>
+inline acc_t divisor_of(const AvgDivisors* divisors, int64_t oh, int64_t ow) {
+  if (kReduce != Reduce::kSum) return acc_t(1);
+  const int64_t d = divisors->get(oh, ow);
+  return static_cast<acc_t>(d == 0 ? 1 : d);
 }
 
-// One output of any window over an NCHW plane (adaptive windows take this path).
+// Writes n results: maxima (and their indices) as they are, sums scaled by 1 / divisor (one
+// rounding more than a division: under 1 ulp), integer sums divided (truncating, as torch).
 template <typename scalar_t, Reduce kReduce>
-std::pair<sum_t<scalar_t>, int32_t> pool_one_nchw(const scalar_t* plane, const Window2d& win,
-                                                  int64_t W) {
+inline void store(scalar_t* out, int64_t* idx, const sum_t<scalar_t>* acc, const int32_t* arg,
+                  int64_t n, sum_t<scalar_t> divisor) {
   using acc_t = sum_t<scalar_t>;
-  acc_t acc = start_value<acc_t, kReduce>();
-  int32_t arg = static_cast<int32_t>(win.h.first * W + win.w.first);
-  for (int64_t h = win.h.first; h < win.h.end; h += win.h.step) {
-    for (int64_t w = win.w.first; w < win.w.end; w += win.w.step) {
-      fold<kReduce>(acc, arg, static_cast<acc_t>(plane[h * W + w]), static_cast<int32_t>(h * W + w));
-    }
-  }
-  return {acc, arg};
-}
-
-// One output pixel of an NHWC image: C accumulators updated from each tap's channel row.
-template <typename scalar_t, Reduce kReduce>
-PK_HOT_LOOP void pool_pixel_nhwc(const scalar_t* image, const Window2d& win, int64_t W,
-                                 int64_t C, sum_t<scalar_t>* acc, int32_t* arg) {
-  using acc_t = sum_t<scalar_t>;
-  for (int64_t c = 0; c < C; ++c) acc[c] = start_value<acc_t, kReduce>();
-  if (kReduce == Reduce::kArgMax) {
-    std::fill(arg, arg + C, static_cast<int32_t>(win.h.first * W + win.w.first));
-  }
-  for (int64_t h = win.h.first; h < win.h.end; h += win.h.step) {
-    for (int64_t w = win.w.first; w < win.w.end; w += win.w.step) {
-      const scalar_t* row = image + (h * W + w) * C;
-      const int32_t here = static_cast<int32_t>(h * W + w);
-      for (int64_t c = 0; c < C; ++c) fold<kReduce>(acc[c], arg[c], static_cast<acc_t>(row[c]), here);
-    }
-  }
-}
-
-// Writes n results: maxima (and their indices) as they are, sums divided by their divisor.
-template <typename scalar_t, Reduce kReduce>
-PK_HOT_LOOP void store(scalar_t* out, int64_t* idx, const sum_t<scalar_t>* acc,
-                       const int32_t* arg, int64_t n, sum_t<scalar_t> divisor) {
-  using acc_t = sum_t<scalar_t>;
-  if constexpr (kReduce == Reduce::kSum) {
-    if constexpr (std::is_integral_v<acc_t>) {
-      for (int64_t i = 0; i < n; ++i) out[i] = static_cast<scalar_t>(acc[i] / divisor);
-    } else {
-      const acc_t scale = acc_t(1) / divisor;  // one rounding more than a division: < 1 ulp
-      for (int64_t i = 0; i < n; ++i) out[i] = static_cast<scalar_t>(acc[i] * scale);
-    }
+  if constexpr (kReduce == Reduce::kSum && std::is_integral_v<acc_t>) {
+    for (int64_t i = 0; i < n; ++i) out[i] = static_cast<scalar_t>(acc[i] / divisor);
+  } else if constexpr (kReduce == Reduce::kSum) {
+    const acc_t scale = acc_t(1) / divisor;
+    for (int64_t i = 0; i < n; ++i) out[i] = static_cast<scalar_t>(acc[i] * scale);
   } else {
     for (int64_t i = 0; i < n; ++i) out[i] = static_cast<scalar_t>(acc[i]);
     if constexpr (kReduce == Reduce::kArgMax) {
@@ -400,63 +358,112 @@ PK_HOT_LOOP void store(scalar_t* out, int64_t* idx, const sum_t<scalar_t>* acc,
   }
 }
 
+// One output row (plane p, row oh) over an NCHW plane. A strided window goes tap by tap, each
+// tap a strided pass along the row (vectorized), so every output still sees its taps in
+// order; an adaptive window goes output by output.
+template <typename scalar_t, Reduce kReduce>
+PK_HOT_LOOP void pool_row_nchw(const scalar_t* plane, scalar_t* out, int64_t* idx,
+                               const std::array<PoolAxis, 2>& ax, const AvgDivisors* divisors,
+                               int64_t oh, sum_t<scalar_t>* acc, int32_t* arg) {
+  using acc_t = sum_t<scalar_t>;
+  const PoolAxis& aw = ax[1];
+  const int64_t W = aw.in, s = aw.stride;
+  const Taps th = taps_of(ax[0], oh);
+  for (int64_t ow = 0; ow < aw.out; ++ow) {
+    acc[ow] = start_value<acc_t, kReduce>();
+    arg[ow] = static_cast<int32_t>(th.first * W + taps_of(aw, ow).first);
+  }
+  if (aw.adaptive) {
+    for (int64_t ow = 0; ow < aw.out; ++ow) {
+      const Taps tw = taps_of(aw, ow);
+      for (int64_t h = th.first; h < th.end; ++h) {
+        for (int64_t w = tw.first; w < tw.end; ++w) {
+          fold<kReduce>(acc[ow], arg[ow], static_cast<acc_t>(plane[h * W + w]),
+                        static_cast<int32_t>(h * W + w));
+        }
+      }
+    }
+  } else {
+    for (int64_t h = th.first; h < th.end; h += th.step) {
+      for (int64_t j = 0; j < aw.kernel; ++j) {
+        const OutRange r = outputs_with_tap(aw, j);
+        const int64_t shift = j * aw.dilation - aw.pad;
+        const scalar_t* row = plane + h * W + shift;
+        const int32_t here = static_cast<int32_t>(h * W + shift);
+        for (int64_t ow = r.lo; ow < r.hi; ++ow) {
+          fold<kReduce>(acc[ow], arg[ow], static_cast<acc_t>(row[ow * s]),
+                        here + static_cast<int32_t>(ow * s));
+        }
+      }
+    }
+  }
+  if constexpr (kReduce == Reduce::kSum) {  // each output its own divisor
+    for (int64_t ow = 0; ow < aw.out; ++ow) {
+      acc[ow] /= divisor_of<kReduce, acc_t>(divisors, oh, ow);
+    }
+  }
+  store<scalar_t, kReduce>(out, idx, acc, arg, aw.out, acc_t(1));
+}
+
+// One output row (image n, row oh) over an NHWC image: per output pixel, C accumulators
+// updated from each tap's contiguous row of channels.
+template <typename scalar_t, Reduce kReduce>
+PK_HOT_LOOP void pool_row_nhwc(const scalar_t* image, scalar_t* out, int64_t* idx,
+                               const std::array<PoolAxis, 2>& ax, const AvgDivisors* divisors,
+                               int64_t oh, int64_t C, sum_t<scalar_t>* acc, int32_t* arg) {
+  using acc_t = sum_t<scalar_t>;
+  const int64_t W = ax[1].in;
+  for (int64_t ow = 0; ow < ax[1].out; ++ow) {
+    const Window2d win = window_of(ax, oh, ow);
+    for (int64_t c = 0; c < C; ++c) {
+      acc[c] = start_value<acc_t, kReduce>();
+      arg[c] = static_cast<int32_t>(win.h.first * W + win.w.first);
+    }
+    for (int64_t h = win.h.first; h < win.h.end; h += win.h.step) {
+      for (int64_t w = win.w.first; w < win.w.end; w += win.w.step) {
+        const scalar_t* row = image + (h * W + w) * C;
+        const int32_t here = static_cast<int32_t>(h * W + w);
+        for (int64_t c = 0; c < C; ++c) {
+          fold<kReduce>(acc[c], arg[c], static_cast<acc_t>(row[c]), here);
+        }
+      }
+    }
+    store<scalar_t, kReduce>(out + ow * C, idx ? idx + ow * C : nullptr, acc, arg, C,
+                             divisor_of<kReduce, acc_t>(divisors, oh, ow));
+  }
+}
+
 template <typename scalar_t, Reduce kReduce>
 void pool_fwd(const at::Tensor& x, at::Tensor& out, at::Tensor* indices,
-              const std::array<PoolAxis, 2>& ax, bool count_include_pad, int64_t divisor_override,
+              const std::array<PoolAxis, 2>& ax, const AvgDivisors* divisors,
               bool channels_last) {
   using acc_t = sum_t<scalar_t>;
-  constexpr bool kSum = kReduce == Reduce::kSum;
   const Sizes in(x), o(out);
   const scalar_t* src = x.const_data_ptr<scalar_t>();
   scalar_t* dst = out.data_ptr<scalar_t>();
   int64_t* idx = kReduce == Reduce::kArgMax ? indices->data_ptr<int64_t>() : nullptr;
-  // The divisor of output (oh, ow) whose clipped window is win; 0 for an empty window (whose
-  // sum, 0, is written as it is).
-  const auto divisor = [&](const Window2d& win, int64_t oh, int64_t ow) -> acc_t {
-    if (!kSum || win.empty()) return acc_t(1);
-    return static_cast<acc_t>(avg_divisor(ax, win, oh, ow, count_include_pad, divisor_override));
-  };
+  // Work items are output rows: (plane, oh) for NCHW, (image, oh) for NHWC.
+  const int64_t planes = channels_last ? in.N : in.N * in.C;
+  const int64_t row_size = channels_last ? o.W * in.C : o.W;  // elements of one output row
   const bool parallel = x.numel() + out.numel() > kPoolGrain;
-  if (!channels_last) {
-#pragma omp parallel if (parallel)
-    {
-      std::vector<acc_t> acc(o.W);
-      std::vector<int32_t> arg(o.W);
-#pragma omp for collapse(2) schedule(static)
-      for (int64_t p = 0; p < in.N * in.C; ++p) {
-        for (int64_t oh = 0; oh < o.H; ++oh) {
-          const scalar_t* plane = src + p * in.H * in.W;
-          const int64_t at = (p * o.H + oh) * o.W;
-          if (!ax[0].adaptive) {
-            pool_row_nchw<scalar_t, kReduce>(plane, ax, oh, acc.data(), arg.data());
-          } else {
-            for (int64_t ow = 0; ow < o.W; ++ow) {
-              std::tie(acc[ow], arg[ow]) =
-                  pool_one_nchw<scalar_t, kReduce>(plane, window_of(ax, oh, ow), in.W);
-            }
-          }
-          if constexpr (kSum) {  // each output its own divisor
-            for (int64_t ow = 0; ow < o.W; ++ow) acc[ow] /= divisor(window_of(ax, oh, ow), oh, ow);
-          }
-          store<scalar_t, kReduce>(dst + at, idx ? idx + at : nullptr, acc.data(), arg.data(), o.W,
-                                   acc_t(1));
-        }
-      }
-    }
-    return;
-  }
 #pragma omp parallel if (parallel)
   {
-    std::vector<acc_t> acc(in.C);
-    std::vector<int32_t> arg(in.C);
-#pragma omp for schedule(static)
-    for (int64_t pixel = 0; pixel < in.N * o.H * o.W; ++pixel) {
-      const int64_t n = pixel / (o.H * o.W), oh = pixel / o.W % o.H, ow = pixel % o.W;
-      const Window2d win = window_of(ax, oh, ow);
-      pool_pixel_nhwc<scalar_t, kReduce>(src + n * in.H * in.W * in.C, win, in.W, in.C,
-                                         acc.data(), arg.data());
-      store<scalar_t, kReduce>(dst + pixel * in.C, idx ? idx + pixel * in.C : nullptr,
-                               acc.data(), arg.data(), in.C, divisor(win, oh, ow));
+    std::vector<acc_t> acc(channels_last ? in.C : o.W);
+    std::vector<int32_t> arg(acc.size());
+#pragma omp for collapse(2) schedule(static)
+    for (int64_t p = 0; p < planes; ++p) {
+      for (int64_t oh = 0; oh < o.H; ++oh) {
+        const scalar_t* image = src + p * in.H * in.W * (channels_last ? in.C : 1);
+        const int64_t at = (p * o.H + oh) * row_size;
+        int64_t* idx_row = idx ? idx + at : nullptr;
+        if (channels_last) {
+          pool_row_nhwc<scalar_t, kReduce>(image, dst + at, idx_row, ax, divisors, oh, in.C,
+                                           acc.data(), arg.data());
+        } else {
+          pool_row_nchw<scalar_t, kReduce>(image, dst + at, idx_row, ax, divisors, oh, acc.data(),
+                                           arg.data());
+        }
+      }
     }
   }
 }
@@ -475,11 +482,12 @@ void pool_bwd(const at::Tensor& dy, const at::Tensor* indices, at::Tensor& dx,
   const int64_t* idx = kMax ? indices->const_data_ptr<int64_t>() : nullptr;
   scalar_t* d = dx.data_ptr<scalar_t>();
   const int64_t plane = in.H * in.W, out_plane = g.H * g.W;
-  // The factor grad_out is scaled by for each tap of output (oh, ow): 1 / divisor.
+  // The factor grad_out is scaled by for each tap of output (oh, ow): 1 / divisor (a window
+  // with no tap has none to scale).
+  const AvgDivisors divisors(ax, count_include_pad, divisor_override);
   const auto inv_divisor = [&](int64_t oh, int64_t ow) {
-    const Window2d win = window_of(ax, oh, ow);
-    return acc_t(1) / static_cast<acc_t>(
-                          avg_divisor(ax, win, oh, ow, count_include_pad, divisor_override));
+    const int64_t d = divisors.get(oh, ow);
+    return d == 0 ? acc_t(0) : acc_t(1) / static_cast<acc_t>(d);
   };
   const bool parallel = dx.numel() + dy.numel() > kPoolGrain;
   if (!channels_last) {
@@ -580,9 +588,9 @@ std::tuple<at::Tensor, at::Tensor> max_pool2d_fwd_cpu(
   poison_cpu(indices);
   AT_DISPATCH_ALL_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "max_pool2d_fwd_cpu", [&] {
     if (with_indices) {
-      pool_fwd<scalar_t, Reduce::kArgMax>(x, out, &indices, ax, false, 0, channels_last);
+      pool_fwd<scalar_t, Reduce::kArgMax>(x, out, &indices, ax, nullptr, channels_last);
     } else {
-      pool_fwd<scalar_t, Reduce::kMax>(x, out, nullptr, ax, false, 0, channels_last);
+      pool_fwd<scalar_t, Reduce::kMax>(x, out, nullptr, ax, nullptr, channels_last);
     }
   });
   return {out, indices};
@@ -627,8 +635,8 @@ at::Tensor avg_pool2d_fwd_cpu(const at::Tensor& x, const std::vector<int64_t>& k
   poison_cpu(out);
   AT_DISPATCH_FLOATING_TYPES_AND3(at::kHalf, at::kBFloat16, at::kLong, x.scalar_type(),
                                   "avg_pool2d_fwd_cpu", [&] {
-    pool_fwd<scalar_t, Reduce::kSum>(x, out, nullptr, ax, count_include_pad, divisor_override,
-                              channels_last);
+    const AvgDivisors divisors(ax, count_include_pad, divisor_override);
+    pool_fwd<scalar_t, Reduce::kSum>(x, out, nullptr, ax, &divisors, channels_last);
   });
   return out;
 }
