@@ -219,6 +219,15 @@ def _strided_window(
     return _pooling.Window(kernel, stride, padding, dilation, out)
 
 
+def _max_pool(input: torch.Tensor, win, unbatched: bool, return_indices: bool):
+    """max_pool2d and adaptive_max_pool2d after validation: values, or (values, indices)."""
+    x = input.unsqueeze(0) if unbatched else input
+    out, indices = _pooling.max_pool2d(x, win, bool(return_indices))
+    if not return_indices:
+        return out.squeeze(0) if unbatched else out
+    return (out.squeeze(0), indices.squeeze(0)) if unbatched else (out, indices)
+
+
 def max_pool2d(
     input: torch.Tensor,
     kernel_size,
@@ -245,11 +254,7 @@ def max_pool2d(
         "max_pool2d", input, kernel_size, stride, padding, dilation, ceil_mode,
         lambda k, d: (d * (k - 1) + 1) // 2,
     )  # fmt: skip
-    x = input.unsqueeze(0) if unbatched else input
-    out, indices = _pooling.max_pool2d(x, win, bool(return_indices))
-    if not return_indices:
-        return out.squeeze(0) if unbatched else out
-    return (out.squeeze(0), indices.squeeze(0)) if unbatched else (out, indices)
+    return _max_pool(input, win, unbatched, return_indices)
 
 
 def avg_pool2d(
@@ -328,8 +333,4 @@ def adaptive_max_pool2d(input: torch.Tensor, output_size, return_indices: bool =
     """
     unbatched = _check_window_input("adaptive_max_pool2d", input, ())
     win = _adaptive_window("adaptive_max_pool2d", input, output_size)
-    x = input.unsqueeze(0) if unbatched else input
-    out, indices = _pooling.max_pool2d(x, win, bool(return_indices))
-    if not return_indices:
-        return out.squeeze(0) if unbatched else out
-    return (out.squeeze(0), indices.squeeze(0)) if unbatched else (out, indices)
+    return _max_pool(input, win, unbatched, return_indices)

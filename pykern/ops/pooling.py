@@ -125,32 +125,27 @@ def channel_pool(x: torch.Tensor, is_max: bool) -> torch.Tensor:
 # it is handed, `channels_last` or NCHW-contiguous, and returns its outputs in that layout.
 
 
-def _triton_pooling():
-    from pykern.triton_kernels import pooling  # triton is imported only when used
+def _backend_table(op: str) -> dict:
+    """{"cpu": _C.<op>_cpu, "cuda": _C.<op>_cuda, "triton": triton_kernels.pooling.<op>}, each
+    looked up when called: a CPU-only build has no _cuda entries, and triton is imported only
+    when used."""
 
-    return pooling
+    def triton_impl(*args):
+        from pykern.triton_kernels import pooling
+
+        return getattr(pooling, op)(*args)
+
+    return {
+        "cpu": lambda *args: getattr(_C, f"{op}_cpu")(*args),
+        "cuda": lambda *args: getattr(_C, f"{op}_cuda")(*args),
+        "triton": triton_impl,
+    }
 
 
-MAX_POOL2D_FWD = {
-    "cpu": lambda *args: _C.max_pool2d_fwd_cpu(*args),
-    "cuda": lambda *args: _C.max_pool2d_fwd_cuda(*args),
-    "triton": lambda *args: _triton_pooling().max_pool2d_fwd(*args),
-}
-MAX_POOL2D_BWD = {
-    "cpu": lambda *args: _C.max_pool2d_bwd_cpu(*args),
-    "cuda": lambda *args: _C.max_pool2d_bwd_cuda(*args),
-    "triton": lambda *args: _triton_pooling().max_pool2d_bwd(*args),
-}
-AVG_POOL2D_FWD = {
-    "cpu": lambda *args: _C.avg_pool2d_fwd_cpu(*args),
-    "cuda": lambda *args: _C.avg_pool2d_fwd_cuda(*args),
-    "triton": lambda *args: _triton_pooling().avg_pool2d_fwd(*args),
-}
-AVG_POOL2D_BWD = {
-    "cpu": lambda *args: _C.avg_pool2d_bwd_cpu(*args),
-    "cuda": lambda *args: _C.avg_pool2d_bwd_cuda(*args),
-    "triton": lambda *args: _triton_pooling().avg_pool2d_bwd(*args),
-}
+MAX_POOL2D_FWD = _backend_table("max_pool2d_fwd")
+MAX_POOL2D_BWD = _backend_table("max_pool2d_bwd")
+AVG_POOL2D_FWD = _backend_table("avg_pool2d_fwd")
+AVG_POOL2D_BWD = _backend_table("avg_pool2d_bwd")
 
 
 def pool2d_out_size(
