@@ -19,9 +19,9 @@ import time
 import pytest
 import torch
 
-from bench import harness, layout, pooling
+from bench import harness, layout, norm, pooling
 
-FAMILIES = (layout, pooling)
+FAMILIES = (layout, pooling, norm)
 ROUND_BUDGET_S = 0.5  # timed seconds per test, about
 PROVIDERS = {"cpu": ("torch", "pykern-cpu"), "cuda": ("torch", "pykern-cuda", "pykern-triton")}
 

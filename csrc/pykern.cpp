@@ -107,4 +107,38 @@ PYBIND11_MODULE(_C, m) {
         py::arg("kernel"), py::arg("stride"), py::arg("padding"), py::arg("adaptive"),
         py::arg("count_include_pad"), py::arg("divisor_override"), py::arg("channels_last"));
 #endif
+
+  // normalization
+  m.def("row_norm_fwd_cpu", &pykern::row_norm_fwd_cpu, py::arg("x"), py::arg("residual"),
+        py::arg("weight"), py::arg("bias"), py::arg("eps"), py::arg("rms"));
+  m.def("row_norm_bwd_cpu", &pykern::row_norm_bwd_cpu, py::arg("grad_y"), py::arg("x"),
+        py::arg("weight"), py::arg("mean"), py::arg("rstd"), py::arg("grad_sum"), py::arg("rms"),
+        py::arg("need_dweight"), py::arg("need_dbias"));
+  m.def("batch_norm_stats_cpu", &pykern::batch_norm_stats_cpu, py::arg("x"));
+  m.def("batch_norm_fwd_cpu", &pykern::batch_norm_fwd_cpu, py::arg("x"), py::arg("mean"),
+        py::arg("var"), py::arg("weight"), py::arg("bias"), py::arg("residual"), py::arg("eps"),
+        py::arg("relu"));
+  m.def("batch_norm_bwd_reduce_cpu", &pykern::batch_norm_bwd_reduce_cpu, py::arg("grad_y"),
+        py::arg("x"), py::arg("y"), py::arg("mean"), py::arg("var"), py::arg("eps"));
+  m.def("batch_norm_bwd_cpu", &pykern::batch_norm_bwd_cpu, py::arg("grad_y"), py::arg("x"),
+        py::arg("y"), py::arg("mean"), py::arg("var"), py::arg("weight"), py::arg("sum_dy"),
+        py::arg("sum_dy_xhat"), py::arg("eps"), py::arg("count"),
+        py::arg("want_grad_residual"));
+#ifdef PYKERN_WITH_CUDA
+  m.def("row_norm_fwd_cuda", &pykern::row_norm_fwd_cuda, py::arg("x"), py::arg("residual"),
+        py::arg("weight"), py::arg("bias"), py::arg("eps"), py::arg("rms"));
+  m.def("row_norm_bwd_cuda", &pykern::row_norm_bwd_cuda, py::arg("grad_y"), py::arg("x"),
+        py::arg("weight"), py::arg("mean"), py::arg("rstd"), py::arg("grad_sum"), py::arg("rms"),
+        py::arg("need_dweight"), py::arg("need_dbias"));
+  m.def("batch_norm_stats_cuda", &pykern::batch_norm_stats_cuda, py::arg("x"));
+  m.def("batch_norm_fwd_cuda", &pykern::batch_norm_fwd_cuda, py::arg("x"), py::arg("mean"),
+        py::arg("var"), py::arg("weight"), py::arg("bias"), py::arg("residual"), py::arg("eps"),
+        py::arg("relu"));
+  m.def("batch_norm_bwd_reduce_cuda", &pykern::batch_norm_bwd_reduce_cuda, py::arg("grad_y"),
+        py::arg("x"), py::arg("y"), py::arg("mean"), py::arg("var"), py::arg("eps"));
+  m.def("batch_norm_bwd_cuda", &pykern::batch_norm_bwd_cuda, py::arg("grad_y"), py::arg("x"),
+        py::arg("y"), py::arg("mean"), py::arg("var"), py::arg("weight"), py::arg("sum_dy"),
+        py::arg("sum_dy_xhat"), py::arg("eps"), py::arg("count"),
+        py::arg("want_grad_residual"));
+#endif
 }

@@ -5,6 +5,7 @@
 #include <ATen/core/Tensor.h>
 
 #include <cstdint>
+#include <optional>
 #include <tuple>
 #include <vector>
 
@@ -66,6 +67,68 @@ at::Tensor avg_pool2d_bwd_cuda(const at::Tensor& grad_out, const std::vector<int
                             const std::vector<int64_t>& kernel, const std::vector<int64_t>& stride,
                             const std::vector<int64_t>& padding, bool adaptive,
                             bool count_include_pad, int64_t divisor_override, bool channels_last);
+#endif
+
+// normalization. Every tensor argument x, residual, grad_y, y is a contiguous (B, C, K) view
+// (pykern/ops/norm.py builds it: LayerNorm/RMSNorm (M, N, 1), LayerNorm2d NHWC (N*H*W, C, 1)
+// and NCHW (N, C, H*W), BatchNorm NCHW (N, C, H*W) and NHWC (N*H*W, C, 1)). Every per-channel
+// or per-row vector (weight, bias, mean, var, rstd, sums) is in the accumulation type "acc":
+// float64 for float64 x, else float32. Optional outputs not asked for are empty (0,) tensors.
+//
+// Row norm (LayerNorm, RMSNorm, their residual-add forms, LayerNorm2d): each (b, k) is
+// normalized over C; s = x + residual (rounded to x's dtype) when residual is given.
+// fwd -> (y, s or empty, mean (B, K) or empty when rms, rstd (B, K)).
+// bwd (x is s when there was a residual; grad_sum, the gradient reaching s directly, is added
+// to dx) -> (dx, dweight (C,) or empty, dbias (C,) or empty), parameter sums deterministic.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> row_norm_fwd_cpu(
+    const at::Tensor& x, const std::optional<at::Tensor>& residual,
+    const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias, double eps,
+    bool rms);
+std::tuple<at::Tensor, at::Tensor, at::Tensor> row_norm_bwd_cpu(
+    const at::Tensor& grad_y, const at::Tensor& x, const std::optional<at::Tensor>& weight,
+    const at::Tensor& mean, const at::Tensor& rstd, const std::optional<at::Tensor>& grad_sum,
+    bool rms, bool need_dweight, bool need_dbias);
+// BatchNorm: each channel c is normalized over (b, k) with mean/var (C,): the batch's
+// (batch_norm_stats: biased var, computed stably) or the running stats.
+// fwd: y = [relu](((x - mean) * rsqrt(var + eps)) * weight + bias [+ residual]).
+// bwd_reduce -> (sum of dy, sum of dy * xhat) per channel, dy masked by y > 0 when y is given.
+// bwd -> (dx, d_residual (the masked dy) or empty); count > 0: training (batch statistics,
+// count values per channel), count == 0: the stats were constants (eval).
+std::tuple<at::Tensor, at::Tensor> batch_norm_stats_cpu(const at::Tensor& x);
+at::Tensor batch_norm_fwd_cpu(const at::Tensor& x, const at::Tensor& mean, const at::Tensor& var,
+                            const std::optional<at::Tensor>& weight,
+                            const std::optional<at::Tensor>& bias,
+                            const std::optional<at::Tensor>& residual, double eps, bool relu);
+std::tuple<at::Tensor, at::Tensor> batch_norm_bwd_reduce_cpu(
+    const at::Tensor& grad_y, const at::Tensor& x, const std::optional<at::Tensor>& y,
+    const at::Tensor& mean, const at::Tensor& var, double eps);
+std::tuple<at::Tensor, at::Tensor> batch_norm_bwd_cpu(
+    const at::Tensor& grad_y, const at::Tensor& x, const std::optional<at::Tensor>& y,
+    const at::Tensor& mean, const at::Tensor& var, const std::optional<at::Tensor>& weight,
+    const at::Tensor& sum_dy, const at::Tensor& sum_dy_xhat, double eps, int64_t count,
+    bool want_grad_residual);
+#ifdef PYKERN_WITH_CUDA
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> row_norm_fwd_cuda(
+    const at::Tensor& x, const std::optional<at::Tensor>& residual,
+    const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias, double eps,
+    bool rms);
+std::tuple<at::Tensor, at::Tensor, at::Tensor> row_norm_bwd_cuda(
+    const at::Tensor& grad_y, const at::Tensor& x, const std::optional<at::Tensor>& weight,
+    const at::Tensor& mean, const at::Tensor& rstd, const std::optional<at::Tensor>& grad_sum,
+    bool rms, bool need_dweight, bool need_dbias);
+std::tuple<at::Tensor, at::Tensor> batch_norm_stats_cuda(const at::Tensor& x);
+at::Tensor batch_norm_fwd_cuda(const at::Tensor& x, const at::Tensor& mean, const at::Tensor& var,
+                            const std::optional<at::Tensor>& weight,
+                            const std::optional<at::Tensor>& bias,
+                            const std::optional<at::Tensor>& residual, double eps, bool relu);
+std::tuple<at::Tensor, at::Tensor> batch_norm_bwd_reduce_cuda(
+    const at::Tensor& grad_y, const at::Tensor& x, const std::optional<at::Tensor>& y,
+    const at::Tensor& mean, const at::Tensor& var, double eps);
+std::tuple<at::Tensor, at::Tensor> batch_norm_bwd_cuda(
+    const at::Tensor& grad_y, const at::Tensor& x, const std::optional<at::Tensor>& y,
+    const at::Tensor& mean, const at::Tensor& var, const std::optional<at::Tensor>& weight,
+    const at::Tensor& sum_dy, const at::Tensor& sum_dy_xhat, double eps, int64_t count,
+    bool want_grad_residual);
 #endif
 
 }  // namespace pykern

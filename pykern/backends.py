@@ -10,6 +10,7 @@ interpreter (how CI tests every Triton kernel without a GPU).
 from __future__ import annotations
 
 import contextlib
+import importlib
 import os
 import threading
 from collections.abc import Callable, Iterator
@@ -102,6 +103,21 @@ def pick(device: torch.device, op: str) -> str:
 def dispatch(table: dict[str, Callable], device: torch.device, op: str) -> Callable:
     """The function from an op's backend table {"cpu": ..., "cuda": ..., "triton": ...}."""
     return table[pick(device, op)]
+
+
+def table(family: str, op: str) -> dict[str, Callable]:
+    """An op's backend table: {"cpu": _C.<op>_cpu, "cuda": _C.<op>_cuda, "triton":
+    pykern.triton_kernels.<family>.<op>}, each looked up when called: a CPU-only build has no
+    _cuda entries, and triton is imported only when used."""
+
+    def triton_impl(*args):
+        return getattr(importlib.import_module(f"pykern.triton_kernels.{family}"), op)(*args)
+
+    return {
+        "cpu": lambda *args: getattr(_ext._C, f"{op}_cpu")(*args),
+        "cuda": lambda *args: getattr(_ext._C, f"{op}_cuda")(*args),
+        "triton": triton_impl,
+    }
 
 
 def _plain_eager(x: object) -> bool:

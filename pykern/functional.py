@@ -5,10 +5,13 @@ Each function validates its arguments (errors name the argument) and calls pyker
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from pykern import backends
 from pykern.ops import layout as _layout
+from pykern.ops import norm as _norm
 from pykern.ops import pooling as _pooling
 
 __all__ = [
@@ -23,6 +26,14 @@ __all__ = [
     "avg_pool2d",
     "adaptive_avg_pool2d",
     "adaptive_max_pool2d",
+    "batch_norm",
+    "batch_norm_relu",
+    "batch_norm_add_relu",
+    "layer_norm",
+    "rms_norm",
+    "add_layer_norm",
+    "add_rms_norm",
+    "layer_norm_2d",
 ]
 
 
@@ -334,3 +345,332 @@ def adaptive_max_pool2d(input: torch.Tensor, output_size, return_indices: bool =
     unbatched = _check_window_input("adaptive_max_pool2d", input, ())
     win = _adaptive_window("adaptive_max_pool2d", input, output_size)
     return _max_pool(input, win, unbatched, return_indices)
+
+
+# Normalization
+
+
+_LOW_PRECISION = (torch.float16, torch.bfloat16)
+_NORM_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def _check_norm_input(op: str, input: object, min_dim: int, shape_names: str) -> None:
+    _check_tensor(op, input, range(min_dim, 64), shape_names)
+    if input.dtype not in _NORM_DTYPES:
+        raise TypeError(
+            f"{op}: input must be float16, bfloat16, float32 or float64, got {input.dtype}"
+        )
+
+
+def _check_companion(op: str, name: str, t: object, input: torch.Tensor, shape) -> None:
+    """A tensor that goes with input (weight, bias, running stats): None, or of `shape` on
+    input's device, in input's dtype (or float32 for a float16/bfloat16 input, as torch's
+    mixed-precision normalization takes it)."""
+    if t is None:
+        return
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{op}: {name} must be a torch.Tensor or None, got {type(t).__name__}")
+    if t.device != input.device:
+        raise ValueError(f"{op}: {name} is on {t.device} but input is on {input.device}")
+    allowed = (input.dtype, torch.float32) if input.dtype in _LOW_PRECISION else (input.dtype,)
+    if t.dtype not in allowed:
+        names = " or ".join(str(d) for d in allowed)
+        raise TypeError(f"{op}: {name} must have dtype {names} (input's), got {t.dtype}")
+    if tuple(t.shape) != tuple(shape):
+        raise ValueError(f"{op}: {name} must have shape {tuple(shape)}, got {tuple(t.shape)}")
+
+
+def _check_same_as_input(op: str, name: str, t: object, input: torch.Tensor) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.shape != input.shape or t.dtype != input.dtype or t.device != input.device:
+        raise ValueError(
+            f"{op}: {name} must match input's shape, dtype and device "
+            f"({tuple(input.shape)}, {input.dtype}, {input.device}), got "
+            f"({tuple(t.shape)}, {t.dtype}, {t.device})"
+        )
+
+
+def _channels_last(x: torch.Tensor) -> bool:
+    """x is laid out (N, *spatial, C) in memory (and not also NCHW-contiguous)."""
+    fmt = {4: torch.channels_last, 5: torch.channels_last_3d}.get(x.dim())
+    return fmt is not None and not x.is_contiguous() and x.is_contiguous(memory_format=fmt)
+
+
+def _channel_view(x: torch.Tensor, channels_last: bool) -> torch.Tensor:
+    """(N, C, *spatial) as the (B, C, K) view the kernels read: (N, C, S) for NCHW, (N*S, C, 1)
+    for channels_last (a copy only when x is not laid out that way already)."""
+    N, C, S = x.shape[0], x.shape[1], math.prod(x.shape[2:])
+    if channels_last:
+        return x.movedim(1, -1).contiguous().view(N * S, C, 1)
+    return x.contiguous().view(N, C, S)
+
+
+def _from_channel_view(t: torch.Tensor, shape, channels_last: bool) -> torch.Tensor:
+    if channels_last:
+        return t.view(shape[0], *shape[2:], shape[1]).movedim(-1, 1)
+    return t.view(shape)
+
+
+def _check_batch_norm(
+    op, input, residual, running_mean, running_var, weight, bias, training, momentum
+) -> None:
+    """Everything batch_norm refuses, checked before any state changes."""
+    _check_norm_input(op, input, 2, "(N, C) or (N, C, *spatial), at least 2D")
+    C = input.shape[1]
+    if residual is not None:
+        _check_same_as_input(op, "residual", residual, input)
+    for name, t in (
+        ("running_mean", running_mean),
+        ("running_var", running_var),
+        ("weight", weight),
+        ("bias", bias),
+    ):
+        _check_companion(op, name, t, input, (C,))
+    if not training and (running_mean is None or running_var is None):
+        raise ValueError(f"{op}: running_mean and running_var must be given when not training")
+    if isinstance(momentum, bool) or not isinstance(momentum, (int, float)):
+        raise TypeError(f"{op}: momentum must be a float, got {momentum!r}")
+    if training and input.numel() // max(C, 1) <= 1:
+        raise ValueError(
+            f"{op}: expected more than 1 value per channel when training, got input of size "
+            f"{tuple(input.shape)}"
+        )
+
+
+def _run_batch_norm(
+    input, residual, running_mean, running_var, weight, bias, training, momentum, eps, relu,
+    group=None,
+):  # fmt: skip
+    if input.numel() == 0:  # nothing to normalize (and no statistics to update)
+        out = input.clone() if residual is None else input + residual
+        return out.clamp_min(0) if relu else out
+    channels_last = _channels_last(input)
+    x = _channel_view(input, channels_last)
+    res = None if residual is None else _channel_view(residual, channels_last)
+    y = _norm.batch_norm(
+        x, running_mean, running_var, weight, bias, res, bool(training), float(momentum),
+        float(eps), relu, group,
+    )  # fmt: skip
+    return _from_channel_view(y, input.shape, channels_last)
+
+
+def batch_norm(
+    input: torch.Tensor,
+    running_mean: torch.Tensor | None,
+    running_var: torch.Tensor | None,
+    weight: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+    training: bool = False,
+    momentum: float = 0.1,
+    eps: float = 1e-5,
+) -> torch.Tensor:
+    """``F.batch_norm``: each channel normalized over the batch and spatial dims.
+
+    Args:
+        input: (N, C) or (N, C, *spatial), floating point; NCHW or channels_last, each read
+            natively.
+        running_mean, running_var: (C,) running statistics; updated in place when training
+            (the variance unbiased), used instead of the batch's when not. May be None when
+            training.
+        weight, bias: optional (C,) affine parameters.
+        training: normalize with the batch statistics (computed stably, in float32 or float64).
+        momentum: weight of the batch statistics in the running update.
+        eps: added to the variance.
+
+    Returns:
+        A tensor like input, in its memory format.
+    """
+    _check_batch_norm(
+        "batch_norm", input, None, running_mean, running_var, weight, bias, training, momentum
+    )
+    return _run_batch_norm(
+        input, None, running_mean, running_var, weight, bias, training, momentum, eps, False
+    )
+
+
+def batch_norm_relu(
+    input: torch.Tensor,
+    running_mean: torch.Tensor | None,
+    running_var: torch.Tensor | None,
+    weight: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+    training: bool = False,
+    momentum: float = 0.1,
+    eps: float = 1e-5,
+) -> torch.Tensor:
+    """``F.relu(F.batch_norm(...))`` fused: one elementwise pass forward and one backward, the
+    BatchNorm output never written. Arguments as batch_norm."""
+    _check_batch_norm(
+        "batch_norm_relu", input, None, running_mean, running_var, weight, bias, training,
+        momentum,
+    )  # fmt: skip
+    return _run_batch_norm(
+        input, None, running_mean, running_var, weight, bias, training, momentum, eps, True
+    )
+
+
+def batch_norm_add_relu(
+    input: torch.Tensor,
+    residual: torch.Tensor,
+    running_mean: torch.Tensor | None,
+    running_var: torch.Tensor | None,
+    weight: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+    training: bool = False,
+    momentum: float = 0.1,
+    eps: float = 1e-5,
+) -> torch.Tensor:
+    """``F.relu(F.batch_norm(input, ...) + residual)`` fused (the tail of a ResNet block), with
+    the gradients of input, residual, weight and bias. residual: input's shape, dtype and
+    device; other arguments as batch_norm."""
+    _check_batch_norm(
+        "batch_norm_add_relu", input, residual, running_mean, running_var, weight, bias,
+        training, momentum,
+    )  # fmt: skip
+    return _run_batch_norm(
+        input, residual, running_mean, running_var, weight, bias, training, momentum, eps, True
+    )
+
+
+def _normalized_shape(op: str, input: torch.Tensor, normalized_shape) -> tuple[int, ...]:
+    shape = (normalized_shape,) if isinstance(normalized_shape, int) else normalized_shape
+    try:
+        shape = tuple(shape)
+    except TypeError:
+        shape = None
+    if shape is None or not all(isinstance(d, int) and not isinstance(d, bool) for d in shape):
+        raise TypeError(
+            f"{op}: normalized_shape must be an int or a sequence of ints, got {normalized_shape!r}"
+        )
+    if len(shape) == 0 or len(shape) > input.dim() or tuple(input.shape[-len(shape) :]) != shape:
+        raise ValueError(
+            f"{op}: normalized_shape {list(shape)} must match the trailing dimensions of input, "
+            f"got input of shape {tuple(input.shape)}"
+        )
+    return shape
+
+
+def _row_norm(op, input, residual, normalized_shape, weight, bias, eps, rms):
+    """layer_norm, rms_norm and their add_ forms: (y, input + residual or None)."""
+    _check_norm_input(op, input, 1, "at least 1D")
+    shape = _normalized_shape(op, input, normalized_shape)
+    if residual is not None:
+        _check_same_as_input(op, "residual", residual, input)
+    _check_companion(op, "weight", weight, input, shape)
+    _check_companion(op, "bias", bias, input, shape)
+    if eps is None:  # rms_norm's default
+        eps = torch.finfo(input.dtype).eps
+    C = math.prod(shape)
+    if C == 0:  # nothing to normalize
+        total = input if residual is None else input + residual
+        return total.clone(), (total if residual is not None else None)
+    x = input.contiguous().view(-1, C, 1)
+    res = None if residual is None else residual.contiguous().view(-1, C, 1)
+    y, s = _norm.row_norm(
+        x,
+        res,
+        None if weight is None else weight.reshape(C),
+        None if bias is None else bias.reshape(C),
+        float(eps),
+        rms,
+    )
+    return y.view(input.shape), (None if s is None else s.view(input.shape))
+
+
+def layer_norm(
+    input: torch.Tensor,
+    normalized_shape,
+    weight: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+    eps: float = 1e-5,
+) -> torch.Tensor:
+    """``F.layer_norm``: normalizes over the trailing normalized_shape dims.
+
+    Args:
+        input: (*, *normalized_shape), floating point, any strides.
+        normalized_shape: an int or a sequence of ints.
+        weight, bias: optional, of normalized_shape.
+        eps: added to the variance.
+
+    Returns:
+        A contiguous tensor of input's shape and dtype.
+    """
+    return _row_norm("layer_norm", input, None, normalized_shape, weight, bias, eps, False)[0]
+
+
+def rms_norm(
+    input: torch.Tensor,
+    normalized_shape,
+    weight: torch.Tensor | None = None,
+    eps: float | None = None,
+) -> torch.Tensor:
+    """``F.rms_norm``: input / sqrt(mean(input^2) + eps) * weight over normalized_shape.
+
+    Args:
+        input, normalized_shape, weight: as layer_norm.
+        eps: added to the mean square; None means torch.finfo(input.dtype).eps.
+    """
+    return _row_norm("rms_norm", input, None, normalized_shape, weight, None, eps, True)[0]
+
+
+def add_layer_norm(
+    x: torch.Tensor,
+    residual: torch.Tensor,
+    normalized_shape,
+    weight: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+    eps: float = 1e-5,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``s = x + residual; (F.layer_norm(s, ...), s)`` in one pass over x and residual (a
+    pre-norm transformer block's residual stream).
+
+    Returns:
+        (normalized, x + residual), both of x's shape and dtype.
+    """
+    return _row_norm("add_layer_norm", x, residual, normalized_shape, weight, bias, eps, False)
+
+
+def add_rms_norm(
+    x: torch.Tensor,
+    residual: torch.Tensor,
+    normalized_shape,
+    weight: torch.Tensor | None = None,
+    eps: float | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``s = x + residual; (F.rms_norm(s, ...), s)`` in one pass. Returns (normalized, s)."""
+    return _row_norm("add_rms_norm", x, residual, normalized_shape, weight, None, eps, True)
+
+
+def layer_norm_2d(
+    input: torch.Tensor,
+    weight: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+    eps: float = 1e-6,
+) -> torch.Tensor:
+    """LayerNorm over the channels of each pixel (ConvNeXt's LayerNorm2d): what
+    ``F.layer_norm(input.permute(0, 2, 3, 1), (C,), ...).permute(0, 3, 1, 2)`` computes, with
+    no permute or copy: NCHW reduces over the strided C axis, channels_last over rows.
+
+    Args:
+        input: (N, C, H, W), floating point, NCHW or channels_last.
+        weight, bias: optional (C,).
+        eps: added to the variance (ConvNeXt's default 1e-6).
+
+    Returns:
+        (N, C, H, W) in the input's memory format.
+    """
+    op = "layer_norm_2d"
+    _check_norm_input(op, input, 4, "4D (N, C, H, W)")
+    if input.dim() != 4:
+        raise ValueError(f"{op}: input must be 4D (N, C, H, W), got a {input.dim()}D tensor")
+    C = input.shape[1]
+    _check_companion(op, "weight", weight, input, (C,))
+    _check_companion(op, "bias", bias, input, (C,))
+    if input.numel() == 0:
+        return input.clone()
+    # The view's middle axis is C: rows of C for channels_last, a strided axis for NCHW.
+    channels_last = _channels_last(input)
+    x = _channel_view(input, channels_last)
+    y, _ = _norm.row_norm(x, None, weight, bias, float(eps), False)
+    return _from_channel_view(y, input.shape, channels_last)

@@ -23,6 +23,7 @@
 #include <vector>
 
 #include "common/checks.h"
+#include "common/cpu_hot_loop.h"
 #include "common/poison.h"
 #include "common/pool_window.h"
 #include "pykern.h"
@@ -37,14 +38,6 @@ template <typename scalar_t>
 using max_t = at::opmath_type<scalar_t>;
 
 constexpr int kLanes = 8;  // independent partials: vectorizable, and a shorter error chain
-
-// The hot loops are compiled twice, for AVX2 and for plain x86-64, and picked at load time:
-// the wheel must run on any x86-64, and AVX2 doubles the width of the double accumulators.
-#if defined(__x86_64__) && defined(__GNUC__)
-#define PK_HOT_LOOP __attribute__((target_clones("avx2", "default")))
-#else
-#define PK_HOT_LOOP
-#endif
 
 // Unit-stride runs (the common case) get a loop of their own, which the compiler vectorizes.
 #define PK_WITH_STRIDE(stride, ...)                                  \

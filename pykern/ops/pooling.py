@@ -18,31 +18,9 @@ import dataclasses
 import torch
 
 from pykern import backends
-from pykern._ext import _C
 
-
-def _triton_fwd(x, is_max):
-    from pykern.triton_kernels import pooling
-
-    return pooling.pool_reduce_fwd(x, is_max)
-
-
-def _triton_bwd(grad_out, indices, R, is_max):
-    from pykern.triton_kernels import pooling
-
-    return pooling.pool_reduce_bwd(grad_out, indices, R, is_max)
-
-
-POOL_REDUCE_FWD = {
-    "cpu": lambda x, is_max: _C.pool_reduce_fwd_cpu(x, is_max),
-    "cuda": lambda x, is_max: _C.pool_reduce_fwd_cuda(x, is_max),
-    "triton": _triton_fwd,
-}
-POOL_REDUCE_BWD = {
-    "cpu": lambda g, i, R, is_max: _C.pool_reduce_bwd_cpu(g, i, R, is_max),
-    "cuda": lambda g, i, R, is_max: _C.pool_reduce_bwd_cuda(g, i, R, is_max),
-    "triton": _triton_bwd,
-}
+POOL_REDUCE_FWD = backends.table("pooling", "pool_reduce_fwd")
+POOL_REDUCE_BWD = backends.table("pooling", "pool_reduce_bwd")
 
 
 @torch.library.custom_op("pykern::pool_reduce_fwd", mutates_args=())
@@ -125,27 +103,10 @@ def channel_pool(x: torch.Tensor, is_max: bool) -> torch.Tensor:
 # it is handed, `channels_last` or NCHW-contiguous, and returns its outputs in that layout.
 
 
-def _backend_table(op: str) -> dict:
-    """{"cpu": _C.<op>_cpu, "cuda": _C.<op>_cuda, "triton": triton_kernels.pooling.<op>}, each
-    looked up when called: a CPU-only build has no _cuda entries, and triton is imported only
-    when used."""
-
-    def triton_impl(*args):
-        from pykern.triton_kernels import pooling
-
-        return getattr(pooling, op)(*args)
-
-    return {
-        "cpu": lambda *args: getattr(_C, f"{op}_cpu")(*args),
-        "cuda": lambda *args: getattr(_C, f"{op}_cuda")(*args),
-        "triton": triton_impl,
-    }
-
-
-MAX_POOL2D_FWD = _backend_table("max_pool2d_fwd")
-MAX_POOL2D_BWD = _backend_table("max_pool2d_bwd")
-AVG_POOL2D_FWD = _backend_table("avg_pool2d_fwd")
-AVG_POOL2D_BWD = _backend_table("avg_pool2d_bwd")
+MAX_POOL2D_FWD = backends.table("pooling", "max_pool2d_fwd")
+MAX_POOL2D_BWD = backends.table("pooling", "max_pool2d_bwd")
+AVG_POOL2D_FWD = backends.table("pooling", "avg_pool2d_fwd")
+AVG_POOL2D_BWD = backends.table("pooling", "avg_pool2d_bwd")
 
 
 def pool2d_out_size(

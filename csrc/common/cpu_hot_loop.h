@@ -1,0 +1,11 @@
+// Multi-versioning of the CPU hot loops, shared by csrc/cpu/*.cpp.
+#pragma once
+
+// The hot loops are compiled twice, for AVX2 and for plain x86-64, and picked at load time:
+// the wheel must run on any x86-64, and AVX2 doubles the width of the vector registers.
+// (AVX2 without FMA: no contraction, so both versions round alike.)
+#if defined(__x86_64__) && defined(__GNUC__)
+#define PK_HOT_LOOP __attribute__((target_clones("avx2", "default")))
+#else
+#define PK_HOT_LOOP
+#endif

@@ -1,0 +1,1347 @@
+// Normalization family, CPU reference. CUDA twin: csrc/cuda/norm.cu; Triton twin:
+// triton_kernels/norm.py.
+//
+// Every big tensor is a contiguous (B, C, K) view (pykern/ops/norm.py builds it), so there are
+// two layouts of each kernel: K == 1, where a (b, ·) row of C elements is contiguous
+// (LayerNorm/RMSNorm rows, LayerNorm2d and BatchNorm of NHWC), and K > 1, where the C axis is
+// strided by K and the K axis is contiguous (LayerNorm2d and BatchNorm of NCHW).
+//
+// Row norm (LayerNorm, RMSNorm, LayerNorm2d) normalizes each (b, k) over C.
+//   K == 1: a row at a time: converted once into a float row (kept in L1/L2), then a two-pass
+//   mean and variance over it, then one write pass.
+//   K > 1: a tile of C x T elements at a time (T consecutive k), every pass vectorized over k.
+//   Backward: the same walks; dweight/dbias from per-group partial sums (the groups are a
+//   fixed partition of the rows or tiles), added up in group order.
+// BatchNorm normalizes each channel c over (b, k).
+//   Stats: per plane (NCHW: (b, c), K contiguous) or per chunk of rows (NHWC) a two-pass
+//   mean and M2 over data in cache, merged with Chan's formula in a fixed order.
+//   Forward and backward are elementwise with per-channel coefficients; the backward's two
+//   channel sums use the same partition as the stats.
+// Every partition depends on the shape only, never on the thread count, so results are
+// bitwise reproducible. All math is in at::opmath_type (float for float, half, bfloat16).
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/ops/empty.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <optional>
+#include <tuple>
+#include <type_traits>
+#include <vector>
+
+#include "common/checks.h"
+#include "common/cpu_hot_loop.h"
+#include "common/poison.h"
+#include "pykern.h"
+
+namespace pykern {
+namespace {
+
+#if defined(__GNUC__)
+#define PK_INLINE inline __attribute__((always_inline))
+#else
+#define PK_INLINE inline
+#endif
+
+template <typename scalar_t>
+using acc_type = at::opmath_type<scalar_t>;
+
+// Work sizes (elements): a K > 1 tile (C x T) and an NHWC row chunk both fit in L2; below
+// kParallelGrain elements one thread is faster.
+constexpr int64_t kTileElems = 16384;
+constexpr int64_t kChunkElems = 16384;
+constexpr int64_t kParallelGrain = 1 << 15;
+constexpr int64_t kMaxGroups = 64;  // partial-sum groups of the reductions over rows
+
+// ---------------------------------------------------------------------------------------------
+// Element conversion. float16 goes through branch-free bit arithmetic (c10's, with selects
+// written as masks) because c10::Half's own conversion does not vectorize; both directions are
+// exact (round to nearest even), as c10's. bfloat16's c10 conversion vectorizes as it is.
+
+PK_INLINE float bits_to_float(uint32_t u) { return __builtin_bit_cast(float, u); }
+PK_INLINE uint32_t float_to_bits(float f) { return __builtin_bit_cast(uint32_t, f); }
+
+PK_INLINE float half_to_float(uint16_t h) {
+  const uint32_t w = static_cast<uint32_t>(h) << 16;
+  const uint32_t sign = w & 0x80000000u;
+  const uint32_t two_w = w + w;
+  const uint32_t normal =
+      float_to_bits(bits_to_float((two_w >> 4) + (0xE0u << 23)) * bits_to_float(15u << 23));
+  const uint32_t denormal = float_to_bits(bits_to_float((two_w >> 17) | (126u << 23)) - 0.5f);
+  const uint32_t is_denormal = 0u - static_cast<uint32_t>(two_w < (1u << 27));
+  return bits_to_float(sign | (denormal & is_denormal) | (normal & ~is_denormal));
+}
+
+PK_INLINE uint16_t float_to_half(float f) {
+  float base = (std::fabs(f) * bits_to_float(239u << 23)) * bits_to_float(17u << 23);
+  const uint32_t w = float_to_bits(f);
+  const uint32_t shl1_w = w + w;
+  const uint32_t sign = w & 0x80000000u;
+  uint32_t bias = shl1_w & 0xFF000000u;
+  bias = bias < 0x71000000u ? 0x71000000u : bias;
+  base = bits_to_float((bias >> 1) + 0x07800000u) + base;
+  const uint32_t bits = float_to_bits(base);
+  const uint32_t nonsign = ((bits >> 13) & 0x00007C00u) + (bits & 0x00000FFFu);
+  const uint32_t is_nan = 0u - static_cast<uint32_t>(shl1_w > 0xFF000000u);
+  return static_cast<uint16_t>((sign >> 16) | (0x7E00u & is_nan) | (nonsign & ~is_nan));
+}
+
+template <typename T>
+PK_INLINE acc_type<T> ld(T v) {
+  return static_cast<acc_type<T>>(v);
+}
+template <>
+PK_INLINE float ld<c10::Half>(c10::Half v) {
+  return half_to_float(v.x);
+}
+template <typename T>
+PK_INLINE T rnd(acc_type<T> v) {  // round once to the storage type
+  return static_cast<T>(v);
+}
+template <>
+PK_INLINE c10::Half rnd<c10::Half>(float v) {
+  return c10::Half(float_to_half(v), c10::Half::from_bits());
+}
+
+// ---------------------------------------------------------------------------------------------
+// Reductions over contiguous acc rows, written with GCC vector types (32 bytes: one AVX2
+// register, two SSE registers in the default clone) because the auto-vectorizer turns arrays
+// of lane partials into shuffles and stack traffic. Two vectors of independent partials
+// (16 float lanes) hide the add latency on rows in L1; they restart every kBlock elements and
+// the block sums go into a second pair (a short error chain: 65536-element rows in float keep
+// about 1e-7 relative error); the lanes are folded in a fixed order, the same in both clones.
+
+// The vector types are only passed between always-inline functions: no ABI is involved (the
+// warning fires where templates are instantiated, at the end of the file: left off for all).
+#pragma GCC diagnostic ignored "-Wpsabi"
+
+template <typename acc_t>
+struct VecOf;
+template <>
+struct VecOf<float> {
+  typedef float type __attribute__((vector_size(32)));
+  typedef int32_t mask __attribute__((vector_size(32)));
+};
+template <>
+struct VecOf<double> {
+  typedef double type __attribute__((vector_size(32)));
+  typedef int64_t mask __attribute__((vector_size(32)));
+};
+template <typename acc_t>
+using vec_t = typename VecOf<acc_t>::type;
+template <typename acc_t>
+constexpr int kWidth = 32 / static_cast<int>(sizeof(acc_t));
+constexpr int64_t kBlock = 1024;
+
+template <typename acc_t>
+PK_INLINE vec_t<acc_t> vload(const acc_t* p) {
+  vec_t<acc_t> v;
+  __builtin_memcpy(&v, p, sizeof(v));
+  return v;
+}
+
+template <typename acc_t>
+PK_INLINE void vstore(acc_t* p, vec_t<acc_t> v) {
+  __builtin_memcpy(p, &v, sizeof(v));
+}
+
+PK_INLINE float hsum(vec_t<float> v) {
+  using M = VecOf<float>::mask;
+  v += __builtin_shuffle(v, M{4, 5, 6, 7, 0, 1, 2, 3});
+  v += __builtin_shuffle(v, M{2, 3, 0, 1, 6, 7, 4, 5});
+  v += __builtin_shuffle(v, M{1, 0, 3, 2, 5, 4, 7, 6});
+  return v[0];
+}
+
+PK_INLINE double hsum(vec_t<double> v) {
+  using M = VecOf<double>::mask;
+  v += __builtin_shuffle(v, M{2, 3, 0, 1});
+  v += __builtin_shuffle(v, M{1, 0, 3, 2});
+  return v[0];
+}
+
+// The sum over i in [0, n) of a term: vterm(i) gives the terms i..i+kWidth as a vector,
+// sterm(i) the term i alone (for the tail).
+template <typename acc_t, typename VTerm, typename STerm>
+PK_INLINE acc_t lane_sum(int64_t n, const VTerm& vterm, const STerm& sterm) {
+  using V = vec_t<acc_t>;
+  constexpr int W = kWidth<acc_t>;
+  V t0{}, t1{};
+  for (int64_t i = 0; i < n;) {
+    const int64_t end = std::min(n, i + kBlock);
+    V a0{}, a1{};
+    for (; i + 2 * W <= end; i += 2 * W) {
+      a0 += vterm(i);
+      a1 += vterm(i + W);
+    }
+    if (i < end) {  // the last block's tail, as zero-padded vectors
+      acc_t tail[2 * W] = {};
+      for (int l = 0; i < end; ++i, ++l) tail[l] = sterm(i);
+      a0 += vload(tail);
+      a1 += vload(tail + W);
+    }
+    t0 += a0;
+    t1 += a1;
+  }
+  return hsum(t0 + t1);
+}
+
+// Two sums in one pass: vstep(i, a, b) adds the terms i..i+kWidth into the vectors a and b,
+// sstep(i, a, b) sets the scalars a and b to the terms i alone.
+template <typename acc_t, typename VStep, typename SStep>
+PK_INLINE void lane_sum2(int64_t n, const VStep& vstep, const SStep& sstep, acc_t& sum_a,
+                         acc_t& sum_b) {
+  using V = vec_t<acc_t>;
+  constexpr int W = kWidth<acc_t>;
+  V ta0{}, ta1{}, tb0{}, tb1{};
+  for (int64_t i = 0; i < n;) {
+    const int64_t end = std::min(n, i + kBlock);
+    V a0{}, a1{}, b0{}, b1{};
+    for (; i + 2 * W <= end; i += 2 * W) {
+      vstep(i, a0, b0);
+      vstep(i + W, a1, b1);
+    }
+    if (i < end) {
+      acc_t ta[2 * W] = {}, tb[2 * W] = {};
+      for (int l = 0; i < end; ++i, ++l) sstep(i, ta[l], tb[l]);
+      a0 += vload(ta);
+      a1 += vload(ta + W);
+      b0 += vload(tb);
+      b1 += vload(tb + W);
+    }
+    ta0 += a0;
+    ta1 += a1;
+    tb0 += b0;
+    tb1 += b1;
+  }
+  sum_a = hsum(ta0 + ta1);
+  sum_b = hsum(tb0 + tb1);
+}
+
+#define PK_TERM [&](int64_t i) __attribute__((always_inline))
+#define PK_STEP [&](int64_t i, auto& a, auto& b) __attribute__((always_inline))
+
+// sum of (v - m) (m = 0: the sum)
+template <typename acc_t>
+PK_INLINE acc_t dev_sum(const acc_t* __restrict v, int64_t n, acc_t m) {
+  return lane_sum<acc_t>(
+      n, PK_TERM { return vload(v + i) - m; }, PK_TERM { return v[i] - m; });
+}
+
+// sum of ((v - p) - m)^2 (p = m = 0: the sum of squares)
+template <typename acc_t>
+PK_INLINE acc_t sq_dev_sum(const acc_t* __restrict v, int64_t n, acc_t p, acc_t m) {
+  return lane_sum<acc_t>(
+      n,
+      PK_TERM {
+        const vec_t<acc_t> d = (vload(v + i) - p) - m;
+        return d * d;
+      },
+      PK_TERM {
+        const acc_t d = (v[i] - p) - m;
+        return d * d;
+      });
+}
+
+// sum of a * (b - m) (m = 0: the dot product)
+template <typename acc_t>
+PK_INLINE acc_t dot_dev(const acc_t* __restrict a, const acc_t* __restrict b, int64_t n, acc_t m) {
+  return lane_sum<acc_t>(
+      n, PK_TERM { return vload(a + i) * (vload(b + i) - m); },
+      PK_TERM { return a[i] * (b[i] - m); });
+}
+
+// sum of (a * w) * b (b = null: of a * w)
+template <typename acc_t>
+PK_INLINE acc_t weighted_sum(const acc_t* __restrict a, const acc_t* __restrict w,
+                             const acc_t* __restrict b, int64_t n) {
+  if (b == nullptr) {
+    return lane_sum<acc_t>(
+        n, PK_TERM { return vload(a + i) * vload(w + i); }, PK_TERM { return a[i] * w[i]; });
+  }
+  return lane_sum<acc_t>(
+      n, PK_TERM { return (vload(a + i) * vload(w + i)) * vload(b + i); },
+      PK_TERM { return (a[i] * w[i]) * b[i]; });
+}
+
+// (sum of d, sum of d^2) for d = v - m, in one pass
+template <typename acc_t>
+PK_INLINE void dev_sums(const acc_t* __restrict v, int64_t n, acc_t m, acc_t& s1, acc_t& s2) {
+  lane_sum2<acc_t>(
+      n,
+      PK_STEP {
+        const vec_t<acc_t> d = vload(v + i) - m;
+        a += d;
+        b += d * d;
+      },
+      PK_STEP {
+        const acc_t d = v[i] - m;
+        a = d;
+        b = d * d;
+      },
+      s1, s2);
+}
+
+#undef PK_TERM
+
+// n elements as acc: x itself when it already is (and nothing is added), else converted into
+// buf. With a residual, s = x + residual rounded to x's dtype is written out and its rounded
+// value is what the norm sees (torch's x + residual, then the norm).
+template <typename scalar_t>
+PK_INLINE const acc_type<scalar_t>* acc_view(const scalar_t* __restrict x,
+                                             const scalar_t* __restrict res,
+                                             scalar_t* __restrict s,
+                                             acc_type<scalar_t>* __restrict buf, int64_t n) {
+  const scalar_t* src = x;
+  if (res != nullptr) {  // two simple loops: one fused loop does not vectorize for half
+    for (int64_t i = 0; i < n; ++i) s[i] = rnd<scalar_t>(ld(x[i]) + ld(res[i]));
+    src = s;
+  }
+  if constexpr (std::is_same_v<scalar_t, acc_type<scalar_t>>) {
+    return src;
+  } else {
+    for (int64_t i = 0; i < n; ++i) buf[i] = ld(src[i]);
+    return buf;
+  }
+}
+
+// v, or +0 where `zero` holds: a bit mask rather than a select, so that the loops around it
+// vectorize for every dtype. (v < 0 ? 0 : v keeps NaN and -0, as torch.relu.)
+template <typename acc_t>
+PK_INLINE acc_t zero_where(bool zero, acc_t v) {
+  using bits_t = std::conditional_t<sizeof(acc_t) == 4, uint32_t, uint64_t>;
+  const bits_t mask = bits_t(0) - static_cast<bits_t>(zero);
+  return __builtin_bit_cast(acc_t, static_cast<bits_t>(__builtin_bit_cast(bits_t, v) & ~mask));
+}
+
+// Chan's merge of (n_b, mean_b, m2_b) into (n_a, mean_a, m2_a), for n_b > 0.
+template <typename acc_t>
+PK_INLINE void chan_merge(int64_t& n_a, acc_t& mean_a, acc_t& m2_a, int64_t n_b, acc_t mean_b,
+                          acc_t m2_b) {
+  const int64_t n = n_a + n_b;
+  const acc_t f_b = static_cast<acc_t>(n_b) / static_cast<acc_t>(n);
+  const acc_t f_ab = static_cast<acc_t>(n_a) * f_b;
+  const acc_t delta = mean_b - mean_a;
+  mean_a += delta * f_b;
+  m2_a += m2_b + delta * delta * f_ab;
+  n_a = n;
+}
+
+// Splits [0, n) into `parts` ranges, the same for any thread count.
+inline int64_t part_begin(int64_t n, int64_t parts, int64_t i) { return n * i / parts; }
+
+// Groups of the reductions over rows: enough to share among threads, few enough that their
+// partial vectors (groups x C) stay small.
+inline int64_t group_count(int64_t items, int64_t C) {
+  const int64_t by_size = std::max<int64_t>(1, (int64_t(1) << 21) / std::max<int64_t>(C, 1));
+  return std::max<int64_t>(1, std::min({items, kMaxGroups, by_size}));
+}
+
+// NHWC chunks: R rows of C near kChunkElems elements; at most 256 rows, which keeps the
+// per-channel error chains short.
+inline int64_t chunk_rows(int64_t C) {
+  return std::clamp<int64_t>(kChunkElems / std::max<int64_t>(C, 1), 1, 256);
+}
+
+// Tile width T for K > 1: C x T elements near kTileElems, a multiple of 16, at most K.
+inline int64_t tile_width(int64_t C, int64_t K) {
+  const int64_t t = std::max<int64_t>(16, kTileElems / std::max<int64_t>(C, 1) / 16 * 16);
+  return std::min(t, K);
+}
+
+// Sums parts x n partial rows in part order into out (n).
+template <typename acc_t>
+void sum_parts(const acc_t* parts, int64_t count, int64_t n, acc_t* out) {
+  for (int64_t i = 0; i < n; ++i) out[i] = acc_t(0);
+  for (int64_t g = 0; g < count; ++g) {
+    const acc_t* p = parts + g * n;
+    for (int64_t i = 0; i < n; ++i) out[i] += p[i];
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Row norm forward.
+
+template <typename scalar_t>
+struct RowFwd {
+  using acc_t = acc_type<scalar_t>;
+  const scalar_t* x;
+  const scalar_t* res;  // or null
+  const acc_t* w;       // C (ones when absent)
+  const acc_t* bias;    // C (zeros when absent)
+  scalar_t* y;
+  scalar_t* s;          // or null (no residual)
+  acc_t* mean;          // (B, K) or null (rms)
+  acc_t* rstd;          // (B, K)
+  int64_t C, K;
+  acc_t eps;
+  bool rms;
+};
+
+// K == 1: rows r0..r1.
+template <typename scalar_t>
+PK_HOT_LOOP void row_fwd_rows(const RowFwd<scalar_t>& p, int64_t r0, int64_t r1,
+                              acc_type<scalar_t>* buf) {
+  using acc_t = acc_type<scalar_t>;
+  const int64_t C = p.C;
+  const acc_t* __restrict w = p.w;
+  const acc_t* __restrict bias = p.bias;
+  const acc_t inv_c = acc_t(1) / static_cast<acc_t>(C);
+  for (int64_t r = r0; r < r1; ++r) {
+    const acc_t* __restrict v = acc_view(p.x + r * C, p.res ? p.res + r * C : nullptr,
+                                         p.s ? p.s + r * C : nullptr, buf, C);
+    // LayerNorm: the mean as pivot + offset with pivot = v[0], so that sums and differences
+    // stay at the scale of the spread (with a mean of 1e4 and spread 1 in float32 the variance
+    // and y keep full accuracy; only the mean output is rounded to acc). One pass gives
+    // s1 = sum d and s2 = sum d^2 (d = v - pivot), M2 = s2 - s1 * off; that subtraction loses
+    // log2(s2 / M2) bits, so when s2 > 4 M2 (the pivot lies over 1.7 standard deviations from
+    // the mean) M2 is summed again exactly in a second pass over the row in cache.
+    // RMSNorm: pivot = off = 0, M2 = the sum of squares.
+    acc_t pivot = 0, off = 0, m2;
+    if (p.rms) {
+      m2 = sq_dev_sum(v, C, acc_t(0), acc_t(0));
+    } else {
+      pivot = v[0];
+      acc_t s1, s2;
+      dev_sums(v, C, pivot, s1, s2);
+      off = s1 * inv_c;
+      m2 = s2 - s1 * off;
+      if (!(m2 * 4 >= s2)) m2 = sq_dev_sum(v, C, pivot, off);  // (NaN goes this way too)
+    }
+    const acc_t rstd = acc_t(1) / std::sqrt(m2 * inv_c + p.eps);
+    if (p.mean) p.mean[r] = pivot + off;
+    p.rstd[r] = rstd;
+    scalar_t* __restrict y = p.y + r * C;
+    for (int64_t c = 0; c < C; ++c) {
+      y[c] = rnd<scalar_t>(((v[c] - pivot) - off) * rstd * w[c] + bias[c]);
+    }
+  }
+}
+
+// K > 1: the tile of batch b, columns k0..k0+T. buf holds C x T acc values, stat 4 x T.
+// Sums over c run in blocks of kRowBlock rows, each block summed apart (a short error chain).
+constexpr int64_t kRowBlock = 64;
+
+template <typename scalar_t>
+PK_HOT_LOOP void row_fwd_tile(const RowFwd<scalar_t>& p, int64_t b, int64_t k0, int64_t T,
+                              acc_type<scalar_t>* __restrict buf,
+                              acc_type<scalar_t>* __restrict stat) {
+  using acc_t = acc_type<scalar_t>;
+  const int64_t C = p.C, K = p.K;
+  const int64_t base = b * C * K + k0;
+  const acc_t inv_c = acc_t(1) / static_cast<acc_t>(C);
+  const scalar_t* src = p.x;  // x, or s = x + residual once written
+  if (p.res) {
+    for (int64_t c = 0; c < C; ++c) {
+      const int64_t at = base + c * K;
+      const scalar_t* __restrict x = p.x + at;
+      const scalar_t* __restrict r = p.res + at;
+      scalar_t* __restrict s = p.s + at;
+      for (int64_t k = 0; k < T; ++k) s[k] = rnd<scalar_t>(ld(x[k]) + ld(r[k]));
+    }
+    src = p.s;
+  }
+  const acc_t* v = buf;  // the tile as acc, row stride ldv
+  int64_t ldv = T;
+  if constexpr (std::is_same_v<scalar_t, acc_t>) {
+    v = src + base;
+    ldv = K;
+  } else {
+    for (int64_t c = 0; c < C; ++c) {
+      const scalar_t* __restrict row = src + base + c * K;
+      acc_t* __restrict out = buf + c * T;
+      for (int64_t k = 0; k < T; ++k) out[k] = ld(row[k]);
+    }
+  }
+  // the mean as pivot (row 0) + offset, as in row_fwd_rows; RMSNorm: 0 + 0
+  acc_t* __restrict pivot = stat;
+  acc_t* __restrict off = stat + T;
+  acc_t* __restrict rstd = stat + 2 * T;
+  acc_t* __restrict part = stat + 3 * T;
+  for (int64_t k = 0; k < T; ++k) pivot[k] = off[k] = rstd[k] = acc_t(0);
+  if (!p.rms) {
+    for (int64_t k = 0; k < T; ++k) pivot[k] = v[k];
+    for (int64_t c0 = 0; c0 < C; c0 += kRowBlock) {
+      for (int64_t k = 0; k < T; ++k) part[k] = acc_t(0);
+      for (int64_t c = c0; c < std::min(C, c0 + kRowBlock); ++c) {
+        const acc_t* __restrict row = v + c * ldv;
+        for (int64_t k = 0; k < T; ++k) part[k] += row[k] - pivot[k];
+      }
+      for (int64_t k = 0; k < T; ++k) off[k] += part[k];
+    }
+    for (int64_t k = 0; k < T; ++k) off[k] *= inv_c;
+  }
+  for (int64_t c0 = 0; c0 < C; c0 += kRowBlock) {
+    for (int64_t k = 0; k < T; ++k) part[k] = acc_t(0);
+    for (int64_t c = c0; c < std::min(C, c0 + kRowBlock); ++c) {
+      const acc_t* __restrict row = v + c * ldv;
+      for (int64_t k = 0; k < T; ++k) {
+        const acc_t d = (row[k] - pivot[k]) - off[k];
+        part[k] += d * d;
+      }
+    }
+    for (int64_t k = 0; k < T; ++k) rstd[k] += part[k];
+  }
+  for (int64_t k = 0; k < T; ++k) rstd[k] = acc_t(1) / std::sqrt(rstd[k] * inv_c + p.eps);
+  if (p.mean) {
+    for (int64_t k = 0; k < T; ++k) p.mean[b * K + k0 + k] = pivot[k] + off[k];
+  }
+  for (int64_t k = 0; k < T; ++k) p.rstd[b * K + k0 + k] = rstd[k];
+  for (int64_t c = 0; c < C; ++c) {
+    const acc_t* __restrict row = v + c * ldv;
+    scalar_t* __restrict y = p.y + base + c * K;
+    const acc_t wc = p.w[c], bc = p.bias[c];
+    for (int64_t k = 0; k < T; ++k) {
+      y[k] = rnd<scalar_t>(((row[k] - pivot[k]) - off[k]) * rstd[k] * wc + bc);
+    }
+  }
+}
+
+template <typename scalar_t>
+void row_fwd(const RowFwd<scalar_t>& p, int64_t B) {
+  using acc_t = acc_type<scalar_t>;
+  const int64_t C = p.C, K = p.K;
+  const bool parallel = B * C * K > kParallelGrain;
+  if (K == 1) {
+    const int64_t rows = std::max<int64_t>(1, 4096 / C);  // rows per call
+    const int64_t blocks = (B + rows - 1) / rows;
+#pragma omp parallel if (parallel)
+    {
+      std::vector<acc_t> buf(C);
+#pragma omp for schedule(static)
+      for (int64_t i = 0; i < blocks; ++i) {
+        row_fwd_rows(p, i * rows, std::min(B, (i + 1) * rows), buf.data());
+      }
+    }
+    return;
+  }
+  const int64_t T = tile_width(C, K);
+  const int64_t tiles = (K + T - 1) / T;
+#pragma omp parallel if (parallel)
+  {
+    std::vector<acc_t> buf(std::is_same_v<scalar_t, acc_t> ? 0 : C * T), stat(4 * T);
+#pragma omp for schedule(static)
+    for (int64_t i = 0; i < B * tiles; ++i) {
+      const int64_t b = i / tiles, k0 = i % tiles * T;
+      row_fwd_tile(p, b, k0, std::min(T, K - k0), buf.data(), stat.data());
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Row norm backward.
+
+template <typename scalar_t>
+struct RowBwd {
+  using acc_t = acc_type<scalar_t>;
+  const scalar_t* dy;
+  const scalar_t* x;
+  const acc_t* w;     // C (ones when absent)
+  const acc_t* mean;  // (B, K); null for rms
+  const acc_t* rstd;  // (B, K)
+  const scalar_t* gs;  // grad_sum or null
+  scalar_t* dx;
+  int64_t C, K;
+};
+
+// K == 1: rows r0..r1; dw/db (C) accumulate this group's parameter sums when kDw/kDb. Two
+// passes per row: xhat (into xh) with the sums of g = dy * w and g * xhat, then dx and the
+// parameter sums. dyb/xb: rows converted to acc (low precision only).
+template <typename scalar_t, bool kDw, bool kDb>
+PK_HOT_LOOP void row_bwd_rows(const RowBwd<scalar_t>& p, int64_t r0, int64_t r1,
+                              acc_type<scalar_t>* __restrict dyb,
+                              acc_type<scalar_t>* __restrict xb,
+                              acc_type<scalar_t>* __restrict xh, acc_type<scalar_t>* __restrict dw,
+                              acc_type<scalar_t>* __restrict db) {
+  using acc_t = acc_type<scalar_t>;
+  using V = vec_t<acc_t>;
+  const int64_t C = p.C;
+  const acc_t* __restrict w = p.w;
+  const acc_t inv_c = acc_t(1) / static_cast<acc_t>(C);
+  for (int64_t r = r0; r < r1; ++r) {
+    const acc_t m = p.mean ? p.mean[r] : acc_t(0), rs = p.rstd[r];
+    const acc_t* __restrict d = acc_view<scalar_t>(p.dy + r * C, nullptr, nullptr, dyb, C);
+    const acc_t* __restrict xv = acc_view<scalar_t>(p.x + r * C, nullptr, nullptr, xb, C);
+    acc_t sg, sgx;
+    lane_sum2<acc_t>(
+        C,
+        [&](int64_t i, V& a, V& b) __attribute__((always_inline)) {
+          const V xhat = (vload(xv + i) - m) * rs;
+          vstore(xh + i, xhat);
+          const V g = vload(d + i) * vload(w + i);
+          a += g;
+          b += g * xhat;
+        },
+        [&](int64_t i, acc_t& a, acc_t& b) __attribute__((always_inline)) {
+          const acc_t xhat = (xv[i] - m) * rs;
+          xh[i] = xhat;
+          a = d[i] * w[i];
+          b = a * xhat;
+        },
+        sg, sgx);
+    const acc_t mg = p.mean ? sg * inv_c : acc_t(0);  // RMSNorm: no mean term
+    const acc_t mgx = sgx * inv_c;
+    scalar_t* __restrict dx = p.dx + r * C;
+    const scalar_t* __restrict gs = p.gs ? p.gs + r * C : nullptr;
+    for (int64_t c = 0; c < C; ++c) {
+      if constexpr (kDw) dw[c] += d[c] * xh[c];
+      if constexpr (kDb) db[c] += d[c];
+      const acc_t v = rs * ((d[c] * w[c] - mg) - xh[c] * mgx);
+      dx[c] = rnd<scalar_t>(gs ? v + ld(gs[c]) : v);
+    }
+  }
+}
+
+// K > 1: the tile of batch b, columns k0..k0+T. dyb and xh hold C x T, stat 6 x T.
+template <typename scalar_t>
+PK_HOT_LOOP void row_bwd_tile(const RowBwd<scalar_t>& p, int64_t b, int64_t k0, int64_t T,
+                              acc_type<scalar_t>* __restrict dyb,
+                              acc_type<scalar_t>* __restrict xh,
+                              acc_type<scalar_t>* __restrict stat, acc_type<scalar_t>* __restrict dw,
+                              acc_type<scalar_t>* __restrict db) {
+  using acc_t = acc_type<scalar_t>;
+  const int64_t C = p.C, K = p.K;
+  const int64_t base = b * C * K + k0;
+  const acc_t inv_c = acc_t(1) / static_cast<acc_t>(C);
+  acc_t* __restrict m = stat;
+  acc_t* __restrict rs = stat + T;
+  acc_t* __restrict sg = stat + 2 * T;
+  acc_t* __restrict sgx = stat + 3 * T;
+  for (int64_t k = 0; k < T; ++k) {
+    m[k] = p.mean ? p.mean[b * K + k0 + k] : acc_t(0);
+    rs[k] = p.rstd[b * K + k0 + k];
+    sg[k] = sgx[k] = acc_t(0);
+  }
+  for (int64_t c = 0; c < C; ++c) {
+    const scalar_t* __restrict dy = p.dy + base + c * K;
+    const scalar_t* __restrict x = p.x + base + c * K;
+    acc_t* __restrict drow = dyb + c * T;
+    acc_t* __restrict xrow = xh + c * T;
+    const acc_t wc = p.w[c];
+    for (int64_t k = 0; k < T; ++k) {
+      const acc_t d = ld(dy[k]);
+      const acc_t xhat = (ld(x[k]) - m[k]) * rs[k];
+      drow[k] = d;
+      xrow[k] = xhat;
+      const acc_t g = d * wc;
+      sg[k] += g;
+      sgx[k] += g * xhat;
+    }
+    if (dw) dw[c] += dot_dev(drow, xrow, T, acc_t(0));
+    if (db) db[c] += dev_sum(drow, T, acc_t(0));
+  }
+  for (int64_t k = 0; k < T; ++k) {
+    sg[k] = p.mean ? sg[k] * inv_c : acc_t(0);
+    sgx[k] *= inv_c;
+  }
+  for (int64_t c = 0; c < C; ++c) {
+    const acc_t* __restrict drow = dyb + c * T;
+    const acc_t* __restrict xrow = xh + c * T;
+    scalar_t* __restrict dx = p.dx + base + c * K;
+    const acc_t wc = p.w[c];
+    if (p.gs) {
+      const scalar_t* __restrict gs = p.gs + base + c * K;
+      for (int64_t k = 0; k < T; ++k) {
+        dx[k] = rnd<scalar_t>(rs[k] * ((drow[k] * wc - sg[k]) - xrow[k] * sgx[k]) + ld(gs[k]));
+      }
+    } else {
+      for (int64_t k = 0; k < T; ++k) {
+        dx[k] = rnd<scalar_t>(rs[k] * ((drow[k] * wc - sg[k]) - xrow[k] * sgx[k]));
+      }
+    }
+  }
+}
+
+template <typename scalar_t>
+void row_bwd(const RowBwd<scalar_t>& p, int64_t B, at::Tensor& dweight, at::Tensor& dbias) {
+  using acc_t = acc_type<scalar_t>;
+  const int64_t C = p.C, K = p.K;
+  const bool need_dw = dweight.numel() > 0, need_db = dbias.numel() > 0;
+  const int64_t T = K == 1 ? 1 : tile_width(C, K);
+  const int64_t tiles = (K + T - 1) / T;
+  const int64_t items = B * tiles;  // rows (K == 1) or tiles
+  const int64_t groups = group_count(items, C);
+  std::vector<acc_t> dw_parts(need_dw ? groups * C : 0), db_parts(need_db ? groups * C : 0);
+  const bool parallel = B * C * K > kParallelGrain;
+#pragma omp parallel if (parallel)
+  {
+    std::vector<acc_t> dyb(C * T), xh(C * T), stat(K == 1 ? 0 : 4 * T);
+    std::vector<acc_t> xb(K == 1 && !std::is_same_v<scalar_t, acc_t> ? C : 0);
+#pragma omp for schedule(static)
+    for (int64_t g = 0; g < groups; ++g) {
+      acc_t* dw = need_dw ? dw_parts.data() + g * C : nullptr;
+      acc_t* db = need_db ? db_parts.data() + g * C : nullptr;
+      const int64_t i0 = part_begin(items, groups, g), i1 = part_begin(items, groups, g + 1);
+      if (K == 1) {
+        auto* fn = need_dw ? (need_db ? &row_bwd_rows<scalar_t, true, true>
+                                      : &row_bwd_rows<scalar_t, true, false>)
+                           : (need_db ? &row_bwd_rows<scalar_t, false, true>
+                                      : &row_bwd_rows<scalar_t, false, false>);
+        fn(p, i0, i1, dyb.data(), xb.data(), xh.data(), dw, db);
+      } else {
+        for (int64_t i = i0; i < i1; ++i) {
+          const int64_t b = i / tiles, k0 = i % tiles * T;
+          row_bwd_tile(p, b, k0, std::min(T, K - k0), dyb.data(), xh.data(), stat.data(), dw, db);
+        }
+      }
+    }
+  }
+  if (need_dw) sum_parts(dw_parts.data(), groups, C, dweight.data_ptr<acc_t>());
+  if (need_db) sum_parts(db_parts.data(), groups, C, dbias.data_ptr<acc_t>());
+}
+
+// ---------------------------------------------------------------------------------------------
+// BatchNorm statistics.
+
+// Every mean here is an offset from a pivot P[c], the channel's first element x[0, c, 0]: the
+// sums then stay at the scale of the spread, and so do Chan's deltas (a mean of 1e4 and a
+// spread of 1 in float32 keeps an accurate variance). mean = P + offset at the end.
+
+// NCHW (K > 1): channel c over planes b0..b1, each a two-pass offset mean / M2 over the plane
+// in cache, merged in b order.
+template <typename scalar_t>
+PK_HOT_LOOP void bn_stats_planes(const scalar_t* x, int64_t C, int64_t K, int64_t c, int64_t b0,
+                                 int64_t b1, acc_type<scalar_t> P, acc_type<scalar_t>* buf,
+                                 int64_t& n_out, acc_type<scalar_t>& mean_out,
+                                 acc_type<scalar_t>& m2_out) {
+  using acc_t = acc_type<scalar_t>;
+  const acc_t inv_k = acc_t(1) / static_cast<acc_t>(K);
+  int64_t n = 0;
+  acc_t mean = 0, m2 = 0;
+  for (int64_t b = b0; b < b1; ++b) {
+    const acc_t* __restrict v = acc_view<scalar_t>(x + (b * C + c) * K, nullptr, nullptr, buf, K);
+    const acc_t pm = dev_sum(v, K, P) * inv_k;
+    chan_merge(n, mean, m2, K, pm, sq_dev_sum(v, K, P, pm));
+  }
+  n_out = n;
+  mean_out = mean;
+  m2_out = m2;
+}
+
+// Merges (n_b, mean_b[c], m2_b[c]) into (n_a, mean_a[c], m2_a[c]) for every channel.
+template <typename acc_t>
+PK_INLINE void chan_merge_vec(int64_t& n_a, acc_t* __restrict mean_a, acc_t* __restrict m2_a,
+                              int64_t n_b, const acc_t* __restrict mean_b,
+                              const acc_t* __restrict m2_b, int64_t C) {
+  const int64_t n = n_a + n_b;
+  const acc_t f_b = static_cast<acc_t>(n_b) / static_cast<acc_t>(n);
+  const acc_t f_ab = static_cast<acc_t>(n_a) * f_b;
+  for (int64_t c = 0; c < C; ++c) {
+    const acc_t delta = mean_b[c] - mean_a[c];
+    mean_a[c] += delta * f_b;
+    m2_a[c] += m2_b[c] + delta * delta * f_ab;
+  }
+  n_a = n;
+}
+
+// NHWC (K == 1): rows r0..r1 in chunks of R rows; each chunk's per-channel offset mean / M2
+// (two passes over the chunk in cache) merged into mean/m2 (C) in chunk order. Returns the
+// count.
+template <typename scalar_t>
+PK_HOT_LOOP int64_t bn_stats_rows(const scalar_t* x, int64_t C, int64_t r0, int64_t r1, int64_t R,
+                                  const acc_type<scalar_t>* __restrict P, acc_type<scalar_t>* buf,
+                                  acc_type<scalar_t>* __restrict cm,
+                                  acc_type<scalar_t>* __restrict cm2,
+                                  acc_type<scalar_t>* __restrict mean,
+                                  acc_type<scalar_t>* __restrict m2) {
+  using acc_t = acc_type<scalar_t>;
+  int64_t n = 0;
+  for (int64_t c = 0; c < C; ++c) mean[c] = m2[c] = acc_t(0);
+  for (int64_t q = r0; q < r1; q += R) {
+    const int64_t nr = std::min(R, r1 - q);
+    const acc_t* __restrict v = acc_view<scalar_t>(x + q * C, nullptr, nullptr, buf, nr * C);
+    for (int64_t c = 0; c < C; ++c) cm[c] = cm2[c] = acc_t(0);
+    for (int64_t r = 0; r < nr; ++r) {
+      for (int64_t c = 0; c < C; ++c) cm[c] += v[r * C + c] - P[c];
+    }
+    const acc_t inv_n = acc_t(1) / static_cast<acc_t>(nr);
+    for (int64_t c = 0; c < C; ++c) cm[c] *= inv_n;
+    for (int64_t r = 0; r < nr; ++r) {
+      for (int64_t c = 0; c < C; ++c) {
+        const acc_t d = (v[r * C + c] - P[c]) - cm[c];
+        cm2[c] += d * d;
+      }
+    }
+    chan_merge_vec(n, mean, m2, nr, cm, cm2, C);
+  }
+  return n;
+}
+
+template <typename scalar_t>
+void bn_stats(const at::Tensor& xt, at::Tensor& mean_t, at::Tensor& var_t) {
+  using acc_t = acc_type<scalar_t>;
+  const int64_t B = xt.size(0), C = xt.size(1), K = xt.size(2);
+  const scalar_t* x = xt.const_data_ptr<scalar_t>();
+  acc_t* mean_out = mean_t.data_ptr<acc_t>();
+  acc_t* var_out = var_t.data_ptr<acc_t>();
+  const bool parallel = B * C * K > kParallelGrain;
+  std::vector<acc_t> P(C);  // pivots: x[0, c, 0]
+  for (int64_t c = 0; c < C; ++c) P[c] = ld(x[c * K]);
+  if (K > 1) {
+    // items: (channel, group of planes); enough groups for the threads when C is small.
+    const int64_t groups = std::min<int64_t>(B, std::max<int64_t>(1, (kMaxGroups + C - 1) / C));
+    std::vector<int64_t> pn(C * groups);
+    std::vector<acc_t> pmean(C * groups), pm2(C * groups);
+#pragma omp parallel if (parallel)
+    {
+      std::vector<acc_t> buf(std::is_same_v<scalar_t, acc_t> ? 0 : K);
+#pragma omp for schedule(static)
+      for (int64_t i = 0; i < C * groups; ++i) {
+        const int64_t c = i / groups, g = i % groups;
+        bn_stats_planes(x, C, K, c, part_begin(B, groups, g), part_begin(B, groups, g + 1), P[c],
+                        buf.data(), pn[i], pmean[i], pm2[i]);
+      }
+    }
+    for (int64_t c = 0; c < C; ++c) {
+      int64_t n = 0;
+      acc_t mean = 0, m2 = 0;
+      for (int64_t g = 0; g < groups; ++g) {
+        const int64_t i = c * groups + g;
+        if (pn[i] > 0) chan_merge(n, mean, m2, pn[i], pmean[i], pm2[i]);
+      }
+      mean_out[c] = P[c] + mean;
+      var_out[c] = m2 / static_cast<acc_t>(n);
+    }
+    return;
+  }
+  const int64_t R = chunk_rows(C);
+  const int64_t groups = std::max<int64_t>(1, std::min(kMaxGroups, (B + R - 1) / R));
+  std::vector<int64_t> gn(groups);
+  std::vector<acc_t> gmean(groups * C), gm2(groups * C);
+#pragma omp parallel if (parallel)
+  {
+    std::vector<acc_t> buf(std::is_same_v<scalar_t, acc_t> ? 0 : R * C), cm(C), cm2(C);
+#pragma omp for schedule(static)
+    for (int64_t g = 0; g < groups; ++g) {
+      gn[g] = bn_stats_rows(x, C, part_begin(B, groups, g), part_begin(B, groups, g + 1), R,
+                            P.data(), buf.data(), cm.data(), cm2.data(), gmean.data() + g * C,
+                            gm2.data() + g * C);
+    }
+  }
+  // Chan's merge of the groups in order, vectorized over channels.
+  std::vector<acc_t> mean(C, acc_t(0)), m2(C, acc_t(0));
+  int64_t n = 0;
+  for (int64_t g = 0; g < groups; ++g) {
+    if (gn[g] > 0) chan_merge_vec(n, mean.data(), m2.data(), gn[g], gmean.data() + g * C,
+                                  gm2.data() + g * C, C);
+  }
+  for (int64_t c = 0; c < C; ++c) {
+    mean_out[c] = P[c] + mean[c];
+    var_out[c] = m2[c] / static_cast<acc_t>(n);
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// BatchNorm forward and backward: elementwise with per-channel coefficients.
+//   fwd: v = (x - mean[c]) * scale[c] + shift[c] (+ residual), relu; scale = invstd * weight.
+//   bwd: dy masked by y > 0 (relu variants); train: dx = k[c] * ((dy - mdy[c]) - (x - mean[c])
+//   * cx[c]) with k = weight * invstd, mdy = sum_dy / count, cx = sum_dy_xhat / count * invstd;
+//   eval: dx = k[c] * dy.
+
+template <typename acc_t>
+struct ChannelCoef {
+  const acc_t* mean;
+  const acc_t* a;  // fwd: scale; bwd: k
+  const acc_t* b;  // fwd: shift; bwd: mdy
+  const acc_t* c;  // bwd: cx
+};
+
+template <typename scalar_t, bool kRes, bool kRelu>
+PK_INLINE acc_type<scalar_t> bn_fwd_value(scalar_t x, const scalar_t* res, int64_t i,
+                                          acc_type<scalar_t> m, acc_type<scalar_t> a,
+                                          acc_type<scalar_t> s) {
+  using acc_t = acc_type<scalar_t>;
+  acc_t v = (ld(x) - m) * a + s;
+  if constexpr (kRes) v += ld(res[i]);
+  if constexpr (kRelu) v = zero_where(v < acc_t(0), v);
+  return v;
+}
+
+// Planes p0..p1 of K elements each (plane p is channel p % C); K == 1 calls it with C-long
+// rows instead (rows == true), one coefficient per element.
+template <typename scalar_t, bool kRes, bool kRelu>
+PK_HOT_LOOP void bn_fwd_range(const scalar_t* __restrict x, const scalar_t* __restrict res,
+                              scalar_t* __restrict y, ChannelCoef<acc_type<scalar_t>> cf,
+                              int64_t C, int64_t K, int64_t p0, int64_t p1) {
+  using acc_t = acc_type<scalar_t>;
+  if (K == 1) {  // rows of C
+    const acc_t* __restrict m = cf.mean;
+    const acc_t* __restrict a = cf.a;
+    const acc_t* __restrict s = cf.b;
+    for (int64_t r = p0; r < p1; ++r) {
+      const int64_t o = r * C;
+      for (int64_t c = 0; c < C; ++c) {
+        y[o + c] = rnd<scalar_t>(bn_fwd_value<scalar_t, kRes, kRelu>(x[o + c], res, o + c, m[c],
+                                                                      a[c], s[c]));
+      }
+    }
+    return;
+  }
+  for (int64_t p = p0; p < p1; ++p) {
+    const int64_t c = p % C, o = p * K;
+    const acc_t m = cf.mean[c], a = cf.a[c], s = cf.b[c];
+    for (int64_t k = 0; k < K; ++k) {
+      y[o + k] = rnd<scalar_t>(bn_fwd_value<scalar_t, kRes, kRelu>(x[o + k], res, o + k, m, a, s));
+    }
+  }
+}
+
+template <typename scalar_t, bool kMask>
+PK_INLINE acc_type<scalar_t> masked_dy(const scalar_t* dy, const scalar_t* y, int64_t i) {
+  using acc_t = acc_type<scalar_t>;
+  const acc_t d = ld(dy[i]);
+  if constexpr (kMask) return zero_where(ld(y[i]) <= acc_t(0), d);
+  return d;
+}
+
+template <typename scalar_t, bool kMask, bool kTrain, bool kRes>
+PK_INLINE void bn_bwd_value(const scalar_t* dy, const scalar_t* x, const scalar_t* y,
+                            scalar_t* dx, scalar_t* dres, int64_t i, acc_type<scalar_t> m,
+                            acc_type<scalar_t> k, acc_type<scalar_t> mdy,
+                            acc_type<scalar_t> cx) {
+  const acc_type<scalar_t> d = masked_dy<scalar_t, kMask>(dy, y, i);
+  if constexpr (kTrain) {
+    dx[i] = rnd<scalar_t>(k * ((d - mdy) - (ld(x[i]) - m) * cx));
+  } else {
+    dx[i] = rnd<scalar_t>(k * d);
+  }
+  if constexpr (kRes) dres[i] = rnd<scalar_t>(d);
+}
+
+template <typename scalar_t, bool kMask, bool kTrain, bool kRes>
+PK_HOT_LOOP void bn_bwd_range(const scalar_t* __restrict dy, const scalar_t* __restrict x,
+                              const scalar_t* __restrict y, scalar_t* __restrict dx,
+                              scalar_t* __restrict dres, ChannelCoef<acc_type<scalar_t>> cf,
+                              int64_t C, int64_t K, int64_t p0, int64_t p1) {
+  using acc_t = acc_type<scalar_t>;
+  if (K == 1) {
+    const acc_t* __restrict m = cf.mean;
+    const acc_t* __restrict k = cf.a;
+    const acc_t* __restrict mdy = cf.b;
+    const acc_t* __restrict cx = cf.c;
+    for (int64_t r = p0; r < p1; ++r) {
+      const int64_t o = r * C;
+      for (int64_t c = 0; c < C; ++c) {
+        bn_bwd_value<scalar_t, kMask, kTrain, kRes>(dy, x, y, dx, dres, o + c, m[c], k[c], mdy[c],
+                                                    cx[c]);
+      }
+    }
+    return;
+  }
+  for (int64_t p = p0; p < p1; ++p) {
+    const int64_t c = p % C, o = p * K;
+    const acc_t m = cf.mean[c], k = cf.a[c], mdy = cf.b[c], cx = cf.c[c];
+    for (int64_t i = o; i < o + K; ++i) {
+      bn_bwd_value<scalar_t, kMask, kTrain, kRes>(dy, x, y, dx, dres, i, m, k, mdy, cx);
+    }
+  }
+}
+
+// Runs fn(p0, p1) over B*C planes (K > 1) or B rows (K == 1), in calls of about 8K elements.
+template <typename Fn>
+void for_each_range(int64_t B, int64_t C, int64_t K, const Fn& fn) {
+  const int64_t units = K == 1 ? B : B * C;
+  const int64_t unit = K == 1 ? C : K;
+  const int64_t per_call = std::max<int64_t>(1, 8192 / std::max<int64_t>(unit, 1));
+  const int64_t calls = (units + per_call - 1) / per_call;
+#pragma omp parallel for schedule(static) if (B * C * K > kParallelGrain)
+  for (int64_t i = 0; i < calls; ++i) fn(i * per_call, std::min(units, (i + 1) * per_call));
+}
+
+// bwd_reduce, NCHW: channel c over planes b0..b1: sums of dy and dy * (x - mean), each plane
+// reduced from acc rows (dy masked and converted into dyb, x converted into xb, unless they
+// already are acc rows).
+template <typename scalar_t, bool kMask>
+PK_HOT_LOOP void bn_reduce_planes(const scalar_t* __restrict dy, const scalar_t* __restrict x,
+                                  const scalar_t* __restrict y, int64_t C, int64_t K, int64_t c,
+                                  int64_t b0, int64_t b1, acc_type<scalar_t> m,
+                                  acc_type<scalar_t>* __restrict dyb,
+                                  acc_type<scalar_t>* __restrict xb, acc_type<scalar_t>& sdy,
+                                  acc_type<scalar_t>& sdxm) {
+  using acc_t = acc_type<scalar_t>;
+  acc_t s1 = 0, s2 = 0;
+  for (int64_t b = b0; b < b1; ++b) {
+    const int64_t o = (b * C + c) * K;
+    const acc_t* d;
+    if constexpr (kMask || !std::is_same_v<scalar_t, acc_t>) {
+      for (int64_t k = 0; k < K; ++k) dyb[k] = masked_dy<scalar_t, kMask>(dy, y, o + k);
+      d = dyb;
+    } else {
+      d = dy + o;
+    }
+    const acc_t* v = acc_view<scalar_t>(x + o, nullptr, nullptr, xb, K);
+    s1 += dev_sum(d, K, acc_t(0));
+    s2 += dot_dev(d, v, K, m);
+  }
+  sdy = s1;
+  sdxm = s2;
+}
+
+// bwd_reduce, NHWC: rows r0..r1 in chunks of R rows, each chunk summed apart (a short error
+// chain) and added into sdy/sdxm (C).
+template <typename scalar_t, bool kMask>
+PK_HOT_LOOP void bn_reduce_rows(const scalar_t* __restrict dy, const scalar_t* __restrict x,
+                                const scalar_t* __restrict y, int64_t C, int64_t r0, int64_t r1,
+                                int64_t R, const acc_type<scalar_t>* __restrict mean,
+                                acc_type<scalar_t>* __restrict c1,
+                                acc_type<scalar_t>* __restrict c2,
+                                acc_type<scalar_t>* __restrict sdy,
+                                acc_type<scalar_t>* __restrict sdxm) {
+  using acc_t = acc_type<scalar_t>;
+  for (int64_t c = 0; c < C; ++c) sdy[c] = sdxm[c] = acc_t(0);
+  for (int64_t q = r0; q < r1; q += R) {
+    const int64_t q1 = std::min(r1, q + R);
+    for (int64_t c = 0; c < C; ++c) c1[c] = c2[c] = acc_t(0);
+    for (int64_t r = q; r < q1; ++r) {
+      const int64_t o = r * C;
+      for (int64_t c = 0; c < C; ++c) {
+        const acc_t d = masked_dy<scalar_t, kMask>(dy, y, o + c);
+        c1[c] += d;
+        c2[c] += d * (ld(x[o + c]) - mean[c]);
+      }
+    }
+    for (int64_t c = 0; c < C; ++c) {
+      sdy[c] += c1[c];
+      sdxm[c] += c2[c];
+    }
+  }
+}
+
+template <typename scalar_t, bool kMask>
+void bn_reduce(const scalar_t* dy, const scalar_t* x, const scalar_t* y, int64_t B, int64_t C,
+               int64_t K, const acc_type<scalar_t>* mean, acc_type<scalar_t>* sdy_out,
+               acc_type<scalar_t>* sdxm_out) {
+  using acc_t = acc_type<scalar_t>;
+  const bool parallel = B * C * K > kParallelGrain;
+  if (K > 1) {
+    const int64_t groups = std::min<int64_t>(B, std::max<int64_t>(1, (kMaxGroups + C - 1) / C));
+    std::vector<acc_t> p1(C * std::max<int64_t>(groups, 1)), p2(p1.size());
+#pragma omp parallel if (parallel)
+    {
+      std::vector<acc_t> dyb(K), xb(K);
+#pragma omp for schedule(static)
+      for (int64_t i = 0; i < C * groups; ++i) {
+        const int64_t c = i / groups, g = i % groups;
+        bn_reduce_planes<scalar_t, kMask>(dy, x, y, C, K, c, part_begin(B, groups, g),
+                                          part_begin(B, groups, g + 1), mean[c], dyb.data(),
+                                          xb.data(), p1[i], p2[i]);
+      }
+    }
+    for (int64_t c = 0; c < C; ++c) {
+      acc_t s1 = 0, s2 = 0;
+      for (int64_t g = 0; g < groups; ++g) {
+        s1 += p1[c * groups + g];
+        s2 += p2[c * groups + g];
+      }
+      sdy_out[c] = s1;
+      sdxm_out[c] = s2;
+    }
+    return;
+  }
+  const int64_t R = chunk_rows(C);
+  const int64_t groups = std::max<int64_t>(1, std::min(kMaxGroups, (B + R - 1) / R));
+  std::vector<acc_t> g1(groups * C), g2(groups * C);
+#pragma omp parallel if (parallel)
+  {
+    std::vector<acc_t> c1(C), c2(C);
+#pragma omp for schedule(static)
+    for (int64_t g = 0; g < groups; ++g) {
+      bn_reduce_rows<scalar_t, kMask>(dy, x, y, C, part_begin(B, groups, g),
+                                      part_begin(B, groups, g + 1), R, mean, c1.data(), c2.data(),
+                                      g1.data() + g * C, g2.data() + g * C);
+    }
+  }
+  sum_parts(g1.data(), groups, C, sdy_out);
+  sum_parts(g2.data(), groups, C, sdxm_out);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Argument checks.
+
+void check_big(const char* fn, const char* name, const at::Tensor& t) {
+  PK_CHECK_VALUE(t.device().is_cpu(), fn, ": ", name, " must be a CPU tensor, got ", t.device());
+  PK_CHECK_VALUE(t.dim() == 3, fn, ": ", name, " must be a (B, C, K) view, got ", t.dim(), "D");
+  PK_CHECK_VALUE(t.is_contiguous(), fn, ": ", name, " must be contiguous");
+  const auto st = t.scalar_type();
+  PK_CHECK_TYPE(st == at::kFloat || st == at::kDouble || st == at::kHalf || st == at::kBFloat16,
+                fn, ": ", name, " must be float32, float64, float16 or bfloat16, got ", st);
+}
+
+// A big tensor that must match x (shape and dtype).
+void check_like(const char* fn, const char* name, const at::Tensor& t, const at::Tensor& x) {
+  check_big(fn, name, t);
+  PK_CHECK_VALUE(t.sizes() == x.sizes(), fn, ": ", name, " must have x's shape ", x.sizes(),
+                 ", got ", t.sizes());
+  PK_CHECK_TYPE(t.scalar_type() == x.scalar_type(), fn, ": ", name, " must have x's dtype ",
+                x.scalar_type(), ", got ", t.scalar_type());
+}
+
+at::ScalarType acc_dtype(const at::Tensor& x) {
+  return x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+// A per-channel or per-row acc vector of n elements.
+void check_vec(const char* fn, const char* name, const at::Tensor& t, const at::Tensor& x,
+               int64_t n, const char* what) {
+  PK_CHECK_VALUE(t.device().is_cpu(), fn, ": ", name, " must be a CPU tensor, got ", t.device());
+  PK_CHECK_TYPE(t.scalar_type() == acc_dtype(x), fn, ": ", name, " must be ", acc_dtype(x),
+                " (the accumulation type of ", x.scalar_type(), "), got ", t.scalar_type());
+  PK_CHECK_VALUE(t.numel() == n, fn, ": ", name, " must have ", what, " = ", n,
+                 " elements, got ", t.numel());
+  PK_CHECK_VALUE(t.is_contiguous(), fn, ": ", name, " must be contiguous");
+}
+
+// A (C,) acc vector: the given one, or `fill` repeated when absent.
+at::Tensor channel_vec_or(const std::optional<at::Tensor>& t, const at::Tensor& x, double fill) {
+  if (t.has_value()) return *t;
+  return at::empty({x.size(1)}, x.options().dtype(acc_dtype(x))).fill_(fill);
+}
+
+at::Tensor empty_vec(const at::Tensor& x) { return at::empty({0}, x.options().dtype(acc_dtype(x))); }
+
+at::Tensor new_vec(const at::Tensor& x, int64_t n) {
+  at::Tensor t = at::empty({n}, x.options().dtype(acc_dtype(x)));
+  poison_cpu(t);
+  return t;
+}
+
+// invstd = 1 / sqrt(var + eps), per channel.
+template <typename acc_t>
+std::vector<acc_t> invstd_of(const at::Tensor& var, double eps) {
+  const acc_t* v = var.const_data_ptr<acc_t>();
+  std::vector<acc_t> out(var.numel());
+  for (int64_t c = 0; c < var.numel(); ++c) {
+    out[c] = acc_t(1) / std::sqrt(v[c] + static_cast<acc_t>(eps));
+  }
+  return out;
+}
+
+}  // namespace
+
+// ---------------------------------------------------------------------------------------------
+// Entry points.
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> row_norm_fwd_cpu(
+    const at::Tensor& x, const std::optional<at::Tensor>& residual,
+    const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias, double eps,
+    bool rms) {
+  constexpr const char* fn = "row_norm_fwd_cpu";
+  check_big(fn, "x", x);
+  const int64_t B = x.size(0), C = x.size(1), K = x.size(2);
+  if (residual) check_like(fn, "residual", *residual, x);
+  if (weight) check_vec(fn, "weight", *weight, x, C, "C");
+  if (bias) check_vec(fn, "bias", *bias, x, C, "C");
+  at::Tensor y = at::empty(x.sizes(), x.options());
+  at::Tensor s = residual ? at::empty(x.sizes(), x.options()) : at::empty({0}, x.options());
+  at::Tensor mean = rms ? empty_vec(x) : at::empty({B, K}, x.options().dtype(acc_dtype(x)));
+  at::Tensor rstd = at::empty({B, K}, x.options().dtype(acc_dtype(x)));
+  poison_cpu(y);
+  poison_cpu(s);
+  poison_cpu(mean);
+  poison_cpu(rstd);
+  if (B * K == 0) return {y, s, mean, rstd};
+  const at::Tensor w = channel_vec_or(weight, x, 1.0), bb = channel_vec_or(bias, x, 0.0);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), fn, [&] {
+    using acc_t = acc_type<scalar_t>;
+    RowFwd<scalar_t> p{x.const_data_ptr<scalar_t>(),
+                       residual ? residual->const_data_ptr<scalar_t>() : nullptr,
+                       w.const_data_ptr<acc_t>(),
+                       bb.const_data_ptr<acc_t>(),
+                       y.data_ptr<scalar_t>(),
+                       residual ? s.data_ptr<scalar_t>() : nullptr,
+                       rms ? nullptr : mean.data_ptr<acc_t>(),
+                       rstd.data_ptr<acc_t>(),
+                       C,
+                       K,
+                       static_cast<acc_t>(eps),
+                       rms};
+    row_fwd(p, B);
+  });
+  return {y, s, mean, rstd};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> row_norm_bwd_cpu(
+    const at::Tensor& grad_y, const at::Tensor& x, const std::optional<at::Tensor>& weight,
+    const at::Tensor& mean, const at::Tensor& rstd, const std::optional<at::Tensor>& grad_sum,
+    bool rms, bool need_dweight, bool need_dbias) {
+  constexpr const char* fn = "row_norm_bwd_cpu";
+  check_big(fn, "x", x);
+  check_like(fn, "grad_y", grad_y, x);
+  const int64_t B = x.size(0), C = x.size(1), K = x.size(2);
+  if (grad_sum) check_like(fn, "grad_sum", *grad_sum, x);
+  if (weight) check_vec(fn, "weight", *weight, x, C, "C");
+  if (!rms) check_vec(fn, "mean", mean, x, B * K, "B * K");
+  check_vec(fn, "rstd", rstd, x, B * K, "B * K");
+  at::Tensor dx = at::empty(x.sizes(), x.options());
+  poison_cpu(dx);
+  at::Tensor dweight = need_dweight ? new_vec(x, C) : empty_vec(x);
+  at::Tensor dbias = need_dbias ? new_vec(x, C) : empty_vec(x);
+  const at::Tensor w = channel_vec_or(weight, x, 1.0);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), fn, [&] {
+    using acc_t = acc_type<scalar_t>;
+    RowBwd<scalar_t> p{grad_y.const_data_ptr<scalar_t>(),
+                       x.const_data_ptr<scalar_t>(),
+                       w.const_data_ptr<acc_t>(),
+                       rms ? nullptr : mean.const_data_ptr<acc_t>(),
+                       rstd.const_data_ptr<acc_t>(),
+                       grad_sum ? grad_sum->const_data_ptr<scalar_t>() : nullptr,
+                       dx.data_ptr<scalar_t>(),
+                       C,
+                       K};
+    row_bwd(p, B, dweight, dbias);
+  });
+  return {dx, dweight, dbias};
+}
+
+std::tuple<at::Tensor, at::Tensor> batch_norm_stats_cpu(const at::Tensor& x) {
+  constexpr const char* fn = "batch_norm_stats_cpu";
+  check_big(fn, "x", x);
+  PK_CHECK_VALUE(x.size(0) * x.size(2) > 0, fn, ": x has no element per channel (B * K = 0)");
+  at::Tensor mean = new_vec(x, x.size(1)), var = new_vec(x, x.size(1));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), fn,
+                                  [&] { bn_stats<scalar_t>(x, mean, var); });
+  return {mean, var};
+}
+
+at::Tensor batch_norm_fwd_cpu(const at::Tensor& x, const at::Tensor& mean, const at::Tensor& var,
+                              const std::optional<at::Tensor>& weight,
+                              const std::optional<at::Tensor>& bias,
+                              const std::optional<at::Tensor>& residual, double eps, bool relu) {
+  constexpr const char* fn = "batch_norm_fwd_cpu";
+  check_big(fn, "x", x);
+  const int64_t B = x.size(0), C = x.size(1), K = x.size(2);
+  check_vec(fn, "mean", mean, x, C, "C");
+  check_vec(fn, "var", var, x, C, "C");
+  if (weight) check_vec(fn, "weight", *weight, x, C, "C");
+  if (bias) check_vec(fn, "bias", *bias, x, C, "C");
+  if (residual) check_like(fn, "residual", *residual, x);
+  at::Tensor y = at::empty(x.sizes(), x.options());
+  poison_cpu(y);
+  if (y.numel() == 0) return y;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), fn, [&] {
+    using acc_t = acc_type<scalar_t>;
+    std::vector<acc_t> scale = invstd_of<acc_t>(var, eps), shift(C, acc_t(0));
+    const acc_t* w = weight ? weight->const_data_ptr<acc_t>() : nullptr;
+    const acc_t* b = bias ? bias->const_data_ptr<acc_t>() : nullptr;
+    for (int64_t c = 0; c < C; ++c) {
+      if (w) scale[c] *= w[c];
+      if (b) shift[c] = b[c];
+    }
+    const ChannelCoef<acc_t> cf{mean.const_data_ptr<acc_t>(), scale.data(), shift.data(), nullptr};
+    const scalar_t* xp = x.const_data_ptr<scalar_t>();
+    const scalar_t* rp = residual ? residual->const_data_ptr<scalar_t>() : nullptr;
+    scalar_t* yp = y.data_ptr<scalar_t>();
+    const auto run = [&](auto res_tag, auto relu_tag) {
+      constexpr bool kRes = decltype(res_tag)::value, kRelu = decltype(relu_tag)::value;
+      for_each_range(B, C, K, [&](int64_t p0, int64_t p1) {
+        bn_fwd_range<scalar_t, kRes, kRelu>(xp, rp, yp, cf, C, K, p0, p1);
+      });
+    };
+    using T = std::true_type;
+    using F = std::false_type;
+    if (rp) {
+      relu ? run(T{}, T{}) : run(T{}, F{});
+    } else {
+      relu ? run(F{}, T{}) : run(F{}, F{});
+    }
+  });
+  return y;
+}
+
+std::tuple<at::Tensor, at::Tensor> batch_norm_bwd_reduce_cpu(
+    const at::Tensor& grad_y, const at::Tensor& x, const std::optional<at::Tensor>& y,
+    const at::Tensor& mean, const at::Tensor& var, double eps) {
+  constexpr const char* fn = "batch_norm_bwd_reduce_cpu";
+  check_big(fn, "x", x);
+  check_like(fn, "grad_y", grad_y, x);
+  if (y) check_like(fn, "y", *y, x);
+  const int64_t B = x.size(0), C = x.size(1), K = x.size(2);
+  check_vec(fn, "mean", mean, x, C, "C");
+  check_vec(fn, "var", var, x, C, "C");
+  at::Tensor sum_dy = new_vec(x, C), sum_dy_xhat = new_vec(x, C);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), fn, [&] {
+    using acc_t = acc_type<scalar_t>;
+    const scalar_t* dyp = grad_y.const_data_ptr<scalar_t>();
+    const scalar_t* xp = x.const_data_ptr<scalar_t>();
+    acc_t* s1 = sum_dy.data_ptr<acc_t>();
+    acc_t* s2 = sum_dy_xhat.data_ptr<acc_t>();
+    if (y) {
+      bn_reduce<scalar_t, true>(dyp, xp, y->const_data_ptr<scalar_t>(), B, C, K,
+                                mean.const_data_ptr<acc_t>(), s1, s2);
+    } else {
+      bn_reduce<scalar_t, false>(dyp, xp, nullptr, B, C, K, mean.const_data_ptr<acc_t>(), s1,
+                                 s2);
+    }
+    const std::vector<acc_t> invstd = invstd_of<acc_t>(var, eps);
+    for (int64_t c = 0; c < C; ++c) s2[c] *= invstd[c];  // sum dy * (x - mean) * invstd
+  });
+  return {sum_dy, sum_dy_xhat};
+}
+
+std::tuple<at::Tensor, at::Tensor> batch_norm_bwd_cpu(
+    const at::Tensor& grad_y, const at::Tensor& x, const std::optional<at::Tensor>& y,
+    const at::Tensor& mean, const at::Tensor& var, const std::optional<at::Tensor>& weight,
+    const at::Tensor& sum_dy, const at::Tensor& sum_dy_xhat, double eps, int64_t count,
+    bool want_grad_residual) {
+  constexpr const char* fn = "batch_norm_bwd_cpu";
+  check_big(fn, "x", x);
+  check_like(fn, "grad_y", grad_y, x);
+  if (y) check_like(fn, "y", *y, x);
+  const int64_t B = x.size(0), C = x.size(1), K = x.size(2);
+  check_vec(fn, "mean", mean, x, C, "C");
+  check_vec(fn, "var", var, x, C, "C");
+  if (weight) check_vec(fn, "weight", *weight, x, C, "C");
+  const bool train = count > 0;
+  if (train) {
+    check_vec(fn, "sum_dy", sum_dy, x, C, "C");
+    check_vec(fn, "sum_dy_xhat", sum_dy_xhat, x, C, "C");
+  }
+  PK_CHECK_VALUE(count >= 0, fn, ": count must be >= 0, got ", count);
+  at::Tensor dx = at::empty(x.sizes(), x.options());
+  at::Tensor dres = want_grad_residual ? at::empty(x.sizes(), x.options())
+                                       : at::empty({0}, x.options());
+  poison_cpu(dx);
+  poison_cpu(dres);
+  if (dx.numel() == 0) return {dx, dres};
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), fn, [&] {
+    using acc_t = acc_type<scalar_t>;
+    const std::vector<acc_t> invstd = invstd_of<acc_t>(var, eps);
+    std::vector<acc_t> k(C), mdy(C, acc_t(0)), cx(C, acc_t(0));
+    const acc_t* w = weight ? weight->const_data_ptr<acc_t>() : nullptr;
+    const acc_t inv_n = train ? acc_t(1) / static_cast<acc_t>(count) : acc_t(0);
+    for (int64_t c = 0; c < C; ++c) {
+      k[c] = w ? w[c] * invstd[c] : invstd[c];
+      if (train) {
+        mdy[c] = sum_dy.const_data_ptr<acc_t>()[c] * inv_n;
+        cx[c] = sum_dy_xhat.const_data_ptr<acc_t>()[c] * inv_n * invstd[c];
+      }
+    }
+    const ChannelCoef<acc_t> cf{mean.const_data_ptr<acc_t>(), k.data(), mdy.data(), cx.data()};
+    const scalar_t* dyp = grad_y.const_data_ptr<scalar_t>();
+    const scalar_t* xp = x.const_data_ptr<scalar_t>();
+    const scalar_t* yp = y ? y->const_data_ptr<scalar_t>() : nullptr;
+    scalar_t* dxp = dx.data_ptr<scalar_t>();
+    scalar_t* drp = want_grad_residual ? dres.data_ptr<scalar_t>() : nullptr;
+    const auto run = [&](auto mask_tag, auto train_tag, auto res_tag) {
+      constexpr bool kMask = decltype(mask_tag)::value, kTrain = decltype(train_tag)::value,
+                     kRes = decltype(res_tag)::value;
+      for_each_range(B, C, K, [&](int64_t p0, int64_t p1) {
+        bn_bwd_range<scalar_t, kMask, kTrain, kRes>(dyp, xp, yp, dxp, drp, cf, C, K, p0, p1);
+      });
+    };
+    using T = std::true_type;
+    using F = std::false_type;
+    const auto with_res = [&](auto mask_tag, auto train_tag) {
+      want_grad_residual ? run(mask_tag, train_tag, T{}) : run(mask_tag, train_tag, F{});
+    };
+    const auto with_train = [&](auto mask_tag) {
+      train ? with_res(mask_tag, T{}) : with_res(mask_tag, F{});
+    };
+    yp ? with_train(T{}) : with_train(F{});
+  });
+  return {dx, dres};
+}
+
+}  // namespace pykern

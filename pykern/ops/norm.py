@@ -1,0 +1,351 @@
+"""Normalization family: LayerNorm, RMSNorm (with their residual-add forms), LayerNorm2d and
+BatchNorm (with fused ReLU and add+ReLU, and the cross-rank statistics of SyncBatchNorm) as
+custom ops with autograd.
+
+Every kernel sees its big tensors as one contiguous (B, C, K) view, built here so that each
+layout is read natively, never transposed:
+
+    row norm, over C for each (b, k)        LayerNorm/RMSNorm   (rows, N, 1)
+                                            LayerNorm2d NCHW    (N, C, H*W)
+                                            LayerNorm2d NHWC    (N*H*W, C, 1)
+    batch norm, over (b, k) for each c      NCHW (N, C, H*W)    NHWC (N*H*W, C, 1)
+
+Per-channel and per-row vectors (weight, bias, mean, var, rstd) travel in the accumulation
+dtype "acc" (float64 for float64 input, else float32); weight and bias are cast to it here,
+so autograd casts their gradients back. The running-statistics update rule lives here only
+(update_running_stats). Backends: csrc/cpu/norm.cpp, csrc/cuda/norm.cu, triton_kernels/norm.py.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from pykern import backends
+
+Tensor = torch.Tensor
+
+
+def acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _vector(x: Tensor, shape) -> Tensor:
+    return x.new_empty(shape, dtype=acc_dtype(x.dtype))
+
+
+def _none() -> Tensor:
+    """Stand-in for an optional output not asked for (custom ops cannot return None)."""
+    return torch.empty(0)
+
+
+ROW_NORM_FWD = backends.table("norm", "row_norm_fwd")
+ROW_NORM_BWD = backends.table("norm", "row_norm_bwd")
+BATCH_NORM_STATS = backends.table("norm", "batch_norm_stats")
+BATCH_NORM_FWD = backends.table("norm", "batch_norm_fwd")
+BATCH_NORM_BWD_REDUCE = backends.table("norm", "batch_norm_bwd_reduce")
+BATCH_NORM_BWD = backends.table("norm", "batch_norm_bwd")
+
+
+@torch.library.custom_op("pykern::row_norm_fwd", mutates_args=())
+def row_norm_fwd(
+    x: Tensor,
+    residual: Tensor | None,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    eps: float,
+    rms: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(y, s = x + residual or empty, mean (B, K) or empty when rms, rstd (B, K)) of the
+    (B, C, K) view x normalized over C."""
+    impl = backends.dispatch(ROW_NORM_FWD, x.device, "row_norm_fwd")
+    return impl(x, residual, weight, bias, eps, rms)
+
+
+@row_norm_fwd.register_fake
+def _row_norm_fwd_fake(x, residual, weight, bias, eps, rms):
+    B, _, K = x.shape
+    s = torch.empty_like(x) if residual is not None else x.new_empty((0,))
+    mean = _vector(x, (0,) if rms else (B, K))
+    return torch.empty_like(x), s, mean, _vector(x, (B, K))
+
+
+@torch.library.custom_op("pykern::row_norm_bwd", mutates_args=())
+def row_norm_bwd(
+    grad_y: Tensor,
+    x: Tensor,
+    weight: Tensor | None,
+    mean: Tensor,
+    rstd: Tensor,
+    grad_sum: Tensor | None,
+    rms: bool,
+    need_dweight: bool,
+    need_dbias: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """(dx (+ grad_sum), dweight or empty, dbias or empty); x is the normalized input."""
+    impl = backends.dispatch(ROW_NORM_BWD, x.device, "row_norm_bwd")
+    return impl(grad_y, x, weight, mean, rstd, grad_sum, rms, need_dweight, need_dbias)
+
+
+@row_norm_bwd.register_fake
+def _row_norm_bwd_fake(grad_y, x, weight, mean, rstd, grad_sum, rms, need_dweight, need_dbias):
+    C = x.shape[1]
+    return (
+        torch.empty_like(x),
+        _vector(x, (C if need_dweight else 0,)),
+        _vector(x, (C if need_dbias else 0,)),
+    )
+
+
+@torch.library.custom_op("pykern::batch_norm_stats", mutates_args=())
+def batch_norm_stats(x: Tensor) -> tuple[Tensor, Tensor]:
+    """(mean, biased var) of each channel c of the (B, C, K) view x, over (b, k)."""
+    return backends.dispatch(BATCH_NORM_STATS, x.device, "batch_norm_stats")(x)
+
+
+@batch_norm_stats.register_fake
+def _batch_norm_stats_fake(x):
+    return _vector(x, (x.shape[1],)), _vector(x, (x.shape[1],))
+
+
+@torch.library.custom_op("pykern::batch_norm_fwd", mutates_args=())
+def batch_norm_fwd(
+    x: Tensor,
+    mean: Tensor,
+    var: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    residual: Tensor | None,
+    eps: float,
+    relu: bool,
+) -> Tensor:
+    """[relu]((x - mean) / sqrt(var + eps) * weight + bias [+ residual]) per channel."""
+    impl = backends.dispatch(BATCH_NORM_FWD, x.device, "batch_norm_fwd")
+    return impl(x, mean, var, weight, bias, residual, eps, relu)
+
+
+@batch_norm_fwd.register_fake
+def _batch_norm_fwd_fake(x, mean, var, weight, bias, residual, eps, relu):
+    return torch.empty_like(x)
+
+
+@torch.library.custom_op("pykern::batch_norm_bwd_reduce", mutates_args=())
+def batch_norm_bwd_reduce(
+    grad_y: Tensor, x: Tensor, y: Tensor | None, mean: Tensor, var: Tensor, eps: float
+) -> tuple[Tensor, Tensor]:
+    """Per channel: (sum of dy, sum of dy * xhat), dy masked where the ReLU output y <= 0."""
+    impl = backends.dispatch(BATCH_NORM_BWD_REDUCE, x.device, "batch_norm_bwd_reduce")
+    return impl(grad_y, x, y, mean, var, eps)
+
+
+@batch_norm_bwd_reduce.register_fake
+def _batch_norm_bwd_reduce_fake(grad_y, x, y, mean, var, eps):
+    return _vector(x, (x.shape[1],)), _vector(x, (x.shape[1],))
+
+
+@torch.library.custom_op("pykern::batch_norm_bwd", mutates_args=())
+def batch_norm_bwd(
+    grad_y: Tensor,
+    x: Tensor,
+    y: Tensor | None,
+    mean: Tensor,
+    var: Tensor,
+    weight: Tensor | None,
+    sum_dy: Tensor,
+    sum_dy_xhat: Tensor,
+    eps: float,
+    count: int,
+    want_grad_residual: bool,
+) -> tuple[Tensor, Tensor]:
+    """(dx, the masked dy as the residual's gradient or empty); count 0: eval-mode stats."""
+    impl = backends.dispatch(BATCH_NORM_BWD, x.device, "batch_norm_bwd")
+    return impl(
+        grad_y, x, y, mean, var, weight, sum_dy, sum_dy_xhat, eps, count, want_grad_residual
+    )
+
+
+@batch_norm_bwd.register_fake
+def _batch_norm_bwd_fake(
+    grad_y, x, y, mean, var, weight, sum_dy, sum_dy_xhat, eps, count, want_grad_residual
+):
+    return torch.empty_like(x), torch.empty_like(x) if want_grad_residual else x.new_empty((0,))
+
+
+_row_norm_fwd = backends.caller("row_norm_fwd", ROW_NORM_FWD)
+_row_norm_bwd = backends.caller("row_norm_bwd", ROW_NORM_BWD)
+_batch_norm_stats = backends.caller("batch_norm_stats", BATCH_NORM_STATS)
+_batch_norm_fwd = backends.caller("batch_norm_fwd", BATCH_NORM_FWD)
+_batch_norm_bwd_reduce = backends.caller("batch_norm_bwd_reduce", BATCH_NORM_BWD_REDUCE)
+_batch_norm_bwd = backends.caller("batch_norm_bwd", BATCH_NORM_BWD)
+
+
+def _needs_grad(*tensors: Tensor | None) -> bool:
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+class RowNormFunction(torch.autograd.Function):
+    """(y, s) of row_norm_fwd with the gradients of x, residual, weight and bias."""
+
+    @staticmethod
+    def forward(ctx, x, residual, weight, bias, eps: float, rms: bool):
+        y, s, mean, rstd = _row_norm_fwd(x, residual, weight, bias, eps, rms)
+        normed = x if residual is None else s
+        ctx.save_for_backward(normed, weight, mean, rstd)
+        ctx.rms, ctx.has_residual = rms, residual is not None
+        ctx.set_materialize_grads(False)
+        if residual is None:
+            ctx.mark_non_differentiable(s)
+        return y, s
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_y, grad_s):
+        normed, weight, mean, rstd = ctx.saved_tensors
+        if grad_y is None:
+            grad_y = torch.zeros_like(normed)
+        grad_sum = grad_s.contiguous() if ctx.has_residual and grad_s is not None else None
+        need = ctx.needs_input_grad
+        dx, dweight, dbias = _row_norm_bwd(
+            grad_y.contiguous(), normed, weight, mean, rstd, grad_sum, ctx.rms, need[2], need[3]
+        )
+        return (
+            dx if need[0] else None,
+            dx if need[1] else None,
+            dweight if need[2] else None,
+            dbias if need[3] else None,
+            None,
+            None,
+        )
+
+
+def row_norm(
+    x: Tensor,
+    residual: Tensor | None,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    eps: float,
+    rms: bool,
+) -> tuple[Tensor, Tensor | None]:
+    """x, residual: contiguous (B, C, K) views; weight, bias: (C,) in any float dtype.
+    Returns (y, x + residual or None)."""
+    acc = acc_dtype(x.dtype)
+    weight = None if weight is None else weight.to(acc)
+    bias = None if bias is None else bias.to(acc)
+    if _needs_grad(x, residual, weight, bias):
+        y, s = RowNormFunction.apply(x, residual, weight, bias, eps, rms)
+    else:
+        y, s, _, _ = _row_norm_fwd(x, residual, weight, bias, eps, rms)
+    return y, (s if residual is not None else None)
+
+
+# BatchNorm. The batch statistics are computed (and, for SyncBatchNorm, combined across ranks)
+# before BatchNormFunction, which treats them as given: its backward carries the terms that
+# flow through them (count > 0).
+
+
+def sync_stats(mean: Tensor, var: Tensor, count: int, group) -> tuple[Tensor, Tensor, int]:
+    """Every rank's (count, mean, biased var) combined (Chan's parallel formula): the
+    statistics of the whole batch across the process group."""
+    local = torch.cat([mean.new_tensor([count]), mean, var])
+    gathered = [torch.empty_like(local) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(gathered, local, group=group)
+    table = torch.stack(gathered)  # (ranks, 1 + 2C)
+    C = mean.numel()
+    counts, means, vars_ = table[:, :1], table[:, 1 : 1 + C], table[:, 1 + C :]
+    total = counts.sum()
+    mean_all = (counts * means).sum(0) / total
+    var_all = (counts * (vars_ + (means - mean_all) ** 2)).sum(0) / total
+    return mean_all, var_all, int(total.item())
+
+
+class BatchNormFunction(torch.autograd.Function):
+    """y of batch_norm_fwd given the statistics, with the gradients of x, weight, bias and
+    the residual; count > 0 means the statistics are the batch's over count values (and
+    their gradient terms are included), count == 0 that they were constants (eval)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, residual, mean, var, eps, relu, count, group):
+        y = _batch_norm_fwd(x, mean, var, weight, bias, residual, eps, relu)
+        ctx.save_for_backward(x, y if relu else None, mean, var, weight)
+        ctx.eps, ctx.count, ctx.group = eps, count, group
+        return y
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_y):
+        x, y, mean, var, weight = ctx.saved_tensors
+        need_x, need_w, need_b, need_res = ctx.needs_input_grad[:4]
+        grad_y = grad_y.contiguous()
+        training = ctx.count > 0
+        dx = dweight = dbias = d_res = None
+        if need_w or need_b or (need_x and training):
+            sum_dy, sum_dy_xhat = _batch_norm_bwd_reduce(grad_y, x, y, mean, var, ctx.eps)
+            dweight, dbias = sum_dy_xhat, sum_dy  # this rank's: DDP averages them across ranks
+        else:
+            sum_dy = sum_dy_xhat = torch.zeros_like(mean)
+        if need_x or need_res:
+            if training and ctx.group is not None:
+                sums = torch.cat([sum_dy, sum_dy_xhat])
+                dist.all_reduce(sums, group=ctx.group)
+                sum_dy, sum_dy_xhat = sums.chunk(2)
+            dx, d_res = _batch_norm_bwd(
+                grad_y, x, y, mean, var, weight, sum_dy, sum_dy_xhat, ctx.eps, ctx.count, need_res
+            )
+        return (
+            dx if need_x else None,
+            dweight if need_w else None,
+            dbias if need_b else None,
+            d_res if need_res else None,
+            *([None] * 6),
+        )
+
+
+def update_running_stats(
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    mean: Tensor,
+    var: Tensor,
+    count: int,
+    momentum: float,
+) -> None:
+    """torch's rule: running = (1 - momentum) * running + momentum * batch, the variance
+    unbiased (count / (count - 1))."""
+    with torch.no_grad():
+        if running_mean is not None:
+            running_mean.mul_(1 - momentum).add_(mean.to(running_mean.dtype), alpha=momentum)
+        if running_var is not None:
+            unbiased = var * (count / (count - 1))
+            running_var.mul_(1 - momentum).add_(unbiased.to(running_var.dtype), alpha=momentum)
+
+
+def batch_norm(
+    x: Tensor,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    residual: Tensor | None,
+    training: bool,
+    momentum: float,
+    eps: float,
+    relu: bool,
+    group=None,
+) -> Tensor:
+    """x, residual: contiguous (B, C, K) views, already validated; training uses (and, when
+    given, updates) the batch statistics, over all ranks of `group` when it is not None."""
+    acc = acc_dtype(x.dtype)
+    weight = None if weight is None else weight.to(acc)
+    bias = None if bias is None else bias.to(acc)
+    if training:
+        mean, var = _batch_norm_stats(x.detach())  # BatchNormFunction's backward covers them
+        count = x.shape[0] * x.shape[2]
+        if group is not None:
+            mean, var, count = sync_stats(mean, var, count, group)
+        update_running_stats(running_mean, running_var, mean, var, count, momentum)
+    else:
+        mean, var, count = running_mean.to(acc), running_var.to(acc), 0
+    if _needs_grad(x, weight, bias, residual):
+        return BatchNormFunction.apply(
+            x, weight, bias, residual, mean, var, eps, relu, count, group
+        )
+    return _batch_norm_fwd(x, mean, var, weight, bias, residual, eps, relu)
