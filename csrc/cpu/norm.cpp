@@ -23,6 +23,10 @@
 #include <ATen/OpMathType.h>
 #include <ATen/ops/empty.h>
 
+#if defined(__x86_64__) && defined(__GNUC__)
+#include <immintrin.h>
+#endif
+
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -105,6 +109,69 @@ PK_INLINE c10::Half rnd<c10::Half>(float v) {
   return c10::Half(float_to_half(v), c10::Half::from_bits());
 }
 
+// Whole runs of float16 <-> float, for the float16 staging below: F16C instructions where the
+// CPU has them (every AVX2 CPU does), picked at load time (function multiversioning), else the
+// bit arithmetic above. Both round to nearest even.
+#if defined(__x86_64__) && defined(__GNUC__)
+__attribute__((target("default"))) void half_to_float_n(const c10::Half* in, float* out,
+                                                        int64_t n) {
+  for (int64_t i = 0; i < n; ++i) out[i] = half_to_float(in[i].x);
+}
+__attribute__((target("avx2,f16c"))) void half_to_float_n(const c10::Half* in, float* out,
+                                                         int64_t n) {
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    _mm256_storeu_ps(out + i, _mm256_cvtph_ps(_mm_loadu_si128(
+                                  reinterpret_cast<const __m128i*>(in + i))));
+  }
+  for (; i < n; ++i) out[i] = _cvtsh_ss(in[i].x);
+}
+__attribute__((target("default"))) void float_to_half_n(const float* in, c10::Half* out,
+                                                        int64_t n) {
+  for (int64_t i = 0; i < n; ++i) out[i].x = float_to_half(in[i]);
+}
+__attribute__((target("avx2,f16c"))) void float_to_half_n(const float* in, c10::Half* out,
+                                                         int64_t n) {
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(out + i),
+                     _mm256_cvtps_ph(_mm256_loadu_ps(in + i), _MM_FROUND_TO_NEAREST_INT));
+  }
+  for (; i < n; ++i) out[i].x = _cvtss_sh(in[i], _MM_FROUND_TO_NEAREST_INT);
+}
+#else
+void half_to_float_n(const c10::Half* in, float* out, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) out[i] = half_to_float(in[i].x);
+}
+void float_to_half_n(const float* in, c10::Half* out, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) out[i].x = float_to_half(in[i]);
+}
+#endif
+
+// float16 staging: the K == 1 row kernels and the batch-norm kernels run their float version on
+// float copies of kStage-element pieces (whole rows where rows are needed) and convert the
+// results back: the per-element conversions inside the float kernels would cost more than the
+// memory traffic. Per-thread buffers, grown on demand and kept.
+constexpr int64_t kStage = 4096;
+
+inline float* scratch(int slot, int64_t n) {
+  thread_local std::vector<float> bufs[8];
+  std::vector<float>& b = bufs[slot];
+  if (static_cast<int64_t>(b.size()) < n) b.resize(n);
+  return b.data();
+}
+
+// A float copy of n float16 elements at p in scratch slot `slot`; null for a null p.
+inline const float* staged(const c10::Half* p, int64_t n, int slot) {
+  if (p == nullptr) return nullptr;
+  float* out = scratch(slot, n);
+  half_to_float_n(p, out, n);
+  return out;
+}
+
+template <typename scalar_t>
+constexpr bool kIsHalf = std::is_same_v<scalar_t, c10::Half>;
+
 // ---------------------------------------------------------------------------------------------
 // Reductions over contiguous acc rows, written with GCC vector types (32 bytes: one AVX2
 // register, two SSE registers in the default clone) because the auto-vectorizer turns arrays
@@ -160,6 +227,35 @@ PK_INLINE double hsum(vec_t<double> v) {
   v += __builtin_shuffle(v, M{2, 3, 0, 1});
   v += __builtin_shuffle(v, M{1, 0, 3, 2});
   return v[0];
+}
+
+// kWidth<acc> elements of any input dtype as an acc vector: float16 and bfloat16 widened with
+// the same bit arithmetic as ld() (exact), in vector registers.
+typedef uint16_t u16x8 __attribute__((vector_size(16)));
+typedef uint32_t u32x8 __attribute__((vector_size(32)));
+
+template <typename scalar_t>
+PK_INLINE vec_t<acc_type<scalar_t>> vload_acc(const scalar_t* p) {
+  if constexpr (std::is_same_v<scalar_t, acc_type<scalar_t>>) {
+    return vload(p);
+  } else {
+    u16x8 h;
+    __builtin_memcpy(&h, p, sizeof(h));
+    const u32x8 w = __builtin_convertvector(h, u32x8) << 16;
+    if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
+      return (vec_t<float>)w;  // a vector cast keeps the bits
+    } else {  // half_to_float, lane by lane
+      using VF = vec_t<float>;
+      const u32x8 sign = w & 0x80000000u;
+      const u32x8 two_w = w + w;
+      const u32x8 nbits = (two_w >> 4) + (0xE0u << 23);
+      const VF normal = (VF)nbits * bits_to_float(15u << 23);
+      const u32x8 dbits = (two_w >> 17) | (126u << 23);
+      const VF denormal = (VF)dbits - 0.5f;
+      const u32x8 is_denormal = (u32x8)(two_w < (1u << 27));  // all ones where true
+      return (VF)(sign | ((u32x8)denormal & is_denormal) | ((u32x8)normal & ~is_denormal));
+    }
+  }
 }
 
 // The sum over i in [0, n) of a term: vterm(i) gives the terms i..i+kWidth as a vector,
@@ -500,6 +596,29 @@ PK_HOT_LOOP void row_fwd_tile(const RowFwd<scalar_t>& p, int64_t b, int64_t k0, 
 }
 
 template <typename scalar_t>
+void row_fwd_rows_any(const RowFwd<scalar_t>& p, int64_t r0, int64_t r1,
+                      acc_type<scalar_t>* buf) {
+  if constexpr (kIsHalf<scalar_t>) {
+    const int64_t C = p.C, len = (r1 - r0) * C, off = r0 * C;
+    float* xf = scratch(0, len);
+    half_to_float_n(p.x + off, xf, len);
+    if (p.res) {  // s = x + residual, rounded to float16; the norm sees the rounded s
+      const float* rf = staged(p.res + off, len, 1);
+      for (int64_t i = 0; i < len; ++i) xf[i] += rf[i];
+      float_to_half_n(xf, p.s + off, len);
+      half_to_float_n(p.s + off, xf, len);
+    }
+    float* yf = scratch(2, len);
+    const RowFwd<float> q{xf,     nullptr,        p.w, p.bias, yf, nullptr,
+                          p.mean ? p.mean + r0 : nullptr, p.rstd + r0, C, 1, p.eps, p.rms};
+    row_fwd_rows(q, 0, r1 - r0, buf);
+    float_to_half_n(yf, p.y + off, len);
+  } else {
+    row_fwd_rows(p, r0, r1, buf);
+  }
+}
+
+template <typename scalar_t>
 void row_fwd(const RowFwd<scalar_t>& p, int64_t B) {
   using acc_t = acc_type<scalar_t>;
   const int64_t C = p.C, K = p.K;
@@ -512,7 +631,7 @@ void row_fwd(const RowFwd<scalar_t>& p, int64_t B) {
       std::vector<acc_t> buf(C);
 #pragma omp for schedule(static)
       for (int64_t i = 0; i < blocks; ++i) {
-        row_fwd_rows(p, i * rows, std::min(B, (i + 1) * rows), buf.data());
+        row_fwd_rows_any(p, i * rows, std::min(B, (i + 1) * rows), buf.data());
       }
     }
     return;
@@ -654,6 +773,32 @@ PK_HOT_LOOP void row_bwd_tile(const RowBwd<scalar_t>& p, int64_t b, int64_t k0, 
   }
 }
 
+template <typename scalar_t, bool kDw, bool kDb>
+void row_bwd_rows_any(const RowBwd<scalar_t>& p, int64_t r0, int64_t r1,
+                      acc_type<scalar_t>* dyb, acc_type<scalar_t>* xb, acc_type<scalar_t>* xh,
+                      acc_type<scalar_t>* dw, acc_type<scalar_t>* db) {
+  if constexpr (kIsHalf<scalar_t>) {
+    const int64_t C = p.C, rows = std::max<int64_t>(1, kStage / C);
+    for (int64_t a = r0; a < r1; a += rows) {
+      const int64_t n = std::min(rows, r1 - a), len = n * C, off = a * C;
+      float* dxf = scratch(3, len);
+      const RowBwd<float> q{staged(p.dy + off, len, 0),
+                            staged(p.x + off, len, 1),
+                            p.w,
+                            p.mean ? p.mean + a : nullptr,
+                            p.rstd + a,
+                            p.gs ? staged(p.gs + off, len, 2) : nullptr,
+                            dxf,
+                            C,
+                            1};
+      row_bwd_rows<float, kDw, kDb>(q, 0, n, nullptr, nullptr, xh, dw, db);
+      float_to_half_n(dxf, p.dx + off, len);
+    }
+  } else {
+    row_bwd_rows<scalar_t, kDw, kDb>(p, r0, r1, dyb, xb, xh, dw, db);
+  }
+}
+
 template <typename scalar_t>
 void row_bwd(const RowBwd<scalar_t>& p, int64_t B, at::Tensor& dweight, at::Tensor& dbias) {
   using acc_t = acc_type<scalar_t>;
@@ -675,10 +820,10 @@ void row_bwd(const RowBwd<scalar_t>& p, int64_t B, at::Tensor& dweight, at::Tens
       acc_t* db = need_db ? db_parts.data() + g * C : nullptr;
       const int64_t i0 = part_begin(items, groups, g), i1 = part_begin(items, groups, g + 1);
       if (K == 1) {
-        auto* fn = need_dw ? (need_db ? &row_bwd_rows<scalar_t, true, true>
-                                      : &row_bwd_rows<scalar_t, true, false>)
-                           : (need_db ? &row_bwd_rows<scalar_t, false, true>
-                                      : &row_bwd_rows<scalar_t, false, false>);
+        auto* fn = need_dw ? (need_db ? &row_bwd_rows_any<scalar_t, true, true>
+                                      : &row_bwd_rows_any<scalar_t, true, false>)
+                           : (need_db ? &row_bwd_rows_any<scalar_t, false, true>
+                                      : &row_bwd_rows_any<scalar_t, false, false>);
         fn(p, i0, i1, dyb.data(), xb.data(), xh.data(), dw, db);
       } else {
         for (int64_t i = i0; i < i1; ++i) {
@@ -699,21 +844,50 @@ void row_bwd(const RowBwd<scalar_t>& p, int64_t B, at::Tensor& dweight, at::Tens
 // sums then stay at the scale of the spread, and so do Chan's deltas (a mean of 1e4 and a
 // spread of 1 in float32 keeps an accurate variance). mean = P + offset at the end.
 
-// NCHW (K > 1): channel c over planes b0..b1, each a two-pass offset mean / M2 over the plane
-// in cache, merged in b order.
+// NCHW (K > 1): channel c over planes b0..b1, each plane's mean and M2 from one pass over
+// it (read as it is stored, any dtype) as in row_fwd_rows: sums of d = x - x0 and d^2 around
+// the plane's first element x0, then an exact second pass over the plane in cache when that
+// loses over 2 bits. Plane results merged in b order, their means as offsets from P.
 template <typename scalar_t>
 PK_HOT_LOOP void bn_stats_planes(const scalar_t* x, int64_t C, int64_t K, int64_t c, int64_t b0,
-                                 int64_t b1, acc_type<scalar_t> P, acc_type<scalar_t>* buf,
-                                 int64_t& n_out, acc_type<scalar_t>& mean_out,
-                                 acc_type<scalar_t>& m2_out) {
+                                 int64_t b1, acc_type<scalar_t> P, int64_t& n_out,
+                                 acc_type<scalar_t>& mean_out, acc_type<scalar_t>& m2_out) {
   using acc_t = acc_type<scalar_t>;
+  using V = vec_t<acc_t>;
   const acc_t inv_k = acc_t(1) / static_cast<acc_t>(K);
   int64_t n = 0;
   acc_t mean = 0, m2 = 0;
   for (int64_t b = b0; b < b1; ++b) {
-    const acc_t* __restrict v = acc_view<scalar_t>(x + (b * C + c) * K, nullptr, nullptr, buf, K);
-    const acc_t pm = dev_sum(v, K, P) * inv_k;
-    chan_merge(n, mean, m2, K, pm, sq_dev_sum(v, K, P, pm));
+    const scalar_t* __restrict v = x + (b * C + c) * K;
+    const acc_t x0 = ld(v[0]);
+    acc_t s1, s2;
+    lane_sum2<acc_t>(
+        K,
+        [&](int64_t i, V& a, V& q) __attribute__((always_inline)) {
+          const V d = vload_acc(v + i) - x0;
+          a += d;
+          q += d * d;
+        },
+        [&](int64_t i, acc_t& a, acc_t& q) __attribute__((always_inline)) {
+          a = ld(v[i]) - x0;
+          q = a * a;
+        },
+        s1, s2);
+    const acc_t off = s1 * inv_k;
+    acc_t pm2 = s2 - s1 * off;
+    if (!(pm2 * 4 >= s2)) {
+      pm2 = lane_sum<acc_t>(
+          K,
+          [&](int64_t i) __attribute__((always_inline)) {
+            const V d = (vload_acc(v + i) - x0) - off;
+            return d * d;
+          },
+          [&](int64_t i) __attribute__((always_inline)) {
+            const acc_t d = (ld(v[i]) - x0) - off;
+            return d * d;
+          });
+    }
+    chan_merge(n, mean, m2, K, (x0 - P) + off, pm2);
   }
   n_out = n;
   mean_out = mean;
@@ -740,8 +914,8 @@ PK_INLINE void chan_merge_vec(int64_t& n_a, acc_t* __restrict mean_a, acc_t* __r
 // (two passes over the chunk in cache) merged into mean/m2 (C) in chunk order. Returns the
 // count.
 template <typename scalar_t>
-PK_HOT_LOOP int64_t bn_stats_rows(const scalar_t* x, int64_t C, int64_t r0, int64_t r1, int64_t R,
-                                  const acc_type<scalar_t>* __restrict P, acc_type<scalar_t>* buf,
+PK_HOT_LOOP int64_t bn_stats_rows(const scalar_t* __restrict x, int64_t C, int64_t r0, int64_t r1,
+                                  int64_t R, const acc_type<scalar_t>* __restrict P,
                                   acc_type<scalar_t>* __restrict cm,
                                   acc_type<scalar_t>* __restrict cm2,
                                   acc_type<scalar_t>* __restrict mean,
@@ -751,22 +925,66 @@ PK_HOT_LOOP int64_t bn_stats_rows(const scalar_t* x, int64_t C, int64_t r0, int6
   for (int64_t c = 0; c < C; ++c) mean[c] = m2[c] = acc_t(0);
   for (int64_t q = r0; q < r1; q += R) {
     const int64_t nr = std::min(R, r1 - q);
-    const acc_t* __restrict v = acc_view<scalar_t>(x + q * C, nullptr, nullptr, buf, nr * C);
+    const scalar_t* __restrict v = x + q * C;  // the chunk, in cache for the second pass
     for (int64_t c = 0; c < C; ++c) cm[c] = cm2[c] = acc_t(0);
     for (int64_t r = 0; r < nr; ++r) {
-      for (int64_t c = 0; c < C; ++c) cm[c] += v[r * C + c] - P[c];
+      for (int64_t c = 0; c < C; ++c) cm[c] += ld(v[r * C + c]) - P[c];
     }
     const acc_t inv_n = acc_t(1) / static_cast<acc_t>(nr);
     for (int64_t c = 0; c < C; ++c) cm[c] *= inv_n;
     for (int64_t r = 0; r < nr; ++r) {
       for (int64_t c = 0; c < C; ++c) {
-        const acc_t d = (v[r * C + c] - P[c]) - cm[c];
+        const acc_t d = (ld(v[r * C + c]) - P[c]) - cm[c];
         cm2[c] += d * d;
       }
     }
     chan_merge_vec(n, mean, m2, nr, cm, cm2, C);
   }
   return n;
+}
+
+template <typename scalar_t>
+void bn_stats_planes_any(const scalar_t* x, int64_t C, int64_t K, int64_t c, int64_t b0,
+                         int64_t b1, acc_type<scalar_t> P, int64_t& n_out,
+                         acc_type<scalar_t>& mean_out, acc_type<scalar_t>& m2_out) {
+  if constexpr (kIsHalf<scalar_t>) {  // plane by plane, merged as bn_stats_planes does
+    int64_t n = 0;
+    float mean = 0, m2 = 0;
+    for (int64_t b = b0; b < b1; ++b) {
+      int64_t pn;
+      float pmean, pm2;
+      bn_stats_planes(staged(x + (b * C + c) * K, K, 0), 1, K, 0, 0, 1, P, pn, pmean, pm2);
+      chan_merge(n, mean, m2, pn, pmean, pm2);
+    }
+    n_out = n;
+    mean_out = mean;
+    m2_out = m2;
+  } else {
+    bn_stats_planes(x, C, K, c, b0, b1, P, n_out, mean_out, m2_out);
+  }
+}
+
+template <typename scalar_t>
+int64_t bn_stats_rows_any(const scalar_t* x, int64_t C, int64_t r0, int64_t r1, int64_t R,
+                          const acc_type<scalar_t>* P, acc_type<scalar_t>* cm,
+                          acc_type<scalar_t>* cm2, acc_type<scalar_t>* mean,
+                          acc_type<scalar_t>* m2) {
+  if constexpr (kIsHalf<scalar_t>) {  // chunk by chunk, merged as bn_stats_rows does
+    int64_t n = 0;
+    std::fill(mean, mean + C, 0.f);
+    std::fill(m2, m2 + C, 0.f);
+    float* tmean = scratch(1, C);
+    float* tm2 = scratch(2, C);
+    for (int64_t q = r0; q < r1; q += R) {
+      const int64_t nr = std::min(R, r1 - q);
+      const int64_t got = bn_stats_rows(staged(x + q * C, nr * C, 0), C, 0, nr, R, P, cm, cm2,
+                                        tmean, tm2);
+      chan_merge_vec(n, mean, m2, got, tmean, tm2, C);
+    }
+    return n;
+  } else {
+    return bn_stats_rows(x, C, r0, r1, R, P, cm, cm2, mean, m2);
+  }
 }
 
 template <typename scalar_t>
@@ -784,15 +1002,11 @@ void bn_stats(const at::Tensor& xt, at::Tensor& mean_t, at::Tensor& var_t) {
     const int64_t groups = std::min<int64_t>(B, std::max<int64_t>(1, (kMaxGroups + C - 1) / C));
     std::vector<int64_t> pn(C * groups);
     std::vector<acc_t> pmean(C * groups), pm2(C * groups);
-#pragma omp parallel if (parallel)
-    {
-      std::vector<acc_t> buf(std::is_same_v<scalar_t, acc_t> ? 0 : K);
-#pragma omp for schedule(static)
-      for (int64_t i = 0; i < C * groups; ++i) {
-        const int64_t c = i / groups, g = i % groups;
-        bn_stats_planes(x, C, K, c, part_begin(B, groups, g), part_begin(B, groups, g + 1), P[c],
-                        buf.data(), pn[i], pmean[i], pm2[i]);
-      }
+#pragma omp parallel for schedule(static) if (parallel)
+    for (int64_t i = 0; i < C * groups; ++i) {
+      const int64_t c = i / groups, g = i % groups;
+      bn_stats_planes_any(x, C, K, c, part_begin(B, groups, g), part_begin(B, groups, g + 1),
+                          P[c], pn[i], pmean[i], pm2[i]);
     }
     for (int64_t c = 0; c < C; ++c) {
       int64_t n = 0;
@@ -812,12 +1026,12 @@ void bn_stats(const at::Tensor& xt, at::Tensor& mean_t, at::Tensor& var_t) {
   std::vector<acc_t> gmean(groups * C), gm2(groups * C);
 #pragma omp parallel if (parallel)
   {
-    std::vector<acc_t> buf(std::is_same_v<scalar_t, acc_t> ? 0 : R * C), cm(C), cm2(C);
+    std::vector<acc_t> cm(C), cm2(C);
 #pragma omp for schedule(static)
     for (int64_t g = 0; g < groups; ++g) {
-      gn[g] = bn_stats_rows(x, C, part_begin(B, groups, g), part_begin(B, groups, g + 1), R,
-                            P.data(), buf.data(), cm.data(), cm2.data(), gmean.data() + g * C,
-                            gm2.data() + g * C);
+      gn[g] = bn_stats_rows_any(x, C, part_begin(B, groups, g), part_begin(B, groups, g + 1), R,
+                                P.data(), cm.data(), cm2.data(), gmean.data() + g * C,
+                                gm2.data() + g * C);
     }
   }
   // Chan's merge of the groups in order, vectorized over channels.
@@ -939,6 +1153,73 @@ PK_HOT_LOOP void bn_bwd_range(const scalar_t* __restrict dy, const scalar_t* __r
   }
 }
 
+// float16 staging of the elementwise kernels: pieces of up to kStage elements, whole rows of C
+// for K == 1, runs within one plane (one channel) for K > 1.
+template <typename acc_t>
+ChannelCoef<acc_t> coef_at(const ChannelCoef<acc_t>& cf, int64_t c) {
+  return {cf.mean + c, cf.a + c, cf.b + c, cf.c ? cf.c + c : nullptr};
+}
+
+// fn(o, len, C, K, cf): the piece of len elements at offset o, with the C, K and coefficients
+// the float kernel sees for it.
+template <typename acc_t, typename Fn>
+void for_each_piece(int64_t C, int64_t K, int64_t p0, int64_t p1, const ChannelCoef<acc_t>& cf,
+                    const Fn& fn) {
+  if (K == 1) {
+    const int64_t rows = std::max<int64_t>(1, kStage / C);
+    for (int64_t r = p0; r < p1; r += rows) {
+      const int64_t n = std::min(rows, p1 - r);
+      fn(r * C, n * C, C, int64_t(1), n, cf);
+    }
+    return;
+  }
+  for (int64_t p = p0; p < p1; ++p) {
+    const ChannelCoef<acc_t> one = coef_at(cf, p % C);
+    for (int64_t k = 0; k < K; k += kStage) {
+      const int64_t len = std::min(kStage, K - k);
+      fn(p * K + k, len, int64_t(1), len, int64_t(1), one);
+    }
+  }
+}
+
+template <typename scalar_t, bool kRes, bool kRelu>
+void bn_fwd_range_any(const scalar_t* x, const scalar_t* res, scalar_t* y,
+                      ChannelCoef<acc_type<scalar_t>> cf, int64_t C, int64_t K, int64_t p0,
+                      int64_t p1) {
+  if constexpr (kIsHalf<scalar_t>) {
+    for_each_piece(C, K, p0, p1, cf, [&](int64_t o, int64_t len, int64_t c, int64_t k,
+                                         int64_t units, const ChannelCoef<float>& f) {
+      float* yf = scratch(2, len);
+      bn_fwd_range<float, kRes, kRelu>(staged(x + o, len, 0), kRes ? staged(res + o, len, 1) : nullptr,
+                                       yf, f, c, k, 0, units);
+      float_to_half_n(yf, y + o, len);
+    });
+  } else {
+    bn_fwd_range<scalar_t, kRes, kRelu>(x, res, y, cf, C, K, p0, p1);
+  }
+}
+
+template <typename scalar_t, bool kMask, bool kTrain, bool kRes>
+void bn_bwd_range_any(const scalar_t* dy, const scalar_t* x, const scalar_t* y, scalar_t* dx,
+                      scalar_t* dres, ChannelCoef<acc_type<scalar_t>> cf, int64_t C, int64_t K,
+                      int64_t p0, int64_t p1) {
+  if constexpr (kIsHalf<scalar_t>) {
+    for_each_piece(C, K, p0, p1, cf, [&](int64_t o, int64_t len, int64_t c, int64_t k,
+                                         int64_t units, const ChannelCoef<float>& f) {
+      float* dxf = scratch(3, len);
+      float* drf = kRes ? scratch(4, len) : nullptr;
+      bn_bwd_range<float, kMask, kTrain, kRes>(staged(dy + o, len, 0),
+                                               kTrain ? staged(x + o, len, 1) : nullptr,
+                                               kMask ? staged(y + o, len, 2) : nullptr, dxf, drf,
+                                               f, c, k, 0, units);
+      float_to_half_n(dxf, dx + o, len);
+      if (kRes) float_to_half_n(drf, dres + o, len);
+    });
+  } else {
+    bn_bwd_range<scalar_t, kMask, kTrain, kRes>(dy, x, y, dx, dres, cf, C, K, p0, p1);
+  }
+}
+
 // Runs fn(p0, p1) over B*C planes (K > 1) or B rows (K == 1), in calls of about 8K elements.
 template <typename Fn>
 void for_each_range(int64_t B, int64_t C, int64_t K, const Fn& fn) {
@@ -950,30 +1231,37 @@ void for_each_range(int64_t B, int64_t C, int64_t K, const Fn& fn) {
   for (int64_t i = 0; i < calls; ++i) fn(i * per_call, std::min(units, (i + 1) * per_call));
 }
 
-// bwd_reduce, NCHW: channel c over planes b0..b1: sums of dy and dy * (x - mean), each plane
-// reduced from acc rows (dy masked and converted into dyb, x converted into xb, unless they
-// already are acc rows).
+// bwd_reduce, NCHW: channel c over planes b0..b1: sums of dy and dy * (x - mean), one pass
+// over each plane read as it is stored, dy masked by y > 0 when kMask.
 template <typename scalar_t, bool kMask>
 PK_HOT_LOOP void bn_reduce_planes(const scalar_t* __restrict dy, const scalar_t* __restrict x,
                                   const scalar_t* __restrict y, int64_t C, int64_t K, int64_t c,
                                   int64_t b0, int64_t b1, acc_type<scalar_t> m,
-                                  acc_type<scalar_t>* __restrict dyb,
-                                  acc_type<scalar_t>* __restrict xb, acc_type<scalar_t>& sdy,
-                                  acc_type<scalar_t>& sdxm) {
+                                  acc_type<scalar_t>& sdy, acc_type<scalar_t>& sdxm) {
   using acc_t = acc_type<scalar_t>;
+  using V = vec_t<acc_t>;
   acc_t s1 = 0, s2 = 0;
   for (int64_t b = b0; b < b1; ++b) {
     const int64_t o = (b * C + c) * K;
-    const acc_t* d;
-    if constexpr (kMask || !std::is_same_v<scalar_t, acc_t>) {
-      for (int64_t k = 0; k < K; ++k) dyb[k] = masked_dy<scalar_t, kMask>(dy, y, o + k);
-      d = dyb;
-    } else {
-      d = dy + o;
-    }
-    const acc_t* v = acc_view<scalar_t>(x + o, nullptr, nullptr, xb, K);
-    s1 += dev_sum(d, K, acc_t(0));
-    s2 += dot_dev(d, v, K, m);
+    const scalar_t* __restrict dp = dy + o;
+    const scalar_t* __restrict xp = x + o;
+    const scalar_t* __restrict yp = kMask ? y + o : nullptr;
+    acc_t p1, p2;
+    lane_sum2<acc_t>(
+        K,
+        [&](int64_t i, V& a, V& q) __attribute__((always_inline)) {
+          V d = vload_acc(dp + i);
+          if constexpr (kMask) d = vload_acc(yp + i) <= acc_t(0) ? V{} : d;
+          a += d;
+          q += d * (vload_acc(xp + i) - m);
+        },
+        [&](int64_t i, acc_t& a, acc_t& q) __attribute__((always_inline)) {
+          a = masked_dy<scalar_t, kMask>(dp, yp, i);
+          q = a * (ld(xp[i]) - m);
+        },
+        p1, p2);
+    s1 += p1;
+    s2 += p2;
   }
   sdy = s1;
   sdxm = s2;
@@ -1010,6 +1298,53 @@ PK_HOT_LOOP void bn_reduce_rows(const scalar_t* __restrict dy, const scalar_t* _
 }
 
 template <typename scalar_t, bool kMask>
+void bn_reduce_planes_any(const scalar_t* dy, const scalar_t* x, const scalar_t* y, int64_t C,
+                          int64_t K, int64_t c, int64_t b0, int64_t b1, acc_type<scalar_t> m,
+                          acc_type<scalar_t>& sdy, acc_type<scalar_t>& sdxm) {
+  if constexpr (kIsHalf<scalar_t>) {  // plane by plane, summed as bn_reduce_planes does
+    float s1 = 0, s2 = 0;
+    for (int64_t b = b0; b < b1; ++b) {
+      const int64_t o = (b * C + c) * K;
+      float p1, p2;
+      bn_reduce_planes<float, kMask>(staged(dy + o, K, 0), staged(x + o, K, 1),
+                                     kMask ? staged(y + o, K, 2) : nullptr, 1, K, 0, 0, 1, m, p1,
+                                     p2);
+      s1 += p1;
+      s2 += p2;
+    }
+    sdy = s1;
+    sdxm = s2;
+  } else {
+    bn_reduce_planes<scalar_t, kMask>(dy, x, y, C, K, c, b0, b1, m, sdy, sdxm);
+  }
+}
+
+template <typename scalar_t, bool kMask>
+void bn_reduce_rows_any(const scalar_t* dy, const scalar_t* x, const scalar_t* y, int64_t C,
+                        int64_t r0, int64_t r1, int64_t R, const acc_type<scalar_t>* mean,
+                        acc_type<scalar_t>* c1, acc_type<scalar_t>* c2, acc_type<scalar_t>* sdy,
+                        acc_type<scalar_t>* sdxm) {
+  if constexpr (kIsHalf<scalar_t>) {  // chunk by chunk, summed as bn_reduce_rows does
+    std::fill(sdy, sdy + C, 0.f);
+    std::fill(sdxm, sdxm + C, 0.f);
+    float* t1 = scratch(3, C);
+    float* t2 = scratch(4, C);
+    for (int64_t q = r0; q < r1; q += R) {
+      const int64_t nr = std::min(R, r1 - q), o = q * C, len = nr * C;
+      bn_reduce_rows<float, kMask>(staged(dy + o, len, 0), staged(x + o, len, 1),
+                                   kMask ? staged(y + o, len, 2) : nullptr, C, 0, nr, R, mean, c1,
+                                   c2, t1, t2);
+      for (int64_t c = 0; c < C; ++c) {
+        sdy[c] += t1[c];
+        sdxm[c] += t2[c];
+      }
+    }
+  } else {
+    bn_reduce_rows<scalar_t, kMask>(dy, x, y, C, r0, r1, R, mean, c1, c2, sdy, sdxm);
+  }
+}
+
+template <typename scalar_t, bool kMask>
 void bn_reduce(const scalar_t* dy, const scalar_t* x, const scalar_t* y, int64_t B, int64_t C,
                int64_t K, const acc_type<scalar_t>* mean, acc_type<scalar_t>* sdy_out,
                acc_type<scalar_t>* sdxm_out) {
@@ -1018,16 +1353,11 @@ void bn_reduce(const scalar_t* dy, const scalar_t* x, const scalar_t* y, int64_t
   if (K > 1) {
     const int64_t groups = std::min<int64_t>(B, std::max<int64_t>(1, (kMaxGroups + C - 1) / C));
     std::vector<acc_t> p1(C * std::max<int64_t>(groups, 1)), p2(p1.size());
-#pragma omp parallel if (parallel)
-    {
-      std::vector<acc_t> dyb(K), xb(K);
-#pragma omp for schedule(static)
-      for (int64_t i = 0; i < C * groups; ++i) {
-        const int64_t c = i / groups, g = i % groups;
-        bn_reduce_planes<scalar_t, kMask>(dy, x, y, C, K, c, part_begin(B, groups, g),
-                                          part_begin(B, groups, g + 1), mean[c], dyb.data(),
-                                          xb.data(), p1[i], p2[i]);
-      }
+#pragma omp parallel for schedule(static) if (parallel)
+    for (int64_t i = 0; i < C * groups; ++i) {
+      const int64_t c = i / groups, g = i % groups;
+      bn_reduce_planes_any<scalar_t, kMask>(dy, x, y, C, K, c, part_begin(B, groups, g),
+                                            part_begin(B, groups, g + 1), mean[c], p1[i], p2[i]);
     }
     for (int64_t c = 0; c < C; ++c) {
       acc_t s1 = 0, s2 = 0;
@@ -1048,9 +1378,9 @@ void bn_reduce(const scalar_t* dy, const scalar_t* x, const scalar_t* y, int64_t
     std::vector<acc_t> c1(C), c2(C);
 #pragma omp for schedule(static)
     for (int64_t g = 0; g < groups; ++g) {
-      bn_reduce_rows<scalar_t, kMask>(dy, x, y, C, part_begin(B, groups, g),
-                                      part_begin(B, groups, g + 1), R, mean, c1.data(), c2.data(),
-                                      g1.data() + g * C, g2.data() + g * C);
+      bn_reduce_rows_any<scalar_t, kMask>(dy, x, y, C, part_begin(B, groups, g),
+                                          part_begin(B, groups, g + 1), R, mean, c1.data(),
+                                          c2.data(), g1.data() + g * C, g2.data() + g * C);
     }
   }
   sum_parts(g1.data(), groups, C, sdy_out);
@@ -1236,7 +1566,7 @@ at::Tensor batch_norm_fwd_cpu(const at::Tensor& x, const at::Tensor& mean, const
     const auto run = [&](auto res_tag, auto relu_tag) {
       constexpr bool kRes = decltype(res_tag)::value, kRelu = decltype(relu_tag)::value;
       for_each_range(B, C, K, [&](int64_t p0, int64_t p1) {
-        bn_fwd_range<scalar_t, kRes, kRelu>(xp, rp, yp, cf, C, K, p0, p1);
+        bn_fwd_range_any<scalar_t, kRes, kRelu>(xp, rp, yp, cf, C, K, p0, p1);
       });
     };
     using T = std::true_type;
@@ -1328,7 +1658,8 @@ std::tuple<at::Tensor, at::Tensor> batch_norm_bwd_cpu(
       constexpr bool kMask = decltype(mask_tag)::value, kTrain = decltype(train_tag)::value,
                      kRes = decltype(res_tag)::value;
       for_each_range(B, C, K, [&](int64_t p0, int64_t p1) {
-        bn_bwd_range<scalar_t, kMask, kTrain, kRes>(dyp, xp, yp, dxp, drp, cf, C, K, p0, p1);
+        bn_bwd_range_any<scalar_t, kMask, kTrain, kRes>(dyp, xp, yp, dxp, drp, cf, C, K, p0,
+                                                        p1);
       });
     };
     using T = std::true_type;

@@ -1,9 +1,9 @@
 // Normalization family, CUDA. Twin of csrc/cpu/norm.cpp (Triton twin: triton_kernels/norm.py).
 // Every big tensor is a contiguous (B, C, K) view; "acc" is float (double for double x); the
-// contract is /tmp/normspec/SPEC.md (pykern.h summarizes it).
+// six functions and their exact math are summarized in pykern.h ("normalization").
 //
 // Row norm (LayerNorm/RMSNorm of each (b, k) over C):
-//   K == 1 (rows): a group of T threads per row (T = 1..32 lanes of a warp, or 64..1024
+//   K == 1 (rows): a group of T threads per row (T = 1..32 lanes of a warp, or 64..512
 //     threads), the row held in registers so global memory is read once, 16-byte accesses when
 //     C and the pointers allow. Rows too long for registers: a block per row that re-reads it
 //     (from L2). Backward parameter sums: per-block partials in shared memory -> (blocks, C).
@@ -23,6 +23,7 @@
 #include <c10/cuda/CUDAStream.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <limits>
@@ -49,7 +50,8 @@ constexpr int kUnroll = 4;           // loads in flight per thread and array in 
 // Channel-parallel kernels (BN over (rows, C), LayerNorm2d columns) keep per-element state for
 // each of their VEC channels or columns: 8 bytes for 16-bit types keeps that state in registers.
 template <typename scalar_t>
-constexpr int kWideVec = std::is_same_v<scalar_t, double> ? 1 : 16 / static_cast<int>(sizeof(scalar_t));
+constexpr int kWideVec =
+    std::is_same_v<scalar_t, double> ? 1 : 16 / static_cast<int>(sizeof(scalar_t));
 template <typename scalar_t>
 constexpr int kChanVec = std::is_same_v<scalar_t, double> ? 1 : 4;
 // Loads per thread and array per batch: fewer for the widest vectors (registers).
@@ -464,7 +466,6 @@ __global__ void __launch_bounds__(kRowThreads) row_fwd_stream_kernel(const RowFw
         }
       }
     }
-    // The next row's first group_sum syncs before red is written again.
   }
 }
 
@@ -962,7 +963,8 @@ __global__ void __launch_bounds__(kThreads) col_bwd_kernel(const RowBwd<scalar_t
 // that batch (Chan): one division per batch.
 template <typename scalar_t, int VEC>
 __global__ void __launch_bounds__(kThreads)
-    welford_rows_kernel(const scalar_t* __restrict__ x, at::opmath_type<scalar_t>* __restrict__ part_mean,
+    welford_rows_kernel(const scalar_t* __restrict__ x,
+                        at::opmath_type<scalar_t>* __restrict__ part_mean,
                         at::opmath_type<scalar_t>* __restrict__ part_m2, const int64_t rows,
                         const int64_t C, const int64_t chunk) {
   using acc_t = at::opmath_type<scalar_t>;
@@ -1101,7 +1103,8 @@ __device__ __forceinline__ void block_welford(int64_t& n, acc_t& mean, acc_t& m2
 
 template <typename scalar_t, int VEC>
 __global__ void __launch_bounds__(kThreads)
-    welford_planes_kernel(const scalar_t* __restrict__ x, at::opmath_type<scalar_t>* __restrict__ part_mean,
+    welford_planes_kernel(const scalar_t* __restrict__ x,
+                          at::opmath_type<scalar_t>* __restrict__ part_mean,
                           at::opmath_type<scalar_t>* __restrict__ part_m2, const int64_t B,
                           const int64_t C, const int64_t K, const int64_t chunk) {
   using acc_t = at::opmath_type<scalar_t>;
@@ -1166,7 +1169,8 @@ __global__ void __launch_bounds__(kFinalThreads)
                             const at::opmath_type<scalar_t>* __restrict__ part_m2,
                             const scalar_t* __restrict__ x, const int64_t C, const int64_t K,
                             const int64_t P, const int64_t units, const int64_t chunk,
-                            const int64_t per_unit, at::opmath_type<scalar_t>* __restrict__ mean_out,
+                            const int64_t per_unit,
+                            at::opmath_type<scalar_t>* __restrict__ mean_out,
                             at::opmath_type<scalar_t>* __restrict__ var_out) {
   using acc_t = at::opmath_type<scalar_t>;
   __shared__ int64_t sn[kFinalThreads];
@@ -1227,7 +1231,8 @@ __device__ __forceinline__ acc_t masked(acc_t d, bool has_y, acc_t yv) {
 }
 
 template <typename scalar_t, int VEC, bool kRowStats>
-__global__ void __launch_bounds__(kThreads) sum2_rows_kernel(const Sum2<scalar_t> a, const int64_t chunk) {
+__global__ void __launch_bounds__(kThreads)
+    sum2_rows_kernel(const Sum2<scalar_t> a, const int64_t chunk) {
   using acc_t = at::opmath_type<scalar_t>;
   using V = Vec<scalar_t, VEC>;
   __shared__ acc_t s_1[kThreads * VEC], s_2[kThreads * VEC];
@@ -1334,7 +1339,8 @@ __device__ __forceinline__ void block_sum(acc_t (&v)[N]) {
 }
 
 template <typename scalar_t, int VEC, bool kRowStats>
-__global__ void __launch_bounds__(kThreads) sum2_planes_kernel(const Sum2<scalar_t> a, const int64_t chunk) {
+__global__ void __launch_bounds__(kThreads)
+    sum2_planes_kernel(const Sum2<scalar_t> a, const int64_t chunk) {
   using acc_t = at::opmath_type<scalar_t>;
   using V = Vec<scalar_t, VEC>;
   constexpr int U = kLoads<VEC>;
@@ -1633,7 +1639,8 @@ __global__ void __launch_bounds__(kThreads) bn_bwd_rows_kernel(const BnBwd<scala
                                  a.y != nullptr ? to_acc(yv[u].v[j]) : acc_t(0));
           dr.v[j] = static_cast<scalar_t>(d);
           const acc_t xx = train ? to_acc(xv[u].v[j]) : acc_t(0);
-          o.v[j] = static_cast<scalar_t>(bn_bwd_value(d, xx, m[j], is[j], aw[j], mdy[j], mdyx[j], train));
+          o.v[j] = static_cast<scalar_t>(
+              bn_bwd_value(d, xx, m[j], is[j], aw[j], mdy[j], mdyx[j], train));
         }
         store_vec<VEC>(a.dx + row * C + c, o);
         if (a.dres != nullptr) store_vec<VEC>(a.dres + row * C + c, dr);
@@ -1780,8 +1787,8 @@ struct PlanesGrid {
 
 PlanesGrid plan_planes_grid(int64_t nv, int64_t C, int64_t target_blocks) {
   PlanesGrid g;
-  const int64_t most =
-      std::min(kMaxGridY, std::max<int64_t>(1, ceil_div(nv, static_cast<int64_t>(kThreads) * kUnroll)));
+  const int64_t most = std::min(
+      kMaxGridY, std::max<int64_t>(1, ceil_div(nv, static_cast<int64_t>(kThreads) * kUnroll)));
   g.chunks = std::clamp<int64_t>(target_blocks / C, 1, most);
   g.chunk = ceil_div(nv, g.chunks);
   g.chunks = ceil_div(nv, g.chunk);
@@ -1819,18 +1826,28 @@ void with_vec(bool vec, F&& f) {
   }
 }
 
-int sm_count(int device) {
+// A device attribute, looked up once per device (0 means not yet known: both attributes used
+// here are positive).
+int device_attr(cudaDeviceAttr attr, int slot, int device) {
+  static std::atomic<int> cache[2][64];
+  const bool cached = device >= 0 && device < 64;
+  if (cached) {
+    const int v = cache[slot][device].load(std::memory_order_relaxed);
+    if (v > 0) return v;
+  }
   int n = 0;
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, device));
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&n, attr, device));
+  if (cached) cache[slot][device].store(n, std::memory_order_relaxed);
   return n;
 }
+
+int sm_count(int device) { return device_attr(cudaDevAttrMultiProcessorCount, 0, device); }
 
 // Dynamic shared memory a kernel of ours may ask for: the device's opt-in limit less room for
 // the kernels' static shared memory (at most 24 KiB).
 int64_t smem_cap(int device) {
-  int n = 0;
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&n, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
-  return static_cast<int64_t>(n) - 32 * 1024;
+  return static_cast<int64_t>(device_attr(cudaDevAttrMaxSharedMemoryPerBlockOptin, 1, device)) -
+         32 * 1024;
 }
 
 // Dynamic shared memory above the default 48 KiB must be asked for per kernel.
@@ -1964,7 +1981,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> row_norm_fwd_cuda(
   const c10::cuda::CUDAGuard guard(x.device());
   const auto acc_opts = x.options().dtype(acc_type(x));
   at::Tensor y = at::empty({B, C, K}, x.options());
-  at::Tensor s = residual.has_value() ? at::empty({B, C, K}, x.options()) : at::empty({0}, x.options());
+  at::Tensor s =
+      residual.has_value() ? at::empty({B, C, K}, x.options()) : at::empty({0}, x.options());
   at::Tensor mean = rms ? at::empty({0}, acc_opts) : at::empty({B, K}, acc_opts);
   at::Tensor rstd = at::empty({B, K}, acc_opts);
   if (B * K == 0) return {y, s, mean, rstd};
@@ -2124,7 +2142,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> row_norm_bwd_cuda(
         // Up to 2 vectors of 16 bytes (4 of narrower ones) per array and thread in registers.
         const RowPlan p = plan_row(C / V, 2, V >= 8 ? 2 : 4, kRowThreads, kRowThreads);
         if (!p.regs) {
-          row_bwd_stream_kernel<scalar_t, V><<<std::min(B, kMaxBlocks), kRowThreads, 0, stream>>>(a);
+          row_bwd_stream_kernel<scalar_t, V>
+              <<<std::min(B, kMaxBlocks), kRowThreads, 0, stream>>>(a);
           C10_CUDA_KERNEL_LAUNCH_CHECK();
           if (params) separate_params();
           return;
@@ -2307,7 +2326,8 @@ at::Tensor batch_norm_fwd_cuda(const at::Tensor& x, const at::Tensor& mean, cons
         constexpr int V = decltype(vec_tag)::value;
         const auto kernel = bn_fwd_tiles_kernel<scalar_t, V, kTileUnroll>;
         const int64_t tile = static_cast<int64_t>(kThreads) * V * kTileUnroll;
-        const int64_t smem = 4 * bn_tile_planes(tile, K, B * C) * static_cast<int64_t>(sizeof(acc_t));
+        const int64_t smem =
+            4 * bn_tile_planes(tile, K, B * C) * static_cast<int64_t>(sizeof(acc_t));
         const int64_t tiles = ceil_div(B * C * K, tile);
         const int64_t blocks = std::min(tiles, resident_blocks(kernel, kThreads, smem, device));
         kernel<<<blocks, kThreads, smem, stream>>>(a);
@@ -2370,7 +2390,8 @@ std::tuple<at::Tensor, at::Tensor> batch_norm_bwd_cuda(
   PK_CHECK_VALUE(count >= 0, fn, ": count must be >= 0, got ", count);
   const c10::cuda::CUDAGuard guard(x.device());
   at::Tensor dx = at::empty({B, C, K}, x.options());
-  at::Tensor dres = want_grad_residual ? at::empty({B, C, K}, x.options()) : at::empty({0}, x.options());
+  at::Tensor dres =
+      want_grad_residual ? at::empty({B, C, K}, x.options()) : at::empty({0}, x.options());
   if (dx.numel() == 0) return {dx, dres};
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   poison(dx, stream);
@@ -2414,7 +2435,8 @@ std::tuple<at::Tensor, at::Tensor> batch_norm_bwd_cuda(
         constexpr int V = decltype(vec_tag)::value;
         const auto kernel = bn_bwd_tiles_kernel<scalar_t, V, kTileUnroll>;
         const int64_t tile = static_cast<int64_t>(kThreads) * V * kTileUnroll;
-        const int64_t smem = 5 * bn_tile_planes(tile, K, B * C) * static_cast<int64_t>(sizeof(acc_t));
+        const int64_t smem =
+            5 * bn_tile_planes(tile, K, B * C) * static_cast<int64_t>(sizeof(acc_t));
         const int64_t tiles = ceil_div(B * C * K, tile);
         const int64_t blocks = std::min(tiles, resident_blocks(kernel, kThreads, smem, device));
         kernel<<<blocks, kThreads, smem, stream>>>(a);
