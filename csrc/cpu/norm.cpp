@@ -1,24 +1,28 @@
 // Normalization family, CPU reference. CUDA twin: csrc/cuda/norm.cu; Triton twin:
 // triton_kernels/norm.py.
 //
-// Every big tensor is a contiguous (B, C, K) view (pykern/ops/norm.py builds it), so there are
-// two layouts of each kernel: K == 1, where a (b, ·) row of C elements is contiguous
-// (LayerNorm/RMSNorm rows, LayerNorm2d and BatchNorm of NHWC), and K > 1, where the C axis is
-// strided by K and the K axis is contiguous (LayerNorm2d and BatchNorm of NCHW).
+// Every big tensor is a contiguous (B, C, K) view (pykern/ops/norm.py builds it), so each
+// kernel has two walks: K == 1, where the C elements of a row are contiguous (LayerNorm/RMSNorm
+// rows, LayerNorm2d and BatchNorm of NHWC), and K > 1, where C is strided by K and K is
+// contiguous (LayerNorm2d and BatchNorm of NCHW).
 //
 // Row norm (LayerNorm, RMSNorm, LayerNorm2d) normalizes each (b, k) over C.
-//   K == 1: a row at a time: converted once into a float row (kept in L1/L2), then a two-pass
-//   mean and variance over it, then one write pass.
-//   K > 1: a tile of C x T elements at a time (T consecutive k), every pass vectorized over k.
-//   Backward: the same walks; dweight/dbias from per-group partial sums (the groups are a
-//   fixed partition of the rows or tiles), added up in group order.
+//   K == 1, a row at a time. Forward: one pass for the mean and variance (sums around the
+//   row's first element, plus an exact second pass over the row in cache where that would
+//   lose accuracy), one write pass. Backward: one pass for xhat and the two row sums, one for
+//   dx and the dweight/dbias partials.
+//   K > 1, a tile of C x T elements (T consecutive k) at a time, every pass vectorized over k.
+//   dweight/dbias: partial sums per group (a fixed partition of the rows or tiles), added in
+//   group order.
 // BatchNorm normalizes each channel c over (b, k).
-//   Stats: per plane (NCHW: (b, c), K contiguous) or per chunk of rows (NHWC) a two-pass
-//   mean and M2 over data in cache, merged with Chan's formula in a fixed order.
+//   Stats: per plane (NCHW) or per chunk of rows (NHWC), a mean and M2 from data in cache,
+//   merged with Chan's formula in a fixed order, the means kept as offsets from a pivot per
+//   channel (a mean of 1e4 with a spread of 1 keeps its variance in float32).
 //   Forward and backward are elementwise with per-channel coefficients; the backward's two
-//   channel sums use the same partition as the stats.
-// Every partition depends on the shape only, never on the thread count, so results are
-// bitwise reproducible. All math is in at::opmath_type (float for float, half, bfloat16).
+//   channel sums use the stats' partition.
+// Every partition depends on the shape only, never on the thread count: results are bitwise
+// reproducible. Math in at::opmath_type (float for float, half and bfloat16); reductions in
+// GCC vector types (lane_sum); float16 staged through float buffers (kStage).
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/ops/empty.h>
@@ -30,6 +34,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <limits>
 #include <optional>
 #include <tuple>
 #include <type_traits>
@@ -149,10 +154,11 @@ void float_to_half_n(const float* in, c10::Half* out, int64_t n) {
 #endif
 
 // float16 staging: the K == 1 row kernels and the batch-norm kernels run their float version on
-// float copies of kStage-element pieces (whole rows where rows are needed) and convert the
-// results back: the per-element conversions inside the float kernels would cost more than the
-// memory traffic. Per-thread buffers, grown on demand and kept.
-constexpr int64_t kStage = 4096;
+// float copies of kStage-element pieces (whole rows where rows are needed, so up to C) and
+// convert the results back with F16C: converting element by element inside the loops (bit
+// arithmetic, since the hot loops' AVX2 clone has no F16C) costs more than the memory
+// traffic. Per-thread buffers, grown on demand and kept.
+constexpr int64_t kStage = 1024;
 
 inline float* scratch(int slot, int64_t n) {
   thread_local std::vector<float> bufs[8];
@@ -214,20 +220,27 @@ PK_INLINE void vstore(acc_t* p, vec_t<acc_t> v) {
   __builtin_memcpy(p, &v, sizeof(v));
 }
 
+// Horizontal sums, pairwise in a fixed order.
+#if defined(__clang__)
+#define PK_SHUFFLE(M, v, ...) __builtin_shufflevector(v, v, __VA_ARGS__)
+#else
+#define PK_SHUFFLE(M, v, ...) __builtin_shuffle(v, M{__VA_ARGS__})
+#endif
 PK_INLINE float hsum(vec_t<float> v) {
   using M = VecOf<float>::mask;
-  v += __builtin_shuffle(v, M{4, 5, 6, 7, 0, 1, 2, 3});
-  v += __builtin_shuffle(v, M{2, 3, 0, 1, 6, 7, 4, 5});
-  v += __builtin_shuffle(v, M{1, 0, 3, 2, 5, 4, 7, 6});
+  v += PK_SHUFFLE(M, v, 4, 5, 6, 7, 0, 1, 2, 3);
+  v += PK_SHUFFLE(M, v, 2, 3, 0, 1, 6, 7, 4, 5);
+  v += PK_SHUFFLE(M, v, 1, 0, 3, 2, 5, 4, 7, 6);
   return v[0];
 }
 
 PK_INLINE double hsum(vec_t<double> v) {
   using M = VecOf<double>::mask;
-  v += __builtin_shuffle(v, M{2, 3, 0, 1});
-  v += __builtin_shuffle(v, M{1, 0, 3, 2});
+  v += PK_SHUFFLE(M, v, 2, 3, 0, 1);
+  v += PK_SHUFFLE(M, v, 1, 0, 3, 2);
   return v[0];
 }
+#undef PK_SHUFFLE
 
 // kWidth<acc> elements of any input dtype as an acc vector: float16 and bfloat16 widened with
 // the same bit arithmetic as ld() (exact), in vector registers.
@@ -349,19 +362,6 @@ PK_INLINE acc_t dot_dev(const acc_t* __restrict a, const acc_t* __restrict b, in
       PK_TERM { return a[i] * (b[i] - m); });
 }
 
-// sum of (a * w) * b (b = null: of a * w)
-template <typename acc_t>
-PK_INLINE acc_t weighted_sum(const acc_t* __restrict a, const acc_t* __restrict w,
-                             const acc_t* __restrict b, int64_t n) {
-  if (b == nullptr) {
-    return lane_sum<acc_t>(
-        n, PK_TERM { return vload(a + i) * vload(w + i); }, PK_TERM { return a[i] * w[i]; });
-  }
-  return lane_sum<acc_t>(
-      n, PK_TERM { return (vload(a + i) * vload(w + i)) * vload(b + i); },
-      PK_TERM { return (a[i] * w[i]) * b[i]; });
-}
-
 // (sum of d, sum of d^2) for d = v - m, in one pass
 template <typename acc_t>
 PK_INLINE void dev_sums(const acc_t* __restrict v, int64_t n, acc_t m, acc_t& s1, acc_t& s2) {
@@ -381,6 +381,7 @@ PK_INLINE void dev_sums(const acc_t* __restrict v, int64_t n, acc_t m, acc_t& s1
 }
 
 #undef PK_TERM
+#undef PK_STEP
 
 // n elements as acc: x itself when it already is (and nothing is added), else converted into
 // buf. With a residual, s = x + residual rounded to x's dtype is written out and its rounded
@@ -450,10 +451,15 @@ inline int64_t tile_width(int64_t C, int64_t K) {
 // Sums parts x n partial rows in part order into out (n).
 template <typename acc_t>
 void sum_parts(const acc_t* parts, int64_t count, int64_t n, acc_t* out) {
-  for (int64_t i = 0; i < n; ++i) out[i] = acc_t(0);
-  for (int64_t g = 0; g < count; ++g) {
-    const acc_t* p = parts + g * n;
-    for (int64_t i = 0; i < n; ++i) out[i] += p[i];
+  constexpr int64_t kCols = 1024;  // columns per work item; each column summed in part order
+#pragma omp parallel for schedule(static) if (count * n > kParallelGrain)
+  for (int64_t i0 = 0; i0 < n; i0 += kCols) {
+    const int64_t i1 = std::min(n, i0 + kCols);
+    for (int64_t i = i0; i < i1; ++i) out[i] = acc_t(0);
+    for (int64_t g = 0; g < count; ++g) {
+      const acc_t* p = parts + g * n;
+      for (int64_t i = i0; i < i1; ++i) out[i] += p[i];
+    }
   }
 }
 
@@ -713,7 +719,7 @@ PK_HOT_LOOP void row_bwd_rows(const RowBwd<scalar_t>& p, int64_t r0, int64_t r1,
   }
 }
 
-// K > 1: the tile of batch b, columns k0..k0+T. dyb and xh hold C x T, stat 6 x T.
+// K > 1: the tile of batch b, columns k0..k0+T. dyb and xh hold C x T, stat 4 x T.
 template <typename scalar_t>
 PK_HOT_LOOP void row_bwd_tile(const RowBwd<scalar_t>& p, int64_t b, int64_t k0, int64_t T,
                               acc_type<scalar_t>* __restrict dyb,
@@ -969,15 +975,16 @@ int64_t bn_stats_rows_any(const scalar_t* x, int64_t C, int64_t r0, int64_t r1, 
                           const acc_type<scalar_t>* P, acc_type<scalar_t>* cm,
                           acc_type<scalar_t>* cm2, acc_type<scalar_t>* mean,
                           acc_type<scalar_t>* m2) {
-  if constexpr (kIsHalf<scalar_t>) {  // chunk by chunk, merged as bn_stats_rows does
+  if constexpr (kIsHalf<scalar_t>) {  // in pieces of kStage elements, merged in order
     int64_t n = 0;
     std::fill(mean, mean + C, 0.f);
     std::fill(m2, m2 + C, 0.f);
     float* tmean = scratch(1, C);
     float* tm2 = scratch(2, C);
-    for (int64_t q = r0; q < r1; q += R) {
-      const int64_t nr = std::min(R, r1 - q);
-      const int64_t got = bn_stats_rows(staged(x + q * C, nr * C, 0), C, 0, nr, R, P, cm, cm2,
+    const int64_t piece = std::min(R, std::max<int64_t>(1, 4 * kStage / C));
+    for (int64_t q = r0; q < r1; q += piece) {
+      const int64_t nr = std::min(piece, r1 - q);
+      const int64_t got = bn_stats_rows(staged(x + q * C, nr * C, 0), C, 0, nr, nr, P, cm, cm2,
                                         tmean, tm2);
       chan_merge_vec(n, mean, m2, got, tmean, tm2, C);
     }
@@ -1324,16 +1331,17 @@ void bn_reduce_rows_any(const scalar_t* dy, const scalar_t* x, const scalar_t* y
                         int64_t r0, int64_t r1, int64_t R, const acc_type<scalar_t>* mean,
                         acc_type<scalar_t>* c1, acc_type<scalar_t>* c2, acc_type<scalar_t>* sdy,
                         acc_type<scalar_t>* sdxm) {
-  if constexpr (kIsHalf<scalar_t>) {  // chunk by chunk, summed as bn_reduce_rows does
+  if constexpr (kIsHalf<scalar_t>) {  // in pieces of kStage elements, summed in order
     std::fill(sdy, sdy + C, 0.f);
     std::fill(sdxm, sdxm + C, 0.f);
     float* t1 = scratch(3, C);
     float* t2 = scratch(4, C);
-    for (int64_t q = r0; q < r1; q += R) {
-      const int64_t nr = std::min(R, r1 - q), o = q * C, len = nr * C;
+    const int64_t piece = std::min(R, std::max<int64_t>(1, kStage / C));
+    for (int64_t q = r0; q < r1; q += piece) {
+      const int64_t nr = std::min(piece, r1 - q), o = q * C, len = nr * C;
       bn_reduce_rows<float, kMask>(staged(dy + o, len, 0), staged(x + o, len, 1),
-                                   kMask ? staged(y + o, len, 2) : nullptr, C, 0, nr, R, mean, c1,
-                                   c2, t1, t2);
+                                   kMask ? staged(y + o, len, 2) : nullptr, C, 0, nr, nr, mean,
+                                   c1, c2, t1, t2);
       for (int64_t c = 0; c < C; ++c) {
         sdy[c] += t1[c];
         sdxm[c] += t2[c];
@@ -1472,6 +1480,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> row_norm_fwd_cpu(
   poison_cpu(mean);
   poison_cpu(rstd);
   if (B * K == 0) return {y, s, mean, rstd};
+  if (C == 0) {  // as torch: the mean of nothing is 0, its variance NaN
+    if (!rms) mean.fill_(0.0);
+    rstd.fill_(std::numeric_limits<double>::quiet_NaN());
+    return {y, s, mean, rstd};
+  }
   const at::Tensor w = channel_vec_or(weight, x, 1.0), bb = channel_vec_or(bias, x, 0.0);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), fn, [&] {
     using acc_t = acc_type<scalar_t>;
@@ -1508,6 +1521,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> row_norm_bwd_cpu(
   poison_cpu(dx);
   at::Tensor dweight = need_dweight ? new_vec(x, C) : empty_vec(x);
   at::Tensor dbias = need_dbias ? new_vec(x, C) : empty_vec(x);
+  if (B * K == 0 || C == 0) {  // no element: parameter sums are zeros
+    dweight.zero_();
+    dbias.zero_();
+    return {dx, dweight, dbias};
+  }
   const at::Tensor w = channel_vec_or(weight, x, 1.0);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), fn, [&] {
     using acc_t = acc_type<scalar_t>;
@@ -1530,6 +1548,7 @@ std::tuple<at::Tensor, at::Tensor> batch_norm_stats_cpu(const at::Tensor& x) {
   check_big(fn, "x", x);
   PK_CHECK_VALUE(x.size(0) * x.size(2) > 0, fn, ": x has no element per channel (B * K = 0)");
   at::Tensor mean = new_vec(x, x.size(1)), var = new_vec(x, x.size(1));
+  if (x.size(1) == 0) return {mean, var};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), fn,
                                   [&] { bn_stats<scalar_t>(x, mean, var); });
   return {mean, var};
@@ -1591,6 +1610,11 @@ std::tuple<at::Tensor, at::Tensor> batch_norm_bwd_reduce_cpu(
   check_vec(fn, "mean", mean, x, C, "C");
   check_vec(fn, "var", var, x, C, "C");
   at::Tensor sum_dy = new_vec(x, C), sum_dy_xhat = new_vec(x, C);
+  if (B * K == 0 || C == 0) {  // no element: zero sums
+    sum_dy.zero_();
+    sum_dy_xhat.zero_();
+    return {sum_dy, sum_dy_xhat};
+  }
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), fn, [&] {
     using acc_t = acc_type<scalar_t>;
     const scalar_t* dyp = grad_y.const_data_ptr<scalar_t>();
