@@ -6,6 +6,9 @@
 #   STEPS="info build test" bash bench/gpu_check.sh  a subset, in this order:
 #                                                    info build test sanitizer bench
 #   BENCH_ARGS="--quick" ...                         extra arguments for python -m bench.run
+#   TEST_ARGS="-k cuda" TEST_WORKERS=8 ...          extra pytest arguments; xdist workers
+#   T_BUILD, T_TEST, T_SANITIZER, T_BENCH            per-step time limits in seconds
+#   RACECHECK_FILES="tests/test_norm.py"             racecheck only these (default: every file)
 #
 # Each step logs to OUTDIR/logs/<step>.log and adds one line to OUTDIR/summary.txt:
 # "PASS", "FAIL (exit N)" or "NOT RUN: why". A failing step does not stop the next; the exit
@@ -105,8 +108,13 @@ step_build() {
 }
 
 step_test() {
-    TRITON_INTERPRET=0 timeout "${T_TEST:-1800}" "$PY" -m pytest tests -q -ra \
-        --junitxml="$OUTDIR/junit.xml"
+    # pytest-xdist (on the device image) spreads the suite over TEST_WORKERS processes sharing
+    # the GPU; pytest-timeout turns a hung test into a failure instead of a killed step.
+    local extra=()
+    if "$PY" -c "import xdist" 2>/dev/null; then extra+=(-n "${TEST_WORKERS:-8}"); fi
+    if "$PY" -c "import pytest_timeout" 2>/dev/null; then extra+=(--timeout 300); fi
+    TRITON_INTERPRET=0 timeout "${T_TEST:-1800}" "$PY" -m pytest tests -q -ra "${extra[@]}" \
+        ${TEST_ARGS:-} --junitxml="$OUTDIR/junit.xml"
     local rc=$?
     tail -n 1 "$LOGS/test.log" >"$LOGS/test.note"  # pytest's "N passed, M skipped" line
     return $rc
@@ -161,7 +169,7 @@ step_sanitizer() {
     sanitize memcheck all tests
     rc=$?
     case $rc in 0) checked=1 ;; 5) ;; *) failed=1 ;; esac
-    for file in tests/test_*.py; do
+    for file in ${RACECHECK_FILES:-tests/test_*.py}; do
         sanitize racecheck "$(basename "$file" .py)" "$file"
         rc=$?
         case $rc in 0) checked=1 ;; 5) ;; *) failed=1 ;; esac

@@ -391,27 +391,6 @@ def _check_same_as_input(op: str, name: str, t: object, input: torch.Tensor) -> 
         )
 
 
-def _channels_last(x: torch.Tensor) -> bool:
-    """x is laid out (N, *spatial, C) in memory (and not also NCHW-contiguous)."""
-    fmt = {4: torch.channels_last, 5: torch.channels_last_3d}.get(x.dim())
-    return fmt is not None and not x.is_contiguous() and x.is_contiguous(memory_format=fmt)
-
-
-def _channel_view(x: torch.Tensor, channels_last: bool) -> torch.Tensor:
-    """(N, C, *spatial) as the (B, C, K) view the kernels read: (N, C, S) for NCHW, (N*S, C, 1)
-    for channels_last (a copy only when x is not laid out that way already)."""
-    N, C, S = x.shape[0], x.shape[1], math.prod(x.shape[2:])
-    if channels_last:
-        return x.movedim(1, -1).contiguous().view(N * S, C, 1)
-    return x.contiguous().view(N, C, S)
-
-
-def _from_channel_view(t: torch.Tensor, shape, channels_last: bool) -> torch.Tensor:
-    if channels_last:
-        return t.view(shape[0], *shape[2:], shape[1]).movedim(-1, 1)
-    return t.view(shape)
-
-
 def _check_batch_norm(
     op, input, residual, running_mean, running_var, weight, bias, training, momentum
 ) -> None:
@@ -445,14 +424,26 @@ def _run_batch_norm(
     if input.numel() == 0:  # nothing to normalize (and no statistics to update)
         out = input.clone() if residual is None else input + residual
         return out.clamp_min(0) if relu else out
-    channels_last = _channels_last(input)
-    x = _channel_view(input, channels_last)
-    res = None if residual is None else _channel_view(residual, channels_last)
+    channels_last = _layout.is_channels_last(input)
+    x = _norm.channel_view(input, channels_last)
+    res = None if residual is None else _norm.channel_view(residual, channels_last)
     y = _norm.batch_norm(
         x, running_mean, running_var, weight, bias, res, bool(training), float(momentum),
         float(eps), relu, group,
     )  # fmt: skip
-    return _from_channel_view(y, input.shape, channels_last)
+    return _norm.from_channel_view(y, input.shape, channels_last)
+
+
+def _batch_norm(
+    op, input, residual, running_mean, running_var, weight, bias, training, momentum, eps, relu
+):
+    """The three functional BatchNorms: validated (before any state changes), then run."""
+    _check_batch_norm(
+        op, input, residual, running_mean, running_var, weight, bias, training, momentum
+    )
+    return _run_batch_norm(
+        input, residual, running_mean, running_var, weight, bias, training, momentum, eps, relu
+    )
 
 
 def batch_norm(
@@ -481,12 +472,10 @@ def batch_norm(
     Returns:
         A tensor like input, in its memory format.
     """
-    _check_batch_norm(
-        "batch_norm", input, None, running_mean, running_var, weight, bias, training, momentum
-    )
-    return _run_batch_norm(
-        input, None, running_mean, running_var, weight, bias, training, momentum, eps, False
-    )
+    return _batch_norm(
+        "batch_norm", input, None, running_mean, running_var, weight, bias, training, momentum,
+        eps, relu=False,
+    )  # fmt: skip
 
 
 def batch_norm_relu(
@@ -501,13 +490,10 @@ def batch_norm_relu(
 ) -> torch.Tensor:
     """``F.relu(F.batch_norm(...))`` fused: one elementwise pass forward and one backward, the
     BatchNorm output never written. Arguments as batch_norm."""
-    _check_batch_norm(
+    return _batch_norm(
         "batch_norm_relu", input, None, running_mean, running_var, weight, bias, training,
-        momentum,
+        momentum, eps, relu=True,
     )  # fmt: skip
-    return _run_batch_norm(
-        input, None, running_mean, running_var, weight, bias, training, momentum, eps, True
-    )
 
 
 def batch_norm_add_relu(
@@ -524,13 +510,10 @@ def batch_norm_add_relu(
     """``F.relu(F.batch_norm(input, ...) + residual)`` fused (the tail of a ResNet block), with
     the gradients of input, residual, weight and bias. residual: input's shape, dtype and
     device; other arguments as batch_norm."""
-    _check_batch_norm(
+    return _batch_norm(
         "batch_norm_add_relu", input, residual, running_mean, running_var, weight, bias,
-        training, momentum,
+        training, momentum, eps, relu=True,
     )  # fmt: skip
-    return _run_batch_norm(
-        input, residual, running_mean, running_var, weight, bias, training, momentum, eps, True
-    )
 
 
 def _normalized_shape(op: str, input: torch.Tensor, normalized_shape) -> tuple[int, ...]:
@@ -670,7 +653,7 @@ def layer_norm_2d(
     if input.numel() == 0:
         return input.clone()
     # The view's middle axis is C: rows of C for channels_last, a strided axis for NCHW.
-    channels_last = _channels_last(input)
-    x = _channel_view(input, channels_last)
+    channels_last = _layout.is_channels_last(input)
+    x = _norm.channel_view(input, channels_last)
     y, _ = _norm.row_norm(x, None, weight, bias, float(eps), False)
-    return _from_channel_view(y, input.shape, channels_last)
+    return _norm.from_channel_view(y, input.shape, channels_last)

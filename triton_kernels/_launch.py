@@ -19,6 +19,31 @@ def interpreted() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
 
 
+# A @triton.jit helper inlined into kernels on a GPU; under the interpreter plain Python (the
+# calling kernel's module is already patched), since the interpreter re-patches the language
+# module on every call of a jitted helper, which was half of its running time.
+jit_helper = (lambda fn: fn) if interpreted() else triton.jit
+
+
+@jit_helper
+def program_tile(pid, C, K, C_CONTIG: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr):
+    """(b, c [BLOCK_C], k [BLOCK_K]) of program pid over (B, c tiles, k tiles), int64: the
+    tiles of a (B, C, K) tensor, c tiles fastest when C_CONTIG (neighbouring programs read
+    neighbouring bytes of a channels-innermost layout), else k tiles (a plane in order)."""
+    c_tiles = tl.cdiv(C, BLOCK_C)
+    k_tiles = tl.cdiv(K, BLOCK_K)
+    if C_CONTIG:  # channel tiles fastest: neighbouring programs read neighbouring bytes
+        c_tile = pid % c_tiles
+        k_tile = (pid // c_tiles) % k_tiles
+    else:  # k tiles fastest: a plane is walked in order
+        k_tile = pid % k_tiles
+        c_tile = (pid // k_tiles) % c_tiles
+    b = pid // (c_tiles * k_tiles)
+    c = c_tile * BLOCK_C + tl.arange(0, BLOCK_C).to(tl.int64)
+    k = k_tile * BLOCK_K + tl.arange(0, BLOCK_K).to(tl.int64)
+    return b, c, k
+
+
 def new_output(shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """A kernel's output; 0xFF-filled first when tests poison outputs (csrc/common/poison.h)."""
     out = torch.empty(shape, dtype=dtype, device=device)

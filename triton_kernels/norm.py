@@ -21,7 +21,14 @@ import torch
 import triton
 import triton.language as tl
 
-from pykern.triton_kernels._launch import autotune, interpreted, new_output, round_for_bfloat16
+from pykern.triton_kernels._launch import (
+    autotune,
+    interpreted,
+    jit_helper,
+    new_output,
+    program_tile,
+    round_for_bfloat16,
+)
 
 # Row norm keeps a whole row of C in registers up to this many columns (K == 1), or this many
 # channels for K > 1 tiles ({C_CONTIG: size}); beyond, it loops over C in chunks (two passes).
@@ -33,13 +40,10 @@ _ROW_CHUNK = {True: 4096, False: 128}
 
 # ---- shared helpers ---------------------------------------------------------------------------
 #
-# Helpers are @triton.jit functions inlined into the kernels; under the interpreter they are
-# plain Python (the kernel's module is already patched), since the interpreter re-patches the
-# language module on every call of a jitted helper, which made up half of its running time.
-_helper = (lambda fn: fn) if interpreted() else triton.jit
+# Helpers are jit_helper functions (_launch.py): inlined on a GPU, plain Python when interpreted.
 
 
-@_helper
+@jit_helper
 def _offsets(b, c, k, C, K, C_CONTIG: tl.constexpr):
     """[BLOCK_C, BLOCK_K] int64 offsets of elements (b, c, k) of a contiguous (B, C, K) tensor;
     with C_CONTIG (K == 1) "k" is the row and b is 0."""
@@ -49,7 +53,7 @@ def _offsets(b, c, k, C, K, C_CONTIG: tl.constexpr):
         return (b * C + c[:, None]) * K + k[None, :]
 
 
-@_helper
+@jit_helper
 def _first_k(c, K, C_CONTIG: tl.constexpr):
     """Offsets of elements (0, c, 0): the first of each channel."""
     if C_CONTIG:
@@ -58,13 +62,13 @@ def _first_k(c, K, C_CONTIG: tl.constexpr):
         return c * K
 
 
-@_helper
+@jit_helper
 def _finite_or_zero(v):
     # The shift of the shifted-data variance: any finite value near the data will do.
     return tl.where(v - v == 0, v, 0.0)
 
 
-@_helper
+@jit_helper
 def _inv_sqrt(v, ACC: tl.constexpr):
     """1 / sqrt(v), correctly rounded steps (not the approximate rsqrt)."""
     if ACC == tl.float64:
@@ -73,31 +77,14 @@ def _inv_sqrt(v, ACC: tl.constexpr):
         return tl.div_rn(1.0, tl.sqrt_rn(v))
 
 
-@_helper
+@jit_helper
 def _pair(HI, LO, ACC: tl.constexpr):
     # Float arguments arrive as float32: eps and count travel as float32 pairs (hi + lo),
     # exact enough for float64 math.
     return tl.cast(HI, ACC) + tl.cast(LO, ACC)
 
 
-@_helper
-def _tile_of(pid, C, K, C_CONTIG: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr):
-    """(b, c [BLOCK_C], k [BLOCK_K]) of program pid over (B, c tiles, k tiles), int64."""
-    c_tiles = tl.cdiv(C, BLOCK_C)
-    k_tiles = tl.cdiv(K, BLOCK_K)
-    if C_CONTIG:  # channel tiles fastest: neighbouring programs read neighbouring bytes
-        c_tile = pid % c_tiles
-        k_tile = (pid // c_tiles) % k_tiles
-    else:  # k tiles fastest: a plane is walked in order
-        k_tile = pid % k_tiles
-        c_tile = (pid // k_tiles) % c_tiles
-    b = pid // (c_tiles * k_tiles)
-    c = c_tile * BLOCK_C + tl.arange(0, BLOCK_C).to(tl.int64)
-    k = k_tile * BLOCK_K + tl.arange(0, BLOCK_K).to(tl.int64)
-    return b, c, k
-
-
-@_helper
+@jit_helper
 def _load_vec(ptr, c, c_ok, HAS: tl.constexpr, default, ACC: tl.constexpr):
     """ptr[c] as acc, or `default` everywhere when the optional vector is absent."""
     if HAS:
@@ -106,7 +93,7 @@ def _load_vec(ptr, c, c_ok, HAS: tl.constexpr, default, ACC: tl.constexpr):
         return tl.full(c.shape, default, ACC)
 
 
-@_helper
+@jit_helper
 def _load_s(x_ptr, r_ptr, at, ok, HAS_RES: tl.constexpr, ACC: tl.constexpr, TO_BF16: tl.constexpr):
     """s = x (+ residual), rounded to x's dtype as torch's x + residual is, returned as acc."""
     x = tl.load(x_ptr + at, mask=ok, other=0.0)
@@ -117,7 +104,7 @@ def _load_s(x_ptr, r_ptr, at, ok, HAS_RES: tl.constexpr, ACC: tl.constexpr, TO_B
         return x.to(ACC)
 
 
-@_helper
+@jit_helper
 def _chan(n_a, mean_a, m2_a, n_b, mean_b, m2_b):
     """Chan et al.'s merge of two (count, mean, M2) summaries."""
     n = n_a + n_b
@@ -219,6 +206,33 @@ def _row_norm_fwd_kernel(
     tl.store(rstd_ptr + b * K + k, rstd, mask=k_ok)
 
 
+@jit_helper
+def _row_mean(mean_ptr, b, k, K, k_ok, RMS: tl.constexpr, ACC: tl.constexpr, BLOCK_K: tl.constexpr):
+    """The saved mean of each (b, k) of a tile; 0 for RMSNorm, which saves none."""
+    if RMS:
+        return tl.zeros([BLOCK_K], ACC)
+    else:
+        return tl.load(mean_ptr + b * K + k, mask=k_ok, other=0.0)
+
+
+@jit_helper
+def _bwd_terms(dy_ptr, x_ptr, at, ok, w, mean, rstd, ACC: tl.constexpr):
+    """(dy, xhat, g = dy * w) of one [BLOCK_C, BLOCK_K] chunk in acc; masked lanes are 0."""
+    dy = tl.load(dy_ptr + at, mask=ok, other=0.0).to(ACC)
+    x = tl.load(x_ptr + at, mask=ok, other=0.0).to(ACC)
+    xhat = tl.where(ok, (x - mean[None, :]) * rstd[None, :], 0.0)
+    return dy, xhat, dy * w[:, None]
+
+
+@jit_helper
+def _row_dx(g, xhat, rstd, c1, c2, RMS: tl.constexpr):
+    """dx of one chunk from c1 = mean_c(g * xhat) and c2 = mean_c(g) (unused for RMS)."""
+    if RMS:
+        return rstd[None, :] * (g - xhat * c1[None, :])
+    else:
+        return rstd[None, :] * (g - c2[None, :] - xhat * c1[None, :])
+
+
 # ---- row norm backward --------------------------------------------------------------------------
 
 
@@ -248,21 +262,12 @@ def _row_norm_bwd_kernel(
             k_ok = k < K
             ok = c_ok[:, None] & k_ok[None, :]
             at = _offsets(b, c, k, C, K, C_CONTIG)
-            dy = tl.load(dy_ptr + at, mask=ok, other=0.0).to(ACC)
-            x = tl.load(x_ptr + at, mask=ok, other=0.0).to(ACC)
             rstd = tl.load(rstd_ptr + b * K + k, mask=k_ok, other=0.0)
-            if RMS:
-                xhat = x * rstd[None, :]
-            else:
-                mean = tl.load(mean_ptr + b * K + k, mask=k_ok, other=0.0)
-                xhat = tl.where(ok, (x - mean[None, :]) * rstd[None, :], 0.0)
-            g = dy * w[:, None]
+            mean = _row_mean(mean_ptr, b, k, K, k_ok, RMS, ACC, BLOCK_K)
+            dy, xhat, g = _bwd_terms(dy_ptr, x_ptr, at, ok, w, mean, rstd, ACC)
             c1 = tl.sum(g * xhat, axis=0) / C
-            if RMS:
-                dx = rstd[None, :] * (g - xhat * c1[None, :])
-            else:
-                c2 = tl.sum(g, axis=0) / C
-                dx = rstd[None, :] * (g - c2[None, :] - xhat * c1[None, :])
+            c2 = tl.sum(g, axis=0) / C
+            dx = _row_dx(g, xhat, rstd, c1, c2, RMS)
             if HAS_GS:
                 dx += tl.load(gs_ptr + at, mask=ok, other=0.0).to(ACC)
             tl.store(dx_ptr + at, round_for_bfloat16(dx, TO_BF16), mask=ok)
@@ -280,10 +285,7 @@ def _row_norm_bwd_kernel(
             k = (t % k_tiles) * BLOCK_K + tl.arange(0, BLOCK_K).to(tl.int64)
             k_ok = k < K
             rstd = tl.load(rstd_ptr + b * K + k, mask=k_ok, other=0.0)
-            if RMS:
-                mean = tl.zeros([BLOCK_K], ACC)
-            else:
-                mean = tl.load(mean_ptr + b * K + k, mask=k_ok, other=0.0)
+            mean = _row_mean(mean_ptr, b, k, K, k_ok, RMS, ACC, BLOCK_K)
             sum_g = tl.zeros([BLOCK_K], ACC)
             sum_gx = tl.zeros([BLOCK_K], ACC)
             for c0 in range(0, C, BLOCK_C):
@@ -291,10 +293,8 @@ def _row_norm_bwd_kernel(
                 c_ok = cc < C
                 ok = c_ok[:, None] & k_ok[None, :]
                 at = _offsets(b, cc, k, C, K, C_CONTIG)
-                dy = tl.load(dy_ptr + at, mask=ok, other=0.0).to(ACC)
-                x = tl.load(x_ptr + at, mask=ok, other=0.0).to(ACC)
-                xhat = tl.where(ok, (x - mean[None, :]) * rstd[None, :], 0.0)
-                g = dy * _load_vec(w_ptr, cc, c_ok, HAS_W, 1.0, ACC)[:, None]
+                w = _load_vec(w_ptr, cc, c_ok, HAS_W, 1.0, ACC)
+                dy, xhat, g = _bwd_terms(dy_ptr, x_ptr, at, ok, w, mean, rstd, ACC)
                 sum_g += tl.sum(g, axis=0)
                 sum_gx += tl.sum(g * xhat, axis=0)
             c1 = sum_gx / C
@@ -307,14 +307,9 @@ def _row_norm_bwd_kernel(
                 c_ok = cc < C
                 ok = c_ok[:, None] & k_ok[None, :]
                 at = _offsets(b, cc, k, C, K, C_CONTIG)
-                dy = tl.load(dy_ptr + at, mask=ok, other=0.0).to(ACC)
-                x = tl.load(x_ptr + at, mask=ok, other=0.0).to(ACC)
-                xhat = tl.where(ok, (x - mean[None, :]) * rstd[None, :], 0.0)
-                g = dy * _load_vec(w_ptr, cc, c_ok, HAS_W, 1.0, ACC)[:, None]
-                if RMS:
-                    dx = rstd[None, :] * (g - xhat * c1[None, :])
-                else:
-                    dx = rstd[None, :] * (g - c2[None, :] - xhat * c1[None, :])
+                w = _load_vec(w_ptr, cc, c_ok, HAS_W, 1.0, ACC)
+                dy, xhat, g = _bwd_terms(dy_ptr, x_ptr, at, ok, w, mean, rstd, ACC)
+                dx = _row_dx(g, xhat, rstd, c1, c2, RMS)
                 if HAS_GS:
                     dx += tl.load(gs_ptr + at, mask=ok, other=0.0).to(ACC)
                 tl.store(dx_ptr + at, round_for_bfloat16(dx, TO_BF16), mask=ok)
@@ -367,7 +362,7 @@ def _sum_rows_kernel(
 # partial buffer, and a second kernel merges the P rows of each channel in order.
 
 
-@_helper
+@jit_helper
 def _bn_piece(pid, C, K, KCHUNK, NKC, BLOCK_C: tl.constexpr):
     """(piece p, its b, its k range [k_lo, k_hi), channels c) of program pid."""
     c_tiles = tl.cdiv(C, BLOCK_C)
@@ -455,7 +450,7 @@ def _bn_fwd_kernel(
 ):  # fmt: skip
     # One program per (b, tile of channels, tile of k): elementwise with per-channel vectors.
     pid = tl.program_id(0).to(tl.int64)
-    b, c, k = _tile_of(pid, C, K, C_CONTIG, BLOCK_C, BLOCK_K)
+    b, c, k = program_tile(pid, C, K, C_CONTIG, BLOCK_C, BLOCK_K)
     c_ok = c < C
     ok = c_ok[:, None] & (k < K)[None, :]
     mean = tl.load(mean_ptr + c, mask=c_ok, other=0.0)
@@ -472,7 +467,7 @@ def _bn_fwd_kernel(
     tl.store(y_ptr + at, round_for_bfloat16(v, TO_BF16), mask=ok)
 
 
-@_helper
+@jit_helper
 def _masked_dy(dy_ptr, y_ptr, at, ok, HAS_Y: tl.constexpr, ACC: tl.constexpr):
     """grad_y, zeroed where the ReLU output y <= 0 (threshold_backward: a NaN y passes)."""
     dy = tl.load(dy_ptr + at, mask=ok, other=0.0).to(ACC)
@@ -521,7 +516,7 @@ def _bn_bwd_kernel(
 ):  # fmt: skip
     # One program per (b, tile of channels, tile of k): elementwise with per-channel vectors.
     pid = tl.program_id(0).to(tl.int64)
-    b, c, k = _tile_of(pid, C, K, C_CONTIG, BLOCK_C, BLOCK_K)
+    b, c, k = program_tile(pid, C, K, C_CONTIG, BLOCK_C, BLOCK_K)
     c_ok = c < C
     ok = c_ok[:, None] & (k < K)[None, :]
     invstd = _inv_sqrt(tl.load(var_ptr + c, mask=c_ok, other=1.0) + _pair(EPS_HI, EPS_LO, ACC), ACC)

@@ -12,7 +12,12 @@ import torch
 import triton
 import triton.language as tl
 
-from pykern.triton_kernels._launch import autotune, new_output, round_for_bfloat16
+from pykern.triton_kernels._launch import (
+    autotune,
+    new_output,
+    program_tile,
+    round_for_bfloat16,
+)
 
 
 @triton.jit
@@ -133,17 +138,7 @@ def pool_reduce_bwd(
 def _tile(C, P, CHANNELS_LAST: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
     """(image n, pixels [BLOCK_P], channels [BLOCK_C]) of this program, int64."""
     pid = tl.program_id(0).to(tl.int64)
-    p_tiles = tl.cdiv(P, BLOCK_P)
-    c_tiles = tl.cdiv(C, BLOCK_C)
-    if CHANNELS_LAST:  # channel tiles fastest: neighbouring programs read neighbouring bytes
-        c_tile = pid % c_tiles
-        p_tile = (pid // c_tiles) % p_tiles
-    else:  # pixel tiles fastest: a plane is walked in order
-        p_tile = pid % p_tiles
-        c_tile = (pid // p_tiles) % c_tiles
-    n = pid // (p_tiles * c_tiles)
-    pix = p_tile * BLOCK_P + tl.arange(0, BLOCK_P).to(tl.int64)
-    c = c_tile * BLOCK_C + tl.arange(0, BLOCK_C).to(tl.int64)
+    n, c, pix = program_tile(pid, C, P, CHANNELS_LAST, BLOCK_C, BLOCK_P)
     return n, pix, c
 
 

@@ -32,6 +32,7 @@
 #include <type_traits>
 
 #include "common/checks.h"
+#include "common/cuda_divmod.h"
 #include "common/poison.h"
 #include "pykern.h"
 
@@ -135,20 +136,6 @@ __device__ __forceinline__ acc_t finite_or_zero(acc_t v) {
 template <typename acc_t>
 __device__ __forceinline__ acc_t inv_std(acc_t var, acc_t eps) {
   return acc_t(1) / sqrt(var + eps);
-}
-
-struct DivMod {
-  int64_t q, r;
-};
-
-// a / b and a % b for a >= 0, b > 0; the 32-bit division when both fit (64-bit is slow).
-__device__ __forceinline__ DivMod divmod(int64_t a, int64_t b) {
-  if (((a | b) >> 32) == 0) {
-    const uint32_t q = static_cast<uint32_t>(a) / static_cast<uint32_t>(b);
-    return {static_cast<int64_t>(q), a - static_cast<int64_t>(q) * b};
-  }
-  const int64_t q = a / b;
-  return {q, a - q * b};
 }
 
 // Sums N values over each group of T consecutive threads (T a power of two dividing blockDim,
@@ -2208,6 +2195,41 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> row_norm_bwd_cuda(
 // ---------------------------------------------------------------------------------------------
 // BatchNorm
 
+// Launches one elementwise BatchNorm pass (forward or dx) over the (B, C, K) view a: for NHWC
+// (K == 1) rows of C, each thread owning fixed channels; for NCHW tiles whose planes'
+// parameters (params_per_plane acc values each) are staged in shared memory. rows_kernel_of and
+// tiles_kernel_of map a vector-width tag to the kernel.
+template <typename scalar_t, typename Args, typename RowsKernelOf, typename TilesKernelOf>
+void launch_bn_elementwise(const Args& a, bool aligned, int params_per_plane, int device,
+                           cudaStream_t stream, RowsKernelOf rows_kernel_of,
+                           TilesKernelOf tiles_kernel_of) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t B = a.B, C = a.C, K = a.K;
+  if (K == 1) {
+    constexpr int kV = kChanVec<scalar_t>;
+    with_vec<kV>(C % kV == 0 && aligned, [&](auto vec_tag) {
+      const auto kernel = rows_kernel_of(vec_tag);
+      const RowsGrid g = plan_rows_grid(B, C, decltype(vec_tag)::value, 1);  // TX, TY, ctiles
+      const int64_t gy =
+          std::clamp<int64_t>(resident_blocks(kernel, kThreads, 0, device) / g.ctiles, 1,
+                              std::min(kMaxGridY, ceil_div(B, g.TY)));
+      kernel<<<dim3(g.ctiles, gy), dim3(g.TX, g.TY), 0, stream>>>(a);
+    });
+  } else {
+    constexpr int kV = kWideVec<scalar_t>;
+    with_vec<kV>(K % kV == 0 && aligned, [&](auto vec_tag) {
+      const auto kernel = tiles_kernel_of(vec_tag);
+      const int64_t tile = static_cast<int64_t>(kThreads) * decltype(vec_tag)::value * kTileUnroll;
+      const int64_t smem = params_per_plane * bn_tile_planes(tile, K, B * C) *
+                           static_cast<int64_t>(sizeof(acc_t));
+      const int64_t tiles = ceil_div(B * C * K, tile);
+      const int64_t blocks = std::min(tiles, resident_blocks(kernel, kThreads, smem, device));
+      kernel<<<blocks, kThreads, smem, stream>>>(a);
+    });
+  }
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
 std::tuple<at::Tensor, at::Tensor> batch_norm_stats_cuda(const at::Tensor& x) {
   constexpr const char* fn = "batch_norm_stats_cuda";
   PK_CHECK_CUDA("batch_norm_stats_cuda", x);
@@ -2309,31 +2331,10 @@ at::Tensor batch_norm_fwd_cuda(const at::Tensor& x, const at::Tensor& mean, cons
     a.eps = static_cast<acc_t>(eps);
     a.relu = relu;
     const bool aligned = all_aligned16(a.x, a.residual, static_cast<const scalar_t*>(a.y));
-    if (K == 1) {
-      constexpr int kV = kChanVec<scalar_t>;
-      with_vec<kV>(C % kV == 0 && aligned, [&](auto vec_tag) {
-        constexpr int V = decltype(vec_tag)::value;
-        const auto kernel = bn_fwd_rows_kernel<scalar_t, V>;
-        const RowsGrid g = plan_rows_grid(B, C, V, 1);  // TX, TY, ctiles
-        const int64_t gy =
-            std::clamp<int64_t>(resident_blocks(kernel, kThreads, 0, device) / g.ctiles, 1,
-                                std::min(kMaxGridY, ceil_div(B, g.TY)));
-        kernel<<<dim3(g.ctiles, gy), dim3(g.TX, g.TY), 0, stream>>>(a);
-      });
-    } else {
-      constexpr int kV = kWideVec<scalar_t>;
-      with_vec<kV>(K % kV == 0 && aligned, [&](auto vec_tag) {
-        constexpr int V = decltype(vec_tag)::value;
-        const auto kernel = bn_fwd_tiles_kernel<scalar_t, V, kTileUnroll>;
-        const int64_t tile = static_cast<int64_t>(kThreads) * V * kTileUnroll;
-        const int64_t smem =
-            4 * bn_tile_planes(tile, K, B * C) * static_cast<int64_t>(sizeof(acc_t));
-        const int64_t tiles = ceil_div(B * C * K, tile);
-        const int64_t blocks = std::min(tiles, resident_blocks(kernel, kThreads, smem, device));
-        kernel<<<blocks, kThreads, smem, stream>>>(a);
-      });
-    }
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    launch_bn_elementwise<scalar_t>(
+        a, aligned, 4, device, stream,
+        [](auto vec) { return bn_fwd_rows_kernel<scalar_t, decltype(vec)::value>; },
+        [](auto vec) { return bn_fwd_tiles_kernel<scalar_t, decltype(vec)::value, kTileUnroll>; });
   });
   return y;
 }
@@ -2418,31 +2419,10 @@ std::tuple<at::Tensor, at::Tensor> batch_norm_bwd_cuda(
     a.count = static_cast<acc_t>(count);
     const bool aligned = all_aligned16(a.dy, a.x, a.y, static_cast<const scalar_t*>(a.dx),
                                        static_cast<const scalar_t*>(a.dres));
-    if (K == 1) {
-      constexpr int kV = kChanVec<scalar_t>;
-      with_vec<kV>(C % kV == 0 && aligned, [&](auto vec_tag) {
-        constexpr int V = decltype(vec_tag)::value;
-        const auto kernel = bn_bwd_rows_kernel<scalar_t, V>;
-        const RowsGrid g = plan_rows_grid(B, C, V, 1);  // TX, TY, ctiles
-        const int64_t gy =
-            std::clamp<int64_t>(resident_blocks(kernel, kThreads, 0, device) / g.ctiles, 1,
-                                std::min(kMaxGridY, ceil_div(B, g.TY)));
-        kernel<<<dim3(g.ctiles, gy), dim3(g.TX, g.TY), 0, stream>>>(a);
-      });
-    } else {
-      constexpr int kV = kWideVec<scalar_t>;
-      with_vec<kV>(K % kV == 0 && aligned, [&](auto vec_tag) {
-        constexpr int V = decltype(vec_tag)::value;
-        const auto kernel = bn_bwd_tiles_kernel<scalar_t, V, kTileUnroll>;
-        const int64_t tile = static_cast<int64_t>(kThreads) * V * kTileUnroll;
-        const int64_t smem =
-            5 * bn_tile_planes(tile, K, B * C) * static_cast<int64_t>(sizeof(acc_t));
-        const int64_t tiles = ceil_div(B * C * K, tile);
-        const int64_t blocks = std::min(tiles, resident_blocks(kernel, kThreads, smem, device));
-        kernel<<<blocks, kThreads, smem, stream>>>(a);
-      });
-    }
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    launch_bn_elementwise<scalar_t>(
+        a, aligned, 5, device, stream,
+        [](auto vec) { return bn_bwd_rows_kernel<scalar_t, decltype(vec)::value>; },
+        [](auto vec) { return bn_bwd_tiles_kernel<scalar_t, decltype(vec)::value, kTileUnroll>; });
   });
   return {dx, dres};
 }

@@ -35,6 +35,13 @@ TO_CHANNELS_FIRST = {4: (0, 3, 1, 2), 5: (0, 4, 1, 2, 3)}
 CHANNELS_LAST_FORMAT = {4: torch.channels_last, 5: torch.channels_last_3d}
 
 
+def is_channels_last(x: torch.Tensor) -> bool:
+    """x (4D or 5D) is laid out (N, *spatial, C) in memory, and not also NCHW-contiguous (a
+    tensor that is both, e.g. C == 1, is read as NCHW)."""
+    fmt = CHANNELS_LAST_FORMAT.get(x.dim())
+    return fmt is not None and not x.is_contiguous() and x.is_contiguous(memory_format=fmt)
+
+
 def permuted_shape(shape: Sequence[int], perm: Sequence[int]) -> list[int]:
     """The output shape of permute_copy: the one place it is computed."""
     return [shape[p] for p in perm]

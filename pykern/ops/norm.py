@@ -18,6 +18,8 @@ so autograd casts their gradients back. The running-statistics update rule lives
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.distributed as dist
 
@@ -37,6 +39,22 @@ def _vector(x: Tensor, shape) -> Tensor:
 def _none() -> Tensor:
     """Stand-in for an optional output not asked for (custom ops cannot return None)."""
     return torch.empty(0)
+
+
+def channel_view(x: Tensor, channels_last: bool) -> Tensor:
+    """(N, C, *spatial) as the (B, C, K) view the kernels read: (N, C, S) for NCHW, (N*S, C, 1)
+    for channels_last (a copy only when x is not laid out that way already)."""
+    N, C, S = x.shape[0], x.shape[1], math.prod(x.shape[2:])
+    if channels_last:
+        return x.movedim(1, -1).contiguous().view(N * S, C, 1)
+    return x.contiguous().view(N, C, S)
+
+
+def from_channel_view(t: Tensor, shape, channels_last: bool) -> Tensor:
+    """A (B, C, K) result of channel_view back to (N, C, *spatial), in x's memory format."""
+    if channels_last:
+        return t.view(shape[0], *shape[2:], shape[1]).movedim(-1, 1)
+    return t.view(shape)
 
 
 ROW_NORM_FWD = backends.table("norm", "row_norm_fwd")

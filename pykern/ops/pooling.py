@@ -18,6 +18,7 @@ import dataclasses
 import torch
 
 from pykern import backends
+from pykern.ops.layout import is_channels_last
 
 POOL_REDUCE_FWD = backends.table("pooling", "pool_reduce_fwd")
 POOL_REDUCE_BWD = backends.table("pooling", "pool_reduce_bwd")
@@ -68,14 +69,10 @@ class PoolReduceFunction(torch.autograd.Function):
         return _pool_reduce_bwd(grad_out, indices, ctx.R, ctx.is_max), None
 
 
-def _channels_last(x: torch.Tensor) -> bool:
-    return not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
-
-
 def global_pool(x: torch.Tensor, is_max: bool) -> torch.Tensor:
     """(N, C, H, W) -> (N, C, 1, 1), in x's memory format."""
     N, C, H, W = x.shape
-    if _channels_last(x):
+    if is_channels_last(x):
         out = PoolReduceFunction.apply(x.permute(0, 2, 3, 1).reshape(N, H * W, C), is_max)
         return out.view(N, 1, 1, C).permute(0, 3, 1, 2)
     # NCHW; other strides are made contiguous first (the one copy in this family)
@@ -87,7 +84,7 @@ def channel_pool(x: torch.Tensor, is_max: bool) -> torch.Tensor:
     """(N, C, H, W) -> (N, 1, H, W). With one channel both memory formats are the same bytes;
     the strides are the contiguous ones, as torch's x.mean(1, keepdim=True) gives."""
     N, C, H, W = x.shape
-    if _channels_last(x):
+    if is_channels_last(x):
         out = PoolReduceFunction.apply(x.permute(0, 2, 3, 1).reshape(N * H * W, C, 1), is_max)
         return out.view(N, 1, H, W)
     x = x.contiguous()
