@@ -181,16 +181,31 @@ def test_bad_input(op):
 # interpreter runs them too); arguments cover stride < kernel (overlapping windows), padding,
 # dilation, ceil_mode with a last window over the padding, count_include_pad, divisor_override,
 # and adaptive sizes above and below the input.
+def _torch_on_cpu(torch_fn):
+    """torch_fn run on a CPU copy of x, its results moved back to x's device (autograd flows
+    through both copies). torch's CPU pooling is the reference on every target: on the GPU,
+    torch 2.11 refuses integer max_pool2d, returns index 0 for all -inf channels_last windows,
+    and its channels_last avg_pool2d backward is wrong when padding > 0 (pytorch#188344)."""
+
+    def run(x, **kw):
+        result = torch_fn(x.cpu(), **kw)
+        if isinstance(result, tuple):
+            return tuple(r.to(x.device) for r in result)
+        return result.to(x.device)
+
+    return run
+
+
 WINDOW_OPS = {
     "max_pool2d": (
         lambda x, **kw: PF.max_pool2d(x, return_indices=True, **kw),
-        lambda x, **kw: F.max_pool2d(x, return_indices=True, **kw),
+        _torch_on_cpu(lambda x, **kw: F.max_pool2d(x, return_indices=True, **kw)),
     ),
-    "avg_pool2d": (PF.avg_pool2d, F.avg_pool2d),
-    "adaptive_avg_pool2d": (PF.adaptive_avg_pool2d, F.adaptive_avg_pool2d),
+    "avg_pool2d": (PF.avg_pool2d, _torch_on_cpu(F.avg_pool2d)),
+    "adaptive_avg_pool2d": (PF.adaptive_avg_pool2d, _torch_on_cpu(F.adaptive_avg_pool2d)),
     "adaptive_max_pool2d": (
         lambda x, **kw: PF.adaptive_max_pool2d(x, return_indices=True, **kw),
-        lambda x, **kw: F.adaptive_max_pool2d(x, return_indices=True, **kw),
+        _torch_on_cpu(lambda x, **kw: F.adaptive_max_pool2d(x, return_indices=True, **kw)),
     ),
 }
 WINDOW_CASES = [
