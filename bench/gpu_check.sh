@@ -9,6 +9,7 @@
 #   TEST_ARGS="-k cuda" TEST_WORKERS=8 ...          extra pytest arguments; xdist workers
 #   T_BUILD, T_TEST, T_SANITIZER, T_BENCH            per-step time limits in seconds
 #   RACECHECK_FILES="tests/test_norm.py"             racecheck only these (default: every file)
+#   SANITIZER_K="cuda and grads"                     the tests sanitized (-k; default: cuda)
 #
 # Each step logs to OUTDIR/logs/<step>.log and adds one line to OUTDIR/summary.txt:
 # "PASS", "FAIL (exit N)" or "NOT RUN: why". A failing step does not stop the next; the exit
@@ -136,7 +137,7 @@ sanitize() {
     shift 2
     echo "== $tool: pytest $*"
     timeout "${T_SANITIZER:-1200}" "$CS" --tool "$tool" --error-exitcode 1 \
-        "$PY" -m pytest "$@" -q -m gpu -k cuda >"$LOGS/sanitizer_$label.log" 2>&1
+        "$PY" -m pytest "$@" -q -m gpu -k "${SANITIZER_K:-cuda}" >"$LOGS/sanitizer_$label.log" 2>&1
     rc=$?
     cat "$LOGS/sanitizer_$label.log"
     # Tests that all skipped (no GPU, no CUDA build) checked nothing: not a clean bill.

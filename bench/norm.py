@@ -38,11 +38,12 @@ class NormOp:
     bwd_reads: int = 0  # and by the backward, for the _fwdbwd form
 
 
-def _extras(x: torch.Tensor) -> dict:
+def _extras(x: torch.Tensor, op: str) -> dict:
     """Parameters, a residual and an output gradient for inputs like x, made once per case from
     a fixed seed and reused, so that no call pays for them: weight and bias of the normalized
     size (requiring grad), running stats, residual and dy of x's shape and layout."""
-    key = (tuple(x.shape), x.dtype, x.device, x.stride())
+    pdt = _param_dtype(x, op)
+    key = (tuple(x.shape), x.dtype, x.device, x.stride(), pdt)
     if key not in _EXTRAS:
         C = x.shape[1] if x.dim() == 4 else x.shape[-1]
         g = torch.Generator(device="cpu").manual_seed(0)
@@ -50,7 +51,6 @@ def _extras(x: torch.Tensor) -> dict:
         def like_x() -> torch.Tensor:
             return torch.empty_like(x).copy_(torch.randn(x.shape, generator=g))
 
-        pdt = _param_dtype(x)
         _EXTRAS.clear()  # one case at a time: memory stays bounded
         _EXTRAS[key] = {
             "w": (1 + 0.1 * torch.randn(C, generator=g)).to(x.device, pdt).requires_grad_(),
@@ -66,10 +66,11 @@ def _extras(x: torch.Tensor) -> dict:
 _EXTRAS: dict = {}
 
 
-def _param_dtype(x: torch.Tensor) -> torch.dtype:
+def _param_dtype(x: torch.Tensor, op: str) -> torch.dtype:
     # BatchNorm keeps float32 parameters for low-precision activations (as under autocast);
-    # row norms take the activation dtype (as a bf16 transformer holds them).
-    return torch.float32 if x.dim() == 4 else x.dtype
+    # LayerNorms take the activation dtype (as a bf16 model holds them; torch's layer_norm
+    # refuses bf16 input with float32 weight on CUDA).
+    return torch.float32 if op.startswith("batch_norm") else x.dtype
 
 
 def _ln2d_torch(x, e):
@@ -228,7 +229,7 @@ def _run(fn: Callable, fwdbwd: bool, x: torch.Tensor, e: dict) -> torch.Tensor:
 
 def _provider_fn(fn: Callable, case: Case) -> Callable:
     fwdbwd = case.op.endswith(FWDBWD)
-    return lambda x: _run(fn, fwdbwd, x, _extras(x))
+    return lambda x: _run(fn, fwdbwd, x, _extras(x, case.op))
 
 
 def _format_of(x: torch.Tensor) -> torch.memory_format:
@@ -241,7 +242,8 @@ def check_for(case: Case) -> Check:
 
     def check(x: torch.Tensor, out: torch.Tensor, ref: torch.Tensor) -> str | None:
         e64 = {
-            k: v.detach().double().requires_grad_(v.requires_grad) for k, v in _extras(x).items()
+            k: v.detach().double().requires_grad_(v.requires_grad)
+            for k, v in _extras(x, case.op).items()
         }
         exact = _run(spec.torch, case.op.endswith(FWDBWD), x.double(), e64)
         if spec.name == "layer_norm_2d":  # torch's permutes give NHWC strides for NCHW input,

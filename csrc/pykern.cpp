@@ -48,31 +48,10 @@ py::dict permute_plan(const std::vector<int64_t>& sizes, const std::vector<int64
   return plan;
 }
 
-// C++ errors become Python exceptions in this module instead of through torch's translator:
-// on the GPU machine (torch 2.11) a PK_CHECK_VALUE left to torch's translator crashed the
-// process. c10's ValueError, TypeError, IndexError and NotImplementedError keep their Python
-// types; any other c10::Error is a RuntimeError. Others fall through to pybind11's defaults.
-void translate_c10_error(std::exception_ptr error) {
-  try {
-    if (error) std::rethrow_exception(error);
-  } catch (const c10::ValueError& e) {
-    PyErr_SetString(PyExc_ValueError, e.what_without_backtrace());
-  } catch (const c10::TypeError& e) {
-    PyErr_SetString(PyExc_TypeError, e.what_without_backtrace());
-  } catch (const c10::IndexError& e) {
-    PyErr_SetString(PyExc_IndexError, e.what_without_backtrace());
-  } catch (const c10::NotImplementedError& e) {
-    PyErr_SetString(PyExc_NotImplementedError, e.what_without_backtrace());
-  } catch (const c10::Error& e) {
-    PyErr_SetString(PyExc_RuntimeError, e.what_without_backtrace());
-  }
-}
-
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
   m.doc() = "pykern kernels: C++ CPU references and CUDA kernels (see pykern.h)";
-  py::register_local_exception_translator(&translate_c10_error);
   m.def("built_with_cuda", &built_with_cuda, "True when the CUDA kernels were compiled in");
   m.def("cuda_archs", &cuda_archs, "the CUDA architectures compiled in, e.g. '8.0,9.0+PTX'");
 

@@ -188,7 +188,9 @@ def _torch_on_cpu(torch_fn):
     and its channels_last avg_pool2d backward is wrong when padding > 0 (pytorch#188344)."""
 
     def run(x, **kw):
-        result = torch_fn(x.cpu(), **kw)
+        # x's very strides: Tensor.cpu() may lay a non-dense tensor out anew.
+        x_cpu = torch.empty_strided(x.shape, x.stride(), dtype=x.dtype).copy_(x)
+        result = torch_fn(x_cpu, **kw)
         if isinstance(result, tuple):
             return tuple(r.to(x.device) for r in result)
         return result.to(x.device)
