@@ -97,6 +97,17 @@ EOF
 
 step_build() {
     export PYKERN_BUILD_CUDA=1 TORCH_CUDA_ARCH_LIST=9.0 MAX_JOBS=${MAX_JOBS:-16}
+    # The device image's $CXX (/opt/gcc/bin/g++) finds no libstdc++.so and links libstdc++.a
+    # into pykern._C; that second C++ runtime crashed (SIGSEGV) formatting the numbers of a C++
+    # error message (seen 2026-11-25). Build and link with a g++ that uses the shared
+    # libstdc++, as torch does. CXX and LDSHARED only: Triton compiles its C helpers with $CC.
+    local cxx
+    for cxx in "${CXX:-g++}" g++ /usr/bin/g++; do
+        case "$("$cxx" -print-file-name=libstdc++.so 2>/dev/null)" in
+            /*) export CXX=$cxx LDSHARED="$cxx -shared"; break ;;
+        esac
+    done
+    echo "C++ compiler: ${CXX:-default}"
     if ! timeout "${T_BUILD:-1500}" "$PY" -m pip install -v --no-build-isolation --no-deps \
         --no-index -e .; then
         echo "== pip's editable build failed; falling back to setup.py build_ext --inplace"
@@ -106,6 +117,15 @@ step_build() {
     # What the tests and benchmarks will import, and proof the CUDA kernels are in it.
     "$PY" -m pykern info || return $?
     "$PY" -c "import pykern; assert pykern.has_cuda(), 'pykern was built without CUDA kernels'"
+    # A C++ argument check must reach Python as a ValueError, not crash the process.
+    "$PY" -c "
+import torch, pykern._ext as e
+try:
+    e._C.permute_copy_cpu(torch.zeros(2, 3), [0])
+except ValueError as err:
+    print('C++ errors reach Python:', err)
+else:
+    raise SystemExit('a bad perm was not refused')"
 }
 
 step_test() {
