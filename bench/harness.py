@@ -498,6 +498,12 @@ def _record(case: Case, timer: _Timed, device: str, floors: dict, meta: dict) ->
     gbps = case.bytes / (median * 1e-3) / 1e9
     floor_gbps = floors["copy"]["gbps"]
     tflops = case.flops / (median * 1e-3) / 1e12 if case.flops else None
+    # The floor: the bytes at copy bandwidth, or the flops at the dtype's matmul rate, whichever
+    # takes longer (a convolution is bound by its arithmetic).
+    floor_ms = case.bytes / (floor_gbps * 1e9) * 1e3
+    matmul = floors["matmul"].get(case.dtype_name)
+    if case.flops and matmul:
+        floor_ms = max(floor_ms, case.flops / (matmul["tflops"] * 1e12) * 1e3)
     return Record(
         op=case.op,
         family=case.family,
@@ -517,7 +523,7 @@ def _record(case: Case, timer: _Timed, device: str, floors: dict, meta: dict) ->
         bytes=case.bytes,
         gbps=gbps,
         floor_gbps=floor_gbps,
-        pct_of_floor=100.0 * gbps / floor_gbps,
+        pct_of_floor=100.0 * floor_ms / median,
         ratio_vs_torch=None,
         flops=case.flops or None,
         tflops=tflops,

@@ -19,7 +19,7 @@ import torch
 
 from bench import harness, report
 
-FAMILIES = ("layout", "pooling", "norm")  # each names a module bench/<family>.py
+FAMILIES = ("layout", "pooling", "norm", "conv")  # each names a module bench/<family>.py
 DTYPES = {
     "float32": torch.float32,
     "fp32": torch.float32,

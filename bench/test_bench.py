@@ -19,9 +19,9 @@ import time
 import pytest
 import torch
 
-from bench import harness, layout, norm, pooling
+from bench import conv, harness, layout, norm, pooling
 
-FAMILIES = (layout, pooling, norm)
+FAMILIES = (layout, pooling, norm, conv)
 ROUND_BUDGET_S = 0.5  # timed seconds per test, about
 PROVIDERS = {"cpu": ("torch", "pykern-cpu"), "cuda": ("torch", "pykern-cuda", "pykern-triton")}
 

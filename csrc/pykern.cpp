@@ -141,4 +141,30 @@ PYBIND11_MODULE(_C, m) {
         py::arg("sum_dy_xhat"), py::arg("eps"), py::arg("count"),
         py::arg("want_grad_residual"));
 #endif
+
+  // convolution
+  m.def("conv2d_fwd_cpu", &pykern::conv2d_fwd_cpu, py::arg("x"), py::arg("weight"),
+        py::arg("bias"), py::arg("stride"), py::arg("padding"), py::arg("dilation"),
+        py::arg("groups"), py::arg("channels_last"), py::arg("workspace_bytes"));
+  m.def("conv2d_bwd_input_cpu", &pykern::conv2d_bwd_input_cpu, py::arg("grad_y"),
+        py::arg("weight"), py::arg("bias"), py::arg("in_size"), py::arg("stride"),
+        py::arg("padding"), py::arg("dilation"), py::arg("groups"), py::arg("channels_last"),
+        py::arg("workspace_bytes"));
+  m.def("conv2d_bwd_weight_cpu", &pykern::conv2d_bwd_weight_cpu, py::arg("grad_y"),
+        py::arg("x"), py::arg("kernel_size"), py::arg("stride"), py::arg("padding"),
+        py::arg("dilation"), py::arg("groups"), py::arg("channels_last"),
+        py::arg("workspace_bytes"));
+#ifdef PYKERN_WITH_CUDA
+  m.def("conv2d_fwd_cuda", &pykern::conv2d_fwd_cuda, py::arg("x"), py::arg("weight"),
+        py::arg("bias"), py::arg("stride"), py::arg("padding"), py::arg("dilation"),
+        py::arg("groups"), py::arg("channels_last"), py::arg("workspace_bytes"));
+  m.def("conv2d_bwd_input_cuda", &pykern::conv2d_bwd_input_cuda, py::arg("grad_y"),
+        py::arg("weight"), py::arg("bias"), py::arg("in_size"), py::arg("stride"),
+        py::arg("padding"), py::arg("dilation"), py::arg("groups"), py::arg("channels_last"),
+        py::arg("workspace_bytes"));
+  m.def("conv2d_bwd_weight_cuda", &pykern::conv2d_bwd_weight_cuda, py::arg("grad_y"),
+        py::arg("x"), py::arg("kernel_size"), py::arg("stride"), py::arg("padding"),
+        py::arg("dilation"), py::arg("groups"), py::arg("channels_last"),
+        py::arg("workspace_bytes"));
+#endif
 }

@@ -131,4 +131,52 @@ std::tuple<at::Tensor, at::Tensor> batch_norm_bwd_cuda(
     bool want_grad_residual);
 #endif
 
+// convolution (im2col + GEMM). x: (N, C, H, W); weight: (K, C / groups, R, S); both in the same
+// memory format: channels_last true means NHWC memory for x, grad_y and outputs, and (K, R, S,
+// C / groups) memory for weight and grad_weight; false means contiguous NCHW / KCRS. Window
+// arguments are (H, W) pairs; padding is symmetric (pykern/ops/conv.py pre-pads for 'same' with
+// an even window). workspace_bytes bounds each call's column buffer: images are processed in
+// batch chunks whose columns fit it (at least one image per chunk).
+// fwd -> y (N, K, Ho, Wo), + bias[k] when given.
+// bwd_input -> dx (N, C, in_size...) = col2im(W^T dY) (+ bias[c]: conv_transpose2d's forward).
+// bwd_weight -> dW (K, C / groups, kernel_size...) = sum over the batch of dY im2col(X)^T.
+at::Tensor conv2d_fwd_cpu(const at::Tensor& x, const at::Tensor& weight,
+                           const std::optional<at::Tensor>& bias,
+                           const std::vector<int64_t>& stride, const std::vector<int64_t>& padding,
+                           const std::vector<int64_t>& dilation, int64_t groups,
+                           bool channels_last, int64_t workspace_bytes);
+at::Tensor conv2d_bwd_input_cpu(const at::Tensor& grad_y, const at::Tensor& weight,
+                                 const std::optional<at::Tensor>& bias,
+                                 const std::vector<int64_t>& in_size,
+                                 const std::vector<int64_t>& stride,
+                                 const std::vector<int64_t>& padding,
+                                 const std::vector<int64_t>& dilation, int64_t groups,
+                                 bool channels_last, int64_t workspace_bytes);
+at::Tensor conv2d_bwd_weight_cpu(const at::Tensor& grad_y, const at::Tensor& x,
+                                  const std::vector<int64_t>& kernel_size,
+                                  const std::vector<int64_t>& stride,
+                                  const std::vector<int64_t>& padding,
+                                  const std::vector<int64_t>& dilation, int64_t groups,
+                                  bool channels_last, int64_t workspace_bytes);
+#ifdef PYKERN_WITH_CUDA
+at::Tensor conv2d_fwd_cuda(const at::Tensor& x, const at::Tensor& weight,
+                           const std::optional<at::Tensor>& bias,
+                           const std::vector<int64_t>& stride, const std::vector<int64_t>& padding,
+                           const std::vector<int64_t>& dilation, int64_t groups,
+                           bool channels_last, int64_t workspace_bytes);
+at::Tensor conv2d_bwd_input_cuda(const at::Tensor& grad_y, const at::Tensor& weight,
+                                 const std::optional<at::Tensor>& bias,
+                                 const std::vector<int64_t>& in_size,
+                                 const std::vector<int64_t>& stride,
+                                 const std::vector<int64_t>& padding,
+                                 const std::vector<int64_t>& dilation, int64_t groups,
+                                 bool channels_last, int64_t workspace_bytes);
+at::Tensor conv2d_bwd_weight_cuda(const at::Tensor& grad_y, const at::Tensor& x,
+                                  const std::vector<int64_t>& kernel_size,
+                                  const std::vector<int64_t>& stride,
+                                  const std::vector<int64_t>& padding,
+                                  const std::vector<int64_t>& dilation, int64_t groups,
+                                  bool channels_last, int64_t workspace_bytes);
+#endif
+
 }  // namespace pykern

@@ -10,6 +10,7 @@ import math
 import torch
 
 from pykern import backends
+from pykern.ops import conv as _conv
 from pykern.ops import layout as _layout
 from pykern.ops import norm as _norm
 from pykern.ops import pooling as _pooling
@@ -34,6 +35,8 @@ __all__ = [
     "add_layer_norm",
     "add_rms_norm",
     "layer_norm_2d",
+    "conv2d",
+    "conv_transpose2d",
 ]
 
 
@@ -657,3 +660,214 @@ def layer_norm_2d(
     x = _norm.channel_view(input, channels_last)
     y, _ = _norm.row_norm(x, None, weight, bias, float(eps), False)
     return _norm.from_channel_view(y, input.shape, channels_last)
+
+
+# Convolution: conv2d and conv_transpose2d (pykern/ops/conv.py).
+
+
+def _check_conv_operands(op: str, input: object, weight: object) -> None:
+    """input 3D or 4D with non-zero (C, H, W); weight a non-empty 4D tensor of input's dtype on
+    input's device."""
+    _check_tensor(op, input, (3, 4), "3D (C, H, W) or 4D (N, C, H, W)")
+    if input.dtype not in _NORM_DTYPES:
+        raise TypeError(
+            f"{op}: input must be float16, bfloat16, float32 or float64, got {input.dtype}"
+        )
+    if any(s == 0 for s in input.shape[-3:]):
+        raise ValueError(
+            f"{op}: input must have non-zero C, H and W (only the batch may be empty), got "
+            f"shape {tuple(input.shape)}"
+        )
+    if not isinstance(weight, torch.Tensor):
+        raise TypeError(f"{op}: weight must be a torch.Tensor, got {type(weight).__name__}")
+    if weight.dim() != 4 or weight.numel() == 0:
+        raise ValueError(f"{op}: weight must be a non-empty 4D tensor, got {tuple(weight.shape)}")
+    if weight.device != input.device:
+        raise ValueError(f"{op}: weight is on {weight.device} but input is on {input.device}")
+    if weight.dtype != input.dtype:
+        raise TypeError(f"{op}: weight has dtype {weight.dtype} but input has {input.dtype}")
+
+
+def _check_conv_bias(op: str, bias: object, input: torch.Tensor, channels: int) -> None:
+    if bias is None:
+        return
+    _check_same_dtype_device(op, "bias", bias, input)
+    if tuple(bias.shape) != (channels,):
+        raise ValueError(f"{op}: bias must have shape ({channels},), got {tuple(bias.shape)}")
+
+
+def _check_same_dtype_device(op: str, name: str, t: object, input: torch.Tensor) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{op}: {name} must be a torch.Tensor or None, got {type(t).__name__}")
+    if t.device != input.device:
+        raise ValueError(f"{op}: {name} is on {t.device} but input is on {input.device}")
+    if t.dtype != input.dtype:
+        raise TypeError(f"{op}: {name} has dtype {t.dtype} but input has {input.dtype}")
+
+
+def _positive_int(op: str, name: str, value) -> int:
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise TypeError(f"{op}: {name} must be an int, got {value!r}")
+    if value <= 0:
+        raise ValueError(f"{op}: {name} must be greater than zero, got {value}")
+    return value
+
+
+def _positive_pair(op: str, name: str, value) -> tuple:
+    pair = _pair(op, name, value)
+    if min(pair) <= 0:
+        raise ValueError(f"{op}: {name} must be greater than zero, got {pair}")
+    return pair
+
+
+def _non_negative_pair(op: str, name: str, value) -> tuple:
+    pair = _pair(op, name, value)
+    if min(pair) < 0:
+        raise ValueError(f"{op}: {name} must be non-negative, got {pair}")
+    return pair
+
+
+def _conv_padding(op: str, padding, stride, dilation, kernel) -> tuple[tuple, tuple]:
+    """(symmetric padding, extra padding after the end) for an int, a pair, 'valid' or 'same'.
+    'same' with an odd total padding puts the extra element after the end, as torch does."""
+    if not isinstance(padding, str):
+        return _non_negative_pair(op, "padding", padding), (0, 0)
+    if padding == "valid":
+        return (0, 0), (0, 0)
+    if padding != "same":
+        raise ValueError(
+            f"{op}: padding must be 'same', 'valid', an int or a pair of ints, got {padding!r}"
+        )
+    if stride != (1, 1):
+        raise ValueError(f"{op}: padding='same' needs stride 1, got stride={stride}")
+    totals = [d * (k - 1) for d, k in zip(dilation, kernel, strict=True)]
+    return tuple(t // 2 for t in totals), tuple(t % 2 for t in totals)
+
+
+def conv2d(
+    input: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    stride=1,
+    padding=0,
+    dilation=1,
+    groups: int = 1,
+) -> torch.Tensor:
+    """torch.nn.functional.conv2d, computed as im2col + GEMM (CPU, CUDA) or an implicit GEMM
+    (Triton).
+
+    Args:
+        input: (N, C, H, W) or unbatched (C, H, W); float16, bfloat16, float32 or float64; NCHW
+            or channels_last (each computed natively).
+        weight: (K, C / groups, R, S), input's dtype and device.
+        bias: optional (K,).
+        stride, dilation: int or (h, w) pair, > 0 (dilation > 1: the atrous convolution).
+        padding: int or pair >= 0, 'valid' (none) or 'same' (output size = input size; stride 1).
+        groups: divides C and K; groups == C is the depthwise convolution.
+
+    Returns:
+        (N, K, Ho, Wo), channels_last when input or weight is (torch's rule).
+    """
+    op = "conv2d"
+    _check_conv_operands(op, input, weight)
+    groups = _positive_int(op, "groups", groups)
+    K, Cg, R, S = weight.shape
+    C = input.shape[-3]
+    if K % groups:
+        raise ValueError(f"{op}: groups ({groups}) must divide weight.shape[0] ({K})")
+    if Cg * groups != C:
+        raise ValueError(
+            f"{op}: input has {C} channels but weight expects {Cg * groups} "
+            f"(weight.shape[1] = {Cg} times groups = {groups})"
+        )
+    _check_conv_bias(op, bias, input, K)
+    stride = _positive_pair(op, "stride", stride)
+    dilation = _positive_pair(op, "dilation", dilation)
+    padding, extra = _conv_padding(op, padding, stride, dilation, (R, S))
+    unbatched = input.dim() == 3
+    x = input.unsqueeze(0) if unbatched else input
+    channels_last = _conv.channels_last_for(x, weight)
+    if any(extra):
+        x = torch.nn.functional.pad(x, (0, extra[1], 0, extra[0]))
+    padded = [size + 2 * p for size, p in zip(x.shape[2:], padding, strict=True)]
+    spans = [d * (k - 1) + 1 for d, k in zip(dilation, (R, S), strict=True)]
+    if any(span > size for span, size in zip(spans, padded, strict=True)):
+        raise ValueError(
+            f"{op}: the kernel spans {tuple(spans)} (weight {R}x{S}, dilation {dilation}), "
+            f"more than the padded input {tuple(padded)}"
+        )
+    geo = _conv.Geometry(stride, padding, dilation, groups, channels_last)
+    y = _conv.conv2d(x, weight, bias, geo)
+    return y.squeeze(0) if unbatched else y
+
+
+def conv_transpose2d(
+    input: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    stride=1,
+    padding=0,
+    output_padding=0,
+    groups: int = 1,
+    dilation=1,
+) -> torch.Tensor:
+    """torch.nn.functional.conv_transpose2d: the transpose of conv2d's matrix, GEMM then col2im
+    (CPU, CUDA) or an implicit GEMM (Triton).
+
+    Args:
+        input: (N, C, H, W) or unbatched (C, H, W); NCHW or channels_last.
+        weight: (C, K / groups, R, S), input's dtype and device.
+        bias: optional (K,).
+        stride, dilation: int or pair, > 0. padding: int or pair, >= 0.
+        output_padding: int or pair added to one side of the output; each smaller than the
+            stride or the dilation of its dimension.
+        groups: divides C and K.
+
+    Returns:
+        (N, K, (H - 1) * stride - 2 * padding + dilation * (R - 1) + output_padding + 1, ...).
+    """
+    op = "conv_transpose2d"
+    _check_conv_operands(op, input, weight)
+    groups = _positive_int(op, "groups", groups)
+    Cin, Kg, R, S = weight.shape
+    C = input.shape[-3]
+    if Cin != C:
+        raise ValueError(f"{op}: input has {C} channels but weight.shape[0] is {Cin}")
+    if C % groups:
+        raise ValueError(f"{op}: groups ({groups}) must divide the input channels ({C})")
+    _check_conv_bias(op, bias, input, Kg * groups)
+    stride = _positive_pair(op, "stride", stride)
+    dilation = _positive_pair(op, "dilation", dilation)
+    padding = _non_negative_pair(op, "padding", padding)
+    output_padding = _non_negative_pair(op, "output_padding", output_padding)
+    for o, s, d in zip(output_padding, stride, dilation, strict=True):
+        if o >= s and o >= d:
+            raise ValueError(
+                f"{op}: output_padding must be smaller than the stride or the dilation, got "
+                f"output_padding={output_padding}, stride={stride}, dilation={dilation}"
+            )
+    unbatched = input.dim() == 3
+    x = input.unsqueeze(0) if unbatched else input
+    # The part of the output that the windows of the input reach, and what output_padding
+    # adds beyond it (output_padding >= stride, allowed when smaller than the dilation).
+    core = [
+        (h - 1) * s - 2 * p + d * (k - 1) + 1 + o % s
+        for h, s, p, d, k, o in zip(
+            x.shape[2:], stride, padding, dilation, (R, S), output_padding, strict=True
+        )
+    ]
+    beyond = [o - o % s for o, s in zip(output_padding, stride, strict=True)]
+    if min(core) <= 0:
+        raise ValueError(
+            f"{op}: the output would be empty: input (H, W) = {tuple(x.shape[2:])}, weight "
+            f"{R}x{S}, stride={stride}, padding={padding}, dilation={dilation}"
+        )
+    geo = _conv.Geometry(stride, padding, dilation, groups, _conv.channels_last_for(x, weight))
+    if any(beyond):  # rows no window reaches: zeros, then the bias
+        y = _conv.conv_transpose2d(x, weight, None, geo, core)
+        y = torch.nn.functional.pad(y, (0, beyond[1], 0, beyond[0]))
+        if bias is not None:
+            y = y + bias.view(1, -1, 1, 1)
+    else:
+        y = _conv.conv_transpose2d(x, weight, bias, geo, core)
+    return y.squeeze(0) if unbatched else y

@@ -4,4 +4,4 @@ Importing this package imports nothing else: the family modules import triton, a
 imports them only when the triton backend runs.
 """
 
-FAMILIES = ("layout", "pooling")
+FAMILIES = ("layout", "pooling", "norm", "conv")

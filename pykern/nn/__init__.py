@@ -1,6 +1,7 @@
 """Modules. Those with a torch.nn counterpart subclass it and override forward only, so
 state_dicts load both ways."""
 
+from pykern.nn.conv import Conv2d, ConvTranspose2d
 from pykern.nn.norm import (
     BatchNorm2d,
     BatchNormAddReLU2d,
@@ -28,6 +29,8 @@ __all__ = [
     "BatchNormAddReLU2d",
     "BatchNormReLU2d",
     "ChannelPool",
+    "Conv2d",
+    "ConvTranspose2d",
     "GlobalAvgPool2d",
     "GlobalMaxPool2d",
     "LayerNorm",

@@ -1,3 +1,3 @@
 """Imports every family so that torch.ops.pykern.* exist after `import pykern`."""
 
-from pykern.ops import layout, norm, pooling  # noqa: F401
+from pykern.ops import conv, layout, norm, pooling  # noqa: F401

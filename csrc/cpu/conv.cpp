@@ -1,0 +1,612 @@
+// Convolution family, CPU reference. CUDA twin: csrc/cuda/conv.cu; Triton twin:
+// triton_kernels/conv.py.
+//
+// Every op is im2col + GEMM: our own im2col / col2im loops (OpenMP), at::mm / at::addmm (BLAS)
+// for the products, one per group, on strided 2D views of the tensors (no copies).
+//
+// NCHW: the columns of one image are (C*R*S, Ho*Wo), rows ordered (c, r, s), so group g's rows
+// are one block and y_n[g] (Kg, Ho*Wo) = W_g (Kg, Cg*R*S) @ cols_n[g]. The products are per
+// image (the output of a product over several images would be (K, images, Ho*Wo), not NCHW);
+// fwd and bwd_input run an image per thread (for_each_image), bwd_weight images in order (its
+// sum over images then has a fixed order). A column buffer holds one image, in cache from
+// im2col to the GEMMs.
+// NHWC: the columns are one row per output pixel, (Ho*Wo, C*R*S) per image, ordered
+// (g, r, s, c): group g's block of a row is (r, s, c) like the channels_last weight's rows, so
+// y_g (pixels, Kg) = cols_g @ W_g^T lands in NHWC directly. The products span a chunk of
+// images whose columns fit workspace_bytes.
+// When R = S = 1, stride 1 and no padding, im2col is the identity: the GEMMs read x itself
+// (NHWC: x seen as (N*H*W, C), a single GEMM for the batch when groups == 1).
+//
+// bwd_input: cols = W^T dY, then col2im. NCHW scatters each image plane's columns in a fixed
+// order (a thread owns a plane); NHWC gathers, every input pixel summing the taps that read
+// it. Both start from bias[c] or 0. bwd_weight: dW_g = sum over images of dY_g cols_g^T,
+// accumulated by the GEMMs.
+//
+// float16 / bfloat16 run in float32 (inputs upcast, the result rounded once): at::mm in 16 bits
+// would round every partial product of the chunked and per-image accumulations.
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <ATen/core/grad_mode.h>
+#include <ATen/ops/addmm.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/mm.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <optional>
+#include <vector>
+
+#include "common/checks.h"
+#include "common/cpu_hot_loop.h"
+#include "common/poison.h"
+#include "pykern.h"
+
+namespace pykern {
+namespace {
+
+constexpr int64_t kParallelGrain = 1 << 15;  // below this many elements one thread is faster
+
+struct ConvGeometry {
+  int64_t N, C, H, W;  // input images
+  int64_t K, R, S;     // weight (K, C / groups, R, S)
+  int64_t Ho, Wo;      // output images
+  int64_t sh, sw, ph, pw, dh, dw;
+  int64_t groups, Cg, Kg;
+
+  int64_t taps() const { return R * S; }
+  int64_t col_width() const { return C * R * S; }  // column entries per output pixel
+  int64_t group_width() const { return Cg * R * S; }
+  bool im2col_is_identity() const {
+    return R == 1 && S == 1 && sh == 1 && sw == 1 && ph == 0 && pw == 0;
+  }
+};
+
+void check_pair(const char* fn, const char* name, const std::vector<int64_t>& v, int64_t lo) {
+  PK_CHECK_VALUE(v.size() == 2, fn, ": ", name, " must be an (H, W) pair, got ", v.size(),
+                 " values");
+  PK_CHECK_VALUE(v[0] >= lo && v[1] >= lo, fn, ": ", name, " must be >= ", lo, ", got (", v[0],
+                 ", ", v[1], ")");
+}
+
+// Checks the window arguments and the shapes that must agree, and derives Ho, Wo.
+ConvGeometry make_geometry(const char* fn, int64_t N, int64_t C, int64_t H, int64_t W, int64_t K,
+                           int64_t R, int64_t S, const std::vector<int64_t>& stride,
+                           const std::vector<int64_t>& padding,
+                           const std::vector<int64_t>& dilation, int64_t groups) {
+  check_pair(fn, "stride", stride, 1);
+  check_pair(fn, "padding", padding, 0);
+  check_pair(fn, "dilation", dilation, 1);
+  PK_CHECK_VALUE(groups >= 1 && C % groups == 0 && K % groups == 0, fn, ": groups (", groups,
+                 ") must divide the input channels (", C, ") and the output channels (", K, ")");
+  PK_CHECK_VALUE(R >= 1 && S >= 1, fn, ": kernel size must be positive, got (", R, ", ", S, ")");
+  ConvGeometry g{N, C, H, W, K, R, S, 0, 0, stride[0], stride[1], padding[0], padding[1],
+                 dilation[0], dilation[1], groups, C / groups, K / groups};
+  g.Ho = (H + 2 * g.ph - g.dh * (R - 1) - 1) / g.sh + 1;
+  g.Wo = (W + 2 * g.pw - g.dw * (S - 1) - 1) / g.sw + 1;
+  PK_CHECK_VALUE(H + 2 * g.ph >= g.dh * (R - 1) + 1 && W + 2 * g.pw >= g.dw * (S - 1) + 1, fn,
+                 ": the dilated kernel (", g.dh * (R - 1) + 1, ", ", g.dw * (S - 1) + 1,
+                 ") is larger than the padded input (", H + 2 * g.ph, ", ", W + 2 * g.pw, ")");
+  return g;
+}
+
+at::MemoryFormat format_of(bool channels_last) {
+  return channels_last ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
+}
+
+void check_input(const char* fn, const char* name, const at::Tensor& t, bool channels_last) {
+  PK_CHECK_VALUE(t.device().is_cpu(), fn, ": ", name, " must be a CPU tensor, got ", t.device());
+  PK_CHECK_VALUE(t.dim() == 4, fn, ": ", name, " must be 4D, got ", t.dim(), "D");
+  PK_CHECK_TYPE(t.scalar_type() == at::kFloat || t.scalar_type() == at::kDouble ||
+                    t.scalar_type() == at::kHalf || t.scalar_type() == at::kBFloat16,
+                fn, ": ", name, " must be float32, float64, float16 or bfloat16, got ",
+                t.scalar_type());
+  PK_CHECK_VALUE(t.is_contiguous(format_of(channels_last)), fn, ": ", name, " must be ",
+                 channels_last ? "channels_last" : "contiguous", " (channels_last=",
+                 channels_last, ")");
+}
+
+void check_same_dtype(const char* fn, const char* name, const at::Tensor& t,
+                      const at::Tensor& ref) {
+  PK_CHECK_TYPE(t.scalar_type() == ref.scalar_type(), fn, ": ", name, " must have dtype ",
+                ref.scalar_type(), ", got ", t.scalar_type());
+}
+
+void check_bias(const char* fn, const std::optional<at::Tensor>& bias, const at::Tensor& ref,
+                int64_t channels) {
+  if (!bias) return;
+  PK_CHECK_VALUE(bias->device().is_cpu(), fn, ": bias must be a CPU tensor, got ",
+                 bias->device());
+  check_same_dtype(fn, "bias", *bias, ref);
+  PK_CHECK_VALUE(bias->dim() == 1 && bias->size(0) == channels, fn, ": bias must have shape (",
+                 channels, "), got ", bias->sizes());
+}
+
+at::Tensor new_output(at::IntArrayRef sizes, const at::TensorOptions& options,
+                      bool channels_last) {
+  at::Tensor out = at::empty(sizes, options.memory_format(format_of(channels_last)));
+  poison_cpu(out);
+  return out;
+}
+
+bool is_16bit(const at::Tensor& t) {
+  return t.scalar_type() == at::kHalf || t.scalar_type() == at::kBFloat16;
+}
+
+// float32 copies of 16-bit tensors, in the same memory format (.to keeps dense strides).
+at::Tensor upcast(const at::Tensor& t) { return t.to(at::kFloat); }
+std::optional<at::Tensor> upcast(const std::optional<at::Tensor>& t) {
+  return t ? std::optional<at::Tensor>(upcast(*t)) : std::nullopt;
+}
+
+// A rows x cols matrix inside t's storage: element (i, j) at `offset + i * ld + j` elements
+// from t's first element. Every GEMM operand and result is such a view.
+at::Tensor matrix(const at::Tensor& t, int64_t offset, int64_t rows, int64_t cols, int64_t ld) {
+  return t.as_strided({rows, cols}, {ld, 1}, t.storage_offset() + offset);
+}
+
+// The outputs o of one axis whose tap j reads inside the input: o in [lo, hi), where the
+// input position is o * stride + shift.
+struct TapRange {
+  int64_t lo, hi, shift;
+};
+
+TapRange tap_range(int64_t in, int64_t out, int64_t stride, int64_t pad, int64_t dilation,
+                   int64_t j) {
+  const int64_t shift = j * dilation - pad;
+  const int64_t lo = std::min(shift >= 0 ? 0 : (-shift + stride - 1) / stride, out);
+  const int64_t hi = in - shift <= 0 ? 0 : (in - shift - 1) / stride + 1;
+  return {lo, std::max(lo, std::min(hi, out)), shift};
+}
+
+// dst[i] = src[i * stride] for i < n.
+template <typename scalar_t>
+PK_HOT_LOOP void gather_run(scalar_t* dst, const scalar_t* src, int64_t n, int64_t stride) {
+  if (stride == 1) {
+    std::copy(src, src + n, dst);
+  } else {
+    for (int64_t i = 0; i < n; ++i) dst[i] = src[i * stride];
+  }
+}
+
+// dst[i * stride] += src[i] for i < n.
+template <typename scalar_t>
+PK_HOT_LOOP void scatter_add_run(scalar_t* dst, const scalar_t* src, int64_t n, int64_t stride) {
+  if (stride == 1) {
+    for (int64_t i = 0; i < n; ++i) dst[i] += src[i];
+  } else {
+    for (int64_t i = 0; i < n; ++i) dst[i * stride] += src[i];
+  }
+}
+
+template <typename scalar_t>
+PK_HOT_LOOP void add_run(scalar_t* dst, const scalar_t* src, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) dst[i] += src[i];
+}
+
+// NCHW im2col of image n: cols (C*R*S, Ho*Wo), rows (c, r, s); out-of-input taps are 0.
+// Over the channels in parallel unless the caller runs images in parallel.
+template <typename scalar_t>
+void im2col_nchw(const ConvGeometry& g, const scalar_t* x, int64_t n, scalar_t* cols,
+                 bool parallel) {
+  const int64_t plane = g.Ho * g.Wo;
+#pragma omp parallel for schedule(static) if (parallel && g.col_width() * plane > kParallelGrain)
+  for (int64_t c = 0; c < g.C; ++c) {
+    const scalar_t* src = x + (n * g.C + c) * g.H * g.W;
+    for (int64_t r = 0; r < g.R; ++r) {
+      const TapRange rh = tap_range(g.H, g.Ho, g.sh, g.ph, g.dh, r);
+      for (int64_t s = 0; s < g.S; ++s) {
+        const TapRange rw = tap_range(g.W, g.Wo, g.sw, g.pw, g.dw, s);
+        scalar_t* dst = cols + ((c * g.R + r) * g.S + s) * plane;
+        std::fill(dst, dst + rh.lo * g.Wo, scalar_t(0));
+        for (int64_t ho = rh.lo; ho < rh.hi; ++ho) {
+          scalar_t* row = dst + ho * g.Wo;
+          std::fill(row, row + rw.lo, scalar_t(0));
+          gather_run(row + rw.lo, src + (ho * g.sh + rh.shift) * g.W + rw.lo * g.sw + rw.shift,
+                     rw.hi - rw.lo, g.sw);
+          std::fill(row + rw.hi, row + g.Wo, scalar_t(0));
+        }
+        std::fill(dst + rh.hi * g.Wo, dst + plane, scalar_t(0));
+      }
+    }
+  }
+}
+
+// NCHW col2im of image n: each plane of dx starts at bias[c] (or 0) and adds its columns'
+// entries tap by tap; a thread owns whole planes, so the order of the sums is fixed.
+template <typename scalar_t>
+void col2im_nchw(const ConvGeometry& g, const scalar_t* cols, const scalar_t* bias, int64_t n,
+                 scalar_t* dx, bool parallel) {
+  const int64_t plane = g.Ho * g.Wo;
+#pragma omp parallel for schedule(static) if (parallel && g.col_width() * plane > kParallelGrain)
+  for (int64_t c = 0; c < g.C; ++c) {
+    scalar_t* dst = dx + (n * g.C + c) * g.H * g.W;
+    std::fill(dst, dst + g.H * g.W, bias ? bias[c] : scalar_t(0));
+    for (int64_t r = 0; r < g.R; ++r) {
+      const TapRange rh = tap_range(g.H, g.Ho, g.sh, g.ph, g.dh, r);
+      for (int64_t s = 0; s < g.S; ++s) {
+        const TapRange rw = tap_range(g.W, g.Wo, g.sw, g.pw, g.dw, s);
+        const scalar_t* src = cols + ((c * g.R + r) * g.S + s) * plane;
+        for (int64_t ho = rh.lo; ho < rh.hi; ++ho) {
+          scatter_add_run(dst + (ho * g.sh + rh.shift) * g.W + rw.lo * g.sw + rw.shift,
+                          src + ho * g.Wo + rw.lo, rw.hi - rw.lo, g.sw);
+        }
+      }
+    }
+  }
+}
+
+// NHWC im2col of images [n0, n0 + nb): cols (nb*Ho*Wo, C*R*S), each row (g, r, s, c).
+template <typename scalar_t>
+void im2col_nhwc(const ConvGeometry& g, const scalar_t* x, int64_t n0, int64_t nb,
+                 scalar_t* cols) {
+  const int64_t width = g.col_width(), group_width = g.group_width();
+#pragma omp parallel for schedule(static) if (nb * g.Ho * g.Wo * width > kParallelGrain)
+  for (int64_t row = 0; row < nb * g.Ho; ++row) {  // (image, ho)
+    const int64_t n = n0 + row / g.Ho, ho = row % g.Ho;
+    for (int64_t wo = 0; wo < g.Wo; ++wo) {
+      scalar_t* dst = cols + (row * g.Wo + wo) * width;
+      for (int64_t r = 0; r < g.R; ++r) {
+        const int64_t h = ho * g.sh - g.ph + r * g.dh;
+        for (int64_t s = 0; s < g.S; ++s) {
+          const int64_t w = wo * g.sw - g.pw + s * g.dw;
+          scalar_t* tap = dst + (r * g.S + s) * g.Cg;
+          if (h < 0 || h >= g.H || w < 0 || w >= g.W) {
+            for (int64_t k = 0; k < g.groups; ++k) {
+              std::fill(tap + k * group_width, tap + k * group_width + g.Cg, scalar_t(0));
+            }
+            continue;
+          }
+          const scalar_t* src = x + ((n * g.H + h) * g.W + w) * g.C;
+          for (int64_t k = 0; k < g.groups; ++k) {
+            std::copy(src + k * g.Cg, src + (k + 1) * g.Cg, tap + k * group_width);
+          }
+        }
+      }
+    }
+  }
+}
+
+// NHWC col2im of images [n0, n0 + nb), as a gather: each input pixel's C channels start at
+// bias (or 0) and add the column entries of every (output pixel, tap) that reads the pixel.
+template <typename scalar_t>
+void col2im_nhwc(const ConvGeometry& g, const scalar_t* cols, const scalar_t* bias, int64_t n0,
+                 int64_t nb, scalar_t* dx) {
+  const int64_t width = g.col_width(), group_width = g.group_width();
+#pragma omp parallel for schedule(static) if (nb * g.H * g.W * g.C * g.taps() > kParallelGrain)
+  for (int64_t row = 0; row < nb * g.H; ++row) {  // (image, h)
+    const int64_t n = row / g.H, h = row % g.H;
+    for (int64_t w = 0; w < g.W; ++w) {
+      scalar_t* dst = dx + (((n0 + n) * g.H + h) * g.W + w) * g.C;
+      if (bias) {
+        std::copy(bias, bias + g.C, dst);
+      } else {
+        std::fill(dst, dst + g.C, scalar_t(0));
+      }
+      for (int64_t r = 0; r < g.R; ++r) {
+        const int64_t th = h + g.ph - r * g.dh;  // ho * sh
+        if (th < 0 || th % g.sh != 0 || th / g.sh >= g.Ho) continue;
+        for (int64_t s = 0; s < g.S; ++s) {
+          const int64_t tw = w + g.pw - s * g.dw;  // wo * sw
+          if (tw < 0 || tw % g.sw != 0 || tw / g.sw >= g.Wo) continue;
+          const int64_t pixel = (n * g.Ho + th / g.sh) * g.Wo + tw / g.sw;
+          const scalar_t* src = cols + pixel * width + (r * g.S + s) * g.Cg;
+          for (int64_t k = 0; k < g.groups; ++k) {
+            add_run(dst + k * g.Cg, src + k * group_width, g.Cg);
+          }
+        }
+      }
+    }
+  }
+}
+
+// Images per NHWC chunk: as many as the workspace holds columns for, at least one, and no more
+// than kColumnBytes holds: columns written and read back from cache, and a buffer that the
+// allocator reuses instead of mapping (and faulting in) fresh pages on every call.
+constexpr int64_t kColumnBytes = 8 << 20;
+
+int64_t images_per_chunk(const ConvGeometry& g, int64_t element_size, int64_t workspace_bytes) {
+  if (g.im2col_is_identity()) return g.N;  // no column buffer
+  const int64_t image_bytes = std::max<int64_t>(g.Ho * g.Wo * g.col_width() * element_size, 1);
+  return std::clamp<int64_t>(std::min(workspace_bytes, kColumnBytes) / image_bytes, 1, g.N);
+}
+
+// NCHW images (fwd, bwd_input) run one per thread, each image's im2col / col2im and GEMMs on
+// that thread as torch's slow_conv2d does, when there are several images and the workspace
+// holds a column buffer per thread: one parallel region per call instead of one per loop and
+// per GEMM. Otherwise (one slot) images go one at a time, the loops and GEMMs threaded.
+// run(n, slot, parallel) processes image n with column buffer `slot`; slots split the images
+// by a fixed rule, so which buffer an image uses does not depend on the thread count.
+template <typename Body>
+void for_each_image(const ConvGeometry& g, int64_t slots, const Body& run) {
+  if (slots == 1) {
+    for (int64_t n = 0; n < g.N; ++n) run(n, 0, true);
+    return;
+  }
+  at::parallel_for(0, slots, 1, [&](int64_t first, int64_t last) {
+    at::NoGradGuard no_grad;  // grad mode is thread-local: the caller's guard stays on its thread
+    for (int64_t slot = first; slot < last; ++slot) {
+      for (int64_t n = slot; n < g.N; n += slots) run(n, slot, false);
+    }
+  });
+}
+
+int64_t image_slots(const ConvGeometry& g, int64_t element_size, int64_t workspace_bytes) {
+  int64_t slots = std::min<int64_t>(at::get_num_threads(), g.N);
+  if (!g.im2col_is_identity()) {
+    const int64_t image_bytes = std::max<int64_t>(g.Ho * g.Wo * g.col_width() * element_size, 1);
+    slots = std::min(slots, workspace_bytes / image_bytes);
+  }
+  return std::max<int64_t>(slots, 1);
+}
+
+// The column buffer of one call, for `images` images (none when im2col is the identity).
+at::Tensor column_buffer(const ConvGeometry& g, int64_t images, const at::TensorOptions& options) {
+  const int64_t numel = g.im2col_is_identity() ? 0 : images * g.Ho * g.Wo * g.col_width();
+  return at::empty({numel}, options);
+}
+
+// bias[first : first + n] broadcast over the rows (along_rows) or the columns of a
+// rows x cols matrix: the `self` of an addmm that adds it.
+at::Tensor bias_matrix(const at::Tensor& bias, int64_t first, int64_t n, int64_t rows,
+                       int64_t cols, bool along_rows) {
+  const at::Tensor b = bias.narrow(0, first, n);
+  return along_rows ? b.view({n, 1}).expand({rows, cols}) : b.view({1, n}).expand({rows, cols});
+}
+
+// out = a @ b (+ bias_self when given).
+void gemm(at::Tensor out, const at::Tensor& a, const at::Tensor& b,
+          const std::optional<at::Tensor>& bias_self) {
+  if (bias_self) {
+    at::addmm_out(out, *bias_self, a, b);
+  } else {
+    at::mm_out(out, a, b);
+  }
+}
+
+at::Tensor fwd_impl(const at::Tensor& x, const at::Tensor& weight,
+                    const std::optional<at::Tensor>& bias, const ConvGeometry& g,
+                    bool channels_last, int64_t workspace_bytes) {
+  at::Tensor y = new_output({g.N, g.K, g.Ho, g.Wo}, x.options(), channels_last);
+  if (y.numel() == 0) return y;
+  const int64_t plane = g.Ho * g.Wo, gw = g.group_width();
+  const auto bias_of = [&](int64_t k, int64_t rows, int64_t cols, bool along_rows) {
+    return bias ? std::optional<at::Tensor>(
+                      bias_matrix(*bias, k * g.Kg, g.Kg, rows, cols, along_rows))
+                : std::nullopt;
+  };
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "conv2d_fwd_cpu", [&] {
+    const scalar_t* xp = x.const_data_ptr<scalar_t>();
+    if (!channels_last) {
+      const int64_t slots = image_slots(g, x.element_size(), workspace_bytes);
+      at::Tensor cols = column_buffer(g, slots, x.options());
+      const int64_t image_cols = g.col_width() * plane;
+      for_each_image(g, slots, [&](int64_t n, int64_t slot, bool parallel) {
+        if (!g.im2col_is_identity()) {
+          im2col_nchw(g, xp, n, cols.data_ptr<scalar_t>() + slot * image_cols, parallel);
+        }
+        const at::Tensor& src = g.im2col_is_identity() ? x : cols;
+        const int64_t base = g.im2col_is_identity() ? n * g.C * plane : slot * image_cols;
+        for (int64_t k = 0; k < g.groups; ++k) {
+          gemm(matrix(y, (n * g.K + k * g.Kg) * plane, g.Kg, plane, plane),
+               matrix(weight, k * g.Kg * gw, g.Kg, gw, gw),
+               matrix(src, base + k * gw * plane, gw, plane, plane),
+               bias_of(k, g.Kg, plane, true));
+        }
+      });
+      return;
+    }
+    const int64_t chunk = images_per_chunk(g, x.element_size(), workspace_bytes);
+    at::Tensor cols = column_buffer(g, chunk, x.options());
+    for (int64_t n0 = 0; n0 < g.N; n0 += chunk) {
+      const int64_t nb = std::min(chunk, g.N - n0), rows = nb * plane;
+      if (!g.im2col_is_identity()) im2col_nhwc(g, xp, n0, nb, cols.data_ptr<scalar_t>());
+      const at::Tensor& src = g.im2col_is_identity() ? x : cols;
+      const int64_t base = g.im2col_is_identity() ? n0 * plane * g.C : 0;
+      for (int64_t k = 0; k < g.groups; ++k) {
+        gemm(matrix(y, n0 * plane * g.K + k * g.Kg, rows, g.Kg, g.K),
+             matrix(src, base + k * gw, rows, gw, g.col_width()),
+             matrix(weight, k * g.Kg * gw, g.Kg, gw, gw).t(), bias_of(k, rows, g.Kg, false));
+      }
+    }
+  });
+  return y;
+}
+
+at::Tensor bwd_input_impl(const at::Tensor& grad_y, const at::Tensor& weight,
+                          const std::optional<at::Tensor>& bias, const ConvGeometry& g,
+                          bool channels_last, int64_t workspace_bytes) {
+  at::Tensor dx = new_output({g.N, g.C, g.H, g.W}, grad_y.options(), channels_last);
+  if (dx.numel() == 0) return dx;
+  const int64_t plane = g.Ho * g.Wo, gw = g.group_width();
+  const bool identity = g.im2col_is_identity();
+  AT_DISPATCH_FLOATING_TYPES(grad_y.scalar_type(), "conv2d_bwd_input_cpu", [&] {
+    const scalar_t* bias_p = bias ? bias->const_data_ptr<scalar_t>() : nullptr;
+    // With an identity im2col the GEMM writes dx itself, the bias added by the GEMM.
+    const auto bias_of = [&](int64_t k, int64_t rows, int64_t cols, bool along_rows) {
+      return bias && identity ? std::optional<at::Tensor>(
+                                    bias_matrix(*bias, k * g.Cg, g.Cg, rows, cols, along_rows))
+                              : std::nullopt;
+    };
+    if (!channels_last) {
+      const int64_t slots = image_slots(g, grad_y.element_size(), workspace_bytes);
+      at::Tensor cols = column_buffer(g, slots, grad_y.options());
+      const int64_t image_cols = g.col_width() * plane;
+      for_each_image(g, slots, [&](int64_t n, int64_t slot, bool parallel) {
+        const int64_t base = slot * image_cols;
+        for (int64_t k = 0; k < g.groups; ++k) {
+          const at::Tensor out = identity
+                                     ? matrix(dx, (n * g.C + k * g.Cg) * plane, g.Cg, plane, plane)
+                                     : matrix(cols, base + k * gw * plane, gw, plane, plane);
+          gemm(out, matrix(weight, k * g.Kg * gw, g.Kg, gw, gw).t(),
+               matrix(grad_y, (n * g.K + k * g.Kg) * plane, g.Kg, plane, plane),
+               bias_of(k, g.Cg, plane, true));
+        }
+        if (!identity) {
+          col2im_nchw(g, cols.const_data_ptr<scalar_t>() + base, bias_p, n,
+                      dx.data_ptr<scalar_t>(), parallel);
+        }
+      });
+      return;
+    }
+    const int64_t chunk = images_per_chunk(g, grad_y.element_size(), workspace_bytes);
+    at::Tensor cols = column_buffer(g, chunk, grad_y.options());
+    for (int64_t n0 = 0; n0 < g.N; n0 += chunk) {
+      const int64_t nb = std::min(chunk, g.N - n0), rows = nb * plane;
+      for (int64_t k = 0; k < g.groups; ++k) {
+        const at::Tensor out = identity ? matrix(dx, n0 * plane * g.C + k * g.Cg, rows, g.Cg, g.C)
+                                        : matrix(cols, k * gw, rows, gw, g.col_width());
+        gemm(out, matrix(grad_y, n0 * plane * g.K + k * g.Kg, rows, g.Kg, g.K),
+             matrix(weight, k * g.Kg * gw, g.Kg, gw, gw), bias_of(k, rows, g.Cg, false));
+      }
+      if (!identity) {
+        col2im_nhwc(g, cols.const_data_ptr<scalar_t>(), bias_p, n0, nb, dx.data_ptr<scalar_t>());
+      }
+    }
+  });
+  return dx;
+}
+
+at::Tensor bwd_weight_impl(const at::Tensor& grad_y, const at::Tensor& x, const ConvGeometry& g,
+                           bool channels_last, int64_t workspace_bytes) {
+  at::Tensor dw = new_output({g.K, g.Cg, g.R, g.S}, x.options(), channels_last);
+  if (dw.numel() == 0) return dw;
+  if (grad_y.numel() == 0) return dw.zero_();  // an empty sum
+  const int64_t plane = g.Ho * g.Wo, gw = g.group_width();
+  // The first product of each group writes dW_g, the later ones add to it.
+  const auto accumulate = [](at::Tensor out, const at::Tensor& a, const at::Tensor& b,
+                             bool first) {
+    if (first) {
+      at::mm_out(out, a, b);
+    } else {
+      out.addmm_(a, b);
+    }
+  };
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "conv2d_bwd_weight_cpu", [&] {
+    const scalar_t* xp = x.const_data_ptr<scalar_t>();
+    if (!channels_last) {
+      at::Tensor cols = column_buffer(g, 1, x.options());
+      for (int64_t n = 0; n < g.N; ++n) {
+        if (!g.im2col_is_identity()) im2col_nchw(g, xp, n, cols.data_ptr<scalar_t>(), true);
+        const at::Tensor& src = g.im2col_is_identity() ? x : cols;
+        const int64_t base = g.im2col_is_identity() ? n * g.C * plane : 0;
+        for (int64_t k = 0; k < g.groups; ++k) {
+          accumulate(matrix(dw, k * g.Kg * gw, g.Kg, gw, gw),
+                     matrix(grad_y, (n * g.K + k * g.Kg) * plane, g.Kg, plane, plane),
+                     matrix(src, base + k * gw * plane, gw, plane, plane).t(), n == 0);
+        }
+      }
+      return;
+    }
+    const int64_t chunk = images_per_chunk(g, x.element_size(), workspace_bytes);
+    at::Tensor cols = column_buffer(g, chunk, x.options());
+    for (int64_t n0 = 0; n0 < g.N; n0 += chunk) {
+      const int64_t nb = std::min(chunk, g.N - n0), rows = nb * plane;
+      if (!g.im2col_is_identity()) im2col_nhwc(g, xp, n0, nb, cols.data_ptr<scalar_t>());
+      const at::Tensor& src = g.im2col_is_identity() ? x : cols;
+      const int64_t base = g.im2col_is_identity() ? n0 * plane * g.C : 0;
+      for (int64_t k = 0; k < g.groups; ++k) {
+        accumulate(matrix(dw, k * g.Kg * gw, g.Kg, gw, gw),
+                   matrix(grad_y, n0 * plane * g.K + k * g.Kg, rows, g.Kg, g.K).t(),
+                   matrix(src, base + k * gw, rows, gw, g.col_width()), n0 == 0);
+      }
+    }
+  });
+  return dw;
+}
+
+// A 16-bit result computed in float32, rounded into a (poisoned) output of the input's dtype.
+at::Tensor round_to(const at::Tensor& result, at::ScalarType dtype, bool channels_last) {
+  at::Tensor out = new_output(result.sizes(), result.options().dtype(dtype), channels_last);
+  out.copy_(result);
+  return out;
+}
+
+}  // namespace
+
+at::Tensor conv2d_fwd_cpu(const at::Tensor& x, const at::Tensor& weight,
+                          const std::optional<at::Tensor>& bias,
+                          const std::vector<int64_t>& stride, const std::vector<int64_t>& padding,
+                          const std::vector<int64_t>& dilation, int64_t groups,
+                          bool channels_last, int64_t workspace_bytes) {
+  constexpr const char* fn = "conv2d_fwd_cpu";
+  // A kernel, not a graph: the out= GEMMs refuse inputs that require grad.
+  at::NoGradGuard no_grad;
+  check_input(fn, "x", x, channels_last);
+  check_input(fn, "weight", weight, channels_last);
+  check_same_dtype(fn, "weight", weight, x);
+  check_bias(fn, bias, x, weight.size(0));
+  PK_CHECK_VALUE(workspace_bytes > 0, fn, ": workspace_bytes must be positive");
+  const ConvGeometry g = make_geometry(fn, x.size(0), x.size(1), x.size(2), x.size(3),
+                                       weight.size(0), weight.size(2), weight.size(3), stride,
+                                       padding, dilation, groups);
+  PK_CHECK_VALUE(weight.size(1) == g.Cg, fn, ": weight must have C / groups = ", g.Cg,
+                 " input channels, got ", weight.size(1));
+  if (is_16bit(x)) {
+    return round_to(fwd_impl(upcast(x), upcast(weight), upcast(bias), g, channels_last,
+                             workspace_bytes),
+                    x.scalar_type(), channels_last);
+  }
+  return fwd_impl(x, weight, bias, g, channels_last, workspace_bytes);
+}
+
+at::Tensor conv2d_bwd_input_cpu(const at::Tensor& grad_y, const at::Tensor& weight,
+                                const std::optional<at::Tensor>& bias,
+                                const std::vector<int64_t>& in_size,
+                                const std::vector<int64_t>& stride,
+                                const std::vector<int64_t>& padding,
+                                const std::vector<int64_t>& dilation, int64_t groups,
+                                bool channels_last, int64_t workspace_bytes) {
+  constexpr const char* fn = "conv2d_bwd_input_cpu";
+  // A kernel, not a graph: the out= GEMMs refuse inputs that require grad.
+  at::NoGradGuard no_grad;
+  check_input(fn, "grad_y", grad_y, channels_last);
+  check_input(fn, "weight", weight, channels_last);
+  check_same_dtype(fn, "weight", weight, grad_y);
+  check_pair(fn, "in_size", in_size, 0);
+  PK_CHECK_VALUE(workspace_bytes > 0, fn, ": workspace_bytes must be positive");
+  PK_CHECK_VALUE(weight.size(0) == grad_y.size(1), fn, ": grad_y must have ", weight.size(0),
+                 " channels (the weight's K), got ", grad_y.size(1));
+  const ConvGeometry g = make_geometry(fn, grad_y.size(0), weight.size(1) * groups, in_size[0],
+                                       in_size[1], weight.size(0), weight.size(2),
+                                       weight.size(3), stride, padding, dilation, groups);
+  check_bias(fn, bias, grad_y, g.C);
+  PK_CHECK_VALUE(grad_y.size(2) == g.Ho && grad_y.size(3) == g.Wo, fn, ": grad_y must be ", g.Ho,
+                 " x ", g.Wo, " for in_size (", g.H, ", ", g.W, "), got ", grad_y.size(2), " x ",
+                 grad_y.size(3));
+  if (is_16bit(grad_y)) {
+    return round_to(bwd_input_impl(upcast(grad_y), upcast(weight), upcast(bias), g,
+                                   channels_last, workspace_bytes),
+                    grad_y.scalar_type(), channels_last);
+  }
+  return bwd_input_impl(grad_y, weight, bias, g, channels_last, workspace_bytes);
+}
+
+at::Tensor conv2d_bwd_weight_cpu(const at::Tensor& grad_y, const at::Tensor& x,
+                                 const std::vector<int64_t>& kernel_size,
+                                 const std::vector<int64_t>& stride,
+                                 const std::vector<int64_t>& padding,
+                                 const std::vector<int64_t>& dilation, int64_t groups,
+                                 bool channels_last, int64_t workspace_bytes) {
+  constexpr const char* fn = "conv2d_bwd_weight_cpu";
+  // A kernel, not a graph: the out= GEMMs refuse inputs that require grad.
+  at::NoGradGuard no_grad;
+  check_input(fn, "grad_y", grad_y, channels_last);
+  check_input(fn, "x", x, channels_last);
+  check_same_dtype(fn, "grad_y", grad_y, x);
+  check_pair(fn, "kernel_size", kernel_size, 1);
+  PK_CHECK_VALUE(workspace_bytes > 0, fn, ": workspace_bytes must be positive");
+  PK_CHECK_VALUE(grad_y.size(0) == x.size(0), fn, ": grad_y must have x's batch size ",
+                 x.size(0), ", got ", grad_y.size(0));
+  const ConvGeometry g = make_geometry(fn, x.size(0), x.size(1), x.size(2), x.size(3),
+                                       grad_y.size(1), kernel_size[0], kernel_size[1], stride,
+                                       padding, dilation, groups);
+  PK_CHECK_VALUE(grad_y.size(2) == g.Ho && grad_y.size(3) == g.Wo, fn, ": grad_y must be ", g.Ho,
+                 " x ", g.Wo, ", got ", grad_y.size(2), " x ", grad_y.size(3));
+  if (is_16bit(x)) {
+    return round_to(bwd_weight_impl(upcast(grad_y), upcast(x), g, channels_last, workspace_bytes),
+                    x.scalar_type(), channels_last);
+  }
+  return bwd_weight_impl(grad_y, x, g, channels_last, workspace_bytes);
+}
+
+}  // namespace pykern

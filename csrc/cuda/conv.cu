@@ -1,0 +1,521 @@
+// Convolution family, CUDA. Twin of csrc/cpu/conv.cpp (Triton twin: triton_kernels/conv.py):
+// im2col / col2im kernels of our own and cuBLAS GEMMs through ATen, one GEMM per group.
+//
+// Column layouts for a chunk of nc images (L = Ho * Wo, CRS = C * R * S, CgRS = Cg * R * S):
+//   NCHW: cols (nc, CRS, L), rows ordered (c, r, s). Group g is the row block
+//     [g * CgRS, (g + 1) * CgRS); y_n[g] = W_g (Kg, CgRS) @ cols_n[g] is one batched GEMM over
+//     the images (the weight repeated with batch stride 0). bwd_weight uses (CRS, nc, L)
+//     instead, so that one GEMM also sums over the images.
+//   NHWC: cols (nc * L, CRS), columns ordered (g, r, s, cg): group g is a column block whose
+//     (r, s, cg) order is the channels_last weight's memory, so y (nc * L, K) = cols @ W^T is
+//     NHWC output directly.
+// A pointwise conv (1x1, stride 1, padding 0) needs no columns: x itself is the column matrix
+// in both layouts (and dx the one bwd_input's GEMM writes).
+//
+// Batches are processed in chunks of images whose column buffer fits workspace_bytes (at least
+// one image per chunk); the buffer is allocated once per call and reused by every chunk.
+// col2im is a gather per input element, so dx is deterministic; bwd_weight accumulates the
+// chunks with GEMMs in chunk order (deterministic for a given cuBLAS algorithm).
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/core/grad_mode.h>
+#include <ATen/ops/addmm.h>
+#include <ATen/ops/baddbmm.h>
+#include <ATen/ops/bmm.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/mm.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <optional>
+#include <vector>
+
+#include "common/checks.h"
+#include "common/cuda_divmod.h"
+#include "common/dispatch.h"
+#include "common/poison.h"
+#include "pykern.h"
+
+namespace pykern {
+namespace {
+
+constexpr int kThreads = 256;
+constexpr int64_t kMaxBlocks = 1 << 20;
+
+// Everything the index math needs; built and checked once on the host.
+struct ConvGeom {
+  int64_t C, H, W;   // image: x, dx
+  int64_t K, Ho, Wo;  // output: y, dy
+  int64_t R, S;
+  int64_t sh, sw, ph, pw, dh, dw;
+  int64_t groups, Cg, Kg;
+  int64_t L, CRS, CgRS;  // Ho * Wo, C * R * S, Cg * R * S
+};
+
+#define PK_GRID_STRIDE_LOOP(i, total)                                                      \
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < (total); \
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x)
+
+// im2col, NCHW: cols[n * image_stride + row * row_stride + l] for image n of the chunk, row
+// (c, r, s), output position l = ho * Wo + wo; x at the tap, or 0 in the padding. A thread per
+// column element, consecutive threads along l (coalesced writes). Byte copies: scalar_t is a
+// storage type of the element's width, whose zero is +0.0 in every float format.
+template <typename scalar_t>
+__global__ void im2col_nchw_kernel(const scalar_t* __restrict__ x, scalar_t* __restrict__ cols,
+                                   int64_t total, ConvGeom g, int64_t image_stride,
+                                   int64_t row_stride) {
+  PK_GRID_STRIDE_LOOP(i, total) {  // i = ((n * CRS + row) * Ho + ho) * Wo + wo
+    const DivMod a = divmod(i, g.Wo);     // a.r = wo
+    const DivMod b = divmod(a.q, g.Ho);   // b.r = ho
+    const DivMod t = divmod(b.q, g.CRS);  // t.r = row, t.q = n
+    const DivMod u = divmod(t.r, g.S);    // u.r = s
+    const DivMod v = divmod(u.q, g.R);    // v.r = r, v.q = c
+    const int64_t h = b.r * g.sh - g.ph + v.r * g.dh;
+    const int64_t w = a.r * g.sw - g.pw + u.r * g.dw;
+    const bool inside = h >= 0 && h < g.H && w >= 0 && w < g.W;
+    cols[t.q * image_stride + t.r * row_stride + b.r * g.Wo + a.r] =
+        inside ? x[((t.q * g.C + v.q) * g.H + h) * g.W + w] : scalar_t{};
+  }
+}
+
+// im2col, NHWC: cols[(n * L + l) * CRS + col] with col = ((grp * R + r) * S + s) * Cg + cg.
+// A thread per column element, consecutive threads along cg (coalesced on both sides).
+template <typename scalar_t>
+__global__ void im2col_nhwc_kernel(const scalar_t* __restrict__ x, scalar_t* __restrict__ cols,
+                                   int64_t total, ConvGeom g) {
+  PK_GRID_STRIDE_LOOP(i, total) {  // i = ((n * Ho + ho) * Wo + wo) * CRS + col
+    const DivMod a = divmod(i, g.CRS);   // a.r = col
+    const DivMod b = divmod(a.q, g.Wo);  // b.r = wo
+    const DivMod c = divmod(b.q, g.Ho);  // c.r = ho, c.q = n
+    const DivMod d = divmod(a.r, g.Cg);  // d.r = cg
+    const DivMod e = divmod(d.q, g.S);   // e.r = s
+    const DivMod f = divmod(e.q, g.R);   // f.r = r, f.q = grp
+    const int64_t h = c.r * g.sh - g.ph + f.r * g.dh;
+    const int64_t w = b.r * g.sw - g.pw + e.r * g.dw;
+    const bool inside = h >= 0 && h < g.H && w >= 0 && w < g.W;
+    cols[i] = inside ? x[((c.q * g.H + h) * g.W + w) * g.C + f.q * g.Cg + d.r] : scalar_t{};
+  }
+}
+
+// Output coordinate that reads image coordinate x through tap t on one axis (x = o * s - p +
+// t * d), or -1 when none does.
+__device__ __forceinline__ int64_t reader_of(int64_t x, int64_t t, int64_t s, int64_t p,
+                                             int64_t d, int64_t out) {
+  const int64_t shifted = x + p - t * d;
+  if (shifted < 0) return -1;
+  const DivMod q = divmod(shifted, s);
+  return q.r == 0 && q.q < out ? q.q : -1;
+}
+
+// col2im, NCHW, cols (nc, CRS, L): dx[i] for image element i = (n, c, h, w) of the chunk sums,
+// in (r, s) order, the column entries of the taps that read it, plus bias[c] when given. A
+// thread per dx element, consecutive threads along w; every element is written.
+template <typename scalar_t>
+__global__ void col2im_nchw_kernel(const scalar_t* __restrict__ cols,
+                                   const scalar_t* __restrict__ bias, scalar_t* __restrict__ dx,
+                                   int64_t total, ConvGeom g) {
+  using acc_t = at::opmath_type<scalar_t>;
+  PK_GRID_STRIDE_LOOP(i, total) {  // i = ((n * C + c) * H + h) * W + w
+    const DivMod a = divmod(i, g.W);    // a.r = w
+    const DivMod b = divmod(a.q, g.H);  // b.r = h
+    const DivMod c = divmod(b.q, g.C);  // c.r = channel, c.q = n
+    const scalar_t* image = cols + c.q * g.CRS * g.L;
+    acc_t sum = bias != nullptr ? static_cast<acc_t>(bias[c.r]) : acc_t(0);
+    for (int64_t r = 0; r < g.R; ++r) {
+      const int64_t ho = reader_of(b.r, r, g.sh, g.ph, g.dh, g.Ho);
+      if (ho < 0) continue;
+      for (int64_t s = 0; s < g.S; ++s) {
+        const int64_t wo = reader_of(a.r, s, g.sw, g.pw, g.dw, g.Wo);
+        if (wo < 0) continue;
+        sum += static_cast<acc_t>(image[((c.r * g.R + r) * g.S + s) * g.L + ho * g.Wo + wo]);
+      }
+    }
+    dx[i] = static_cast<scalar_t>(sum);
+  }
+}
+
+// col2im, NHWC, cols (nc * L, CRS) as im2col_nhwc_kernel writes them: dx[i] for image element
+// i = (n, h, w, c) of the chunk, as col2im_nchw_kernel. Consecutive threads along c.
+template <typename scalar_t>
+__global__ void col2im_nhwc_kernel(const scalar_t* __restrict__ cols,
+                                   const scalar_t* __restrict__ bias, scalar_t* __restrict__ dx,
+                                   int64_t total, ConvGeom g) {
+  using acc_t = at::opmath_type<scalar_t>;
+  PK_GRID_STRIDE_LOOP(i, total) {  // i = ((n * H + h) * W + w) * C + c
+    const DivMod a = divmod(i, g.C);     // a.r = c
+    const DivMod b = divmod(a.q, g.W);   // b.r = w
+    const DivMod d = divmod(b.q, g.H);   // d.r = h, d.q = n
+    const DivMod e = divmod(a.r, g.Cg);  // e.q = group, e.r = cg
+    // Column (group, r, s, cg) of row n * L + l is at base + (n * L + l) * CRS + (r * S + s) * Cg.
+    const scalar_t* base = cols + e.q * g.CgRS + e.r;
+    acc_t sum = bias != nullptr ? static_cast<acc_t>(bias[a.r]) : acc_t(0);
+    for (int64_t r = 0; r < g.R; ++r) {
+      const int64_t ho = reader_of(d.r, r, g.sh, g.ph, g.dh, g.Ho);
+      if (ho < 0) continue;
+      for (int64_t s = 0; s < g.S; ++s) {
+        const int64_t wo = reader_of(b.r, s, g.sw, g.pw, g.dw, g.Wo);
+        if (wo < 0) continue;
+        const int64_t row = d.q * g.L + ho * g.Wo + wo;
+        sum += static_cast<acc_t>(base[row * g.CRS + (r * g.S + s) * g.Cg]);
+      }
+    }
+    dx[i] = static_cast<scalar_t>(sum);
+  }
+}
+
+#undef PK_GRID_STRIDE_LOOP
+
+// host side
+
+at::MemoryFormat conv_format(bool channels_last) {
+  return channels_last ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
+}
+
+// t is 4D, on x's device and dtype, and laid out as channels_last says.
+void check_operand(const char* fn, const char* name, const at::Tensor& t, const at::Tensor& x,
+                   bool channels_last) {
+  PK_CHECK_VALUE(t.dim() == 4, fn, ": ", name, " must be 4D, got ", t.dim(), "D");
+  PK_CHECK_VALUE(t.device() == x.device(), fn, ": ", name, " must be on ", x.device(), ", got ",
+                 t.device());
+  PK_CHECK_TYPE(t.scalar_type() == x.scalar_type(), fn, ": ", name, " must be ", x.scalar_type(),
+                ", got ", t.scalar_type());
+  PK_CHECK_VALUE(t.is_contiguous(conv_format(channels_last)), fn, ": ", name, " must be ",
+                 channels_last ? "channels_last-contiguous" : "contiguous",
+                 " as channels_last=", channels_last, " says, got strides ", t.strides());
+}
+
+void check_bias(const char* fn, const std::optional<at::Tensor>& bias, const at::Tensor& x,
+                int64_t size) {
+  if (!bias.has_value()) return;
+  PK_CHECK_VALUE(bias->dim() == 1 && bias->size(0) == size && bias->is_contiguous(), fn,
+                 ": bias must be a contiguous vector of ", size, " entries, got sizes ",
+                 bias->sizes());
+  PK_CHECK_VALUE(bias->device() == x.device(), fn, ": bias must be on ", x.device());
+  PK_CHECK_TYPE(bias->scalar_type() == x.scalar_type(), fn, ": bias must be ", x.scalar_type(),
+                ", got ", bias->scalar_type());
+}
+
+bool is_pair(const std::vector<int64_t>& v, int64_t min) {
+  return v.size() == 2 && v[0] >= min && v[1] >= min;
+}
+
+ConvGeom make_geom(const char* fn, int64_t C, int64_t H, int64_t W, int64_t K, int64_t R,
+                   int64_t S, const std::vector<int64_t>& stride,
+                   const std::vector<int64_t>& padding, const std::vector<int64_t>& dilation,
+                   int64_t groups) {
+  PK_CHECK_VALUE(is_pair(stride, 1) && is_pair(padding, 0) && is_pair(dilation, 1), fn,
+                 ": stride and dilation must be pairs >= 1, padding a pair >= 0");
+  PK_CHECK_VALUE(groups >= 1 && C % groups == 0 && K % groups == 0, fn, ": groups (", groups,
+                 ") must divide the channels (", C, ") and the filters (", K, ")");
+  PK_CHECK_VALUE(C >= 1 && K >= 1 && R >= 1 && S >= 1, fn,
+                 ": channels, filters and kernel size must be >= 1, got C = ", C, ", K = ", K,
+                 ", ", R, "x", S);
+  ConvGeom g{};
+  g.C = C, g.H = H, g.W = W, g.K = K, g.R = R, g.S = S;
+  g.sh = stride[0], g.sw = stride[1], g.ph = padding[0], g.pw = padding[1];
+  g.dh = dilation[0], g.dw = dilation[1];
+  g.groups = groups, g.Cg = C / groups, g.Kg = K / groups;
+  g.Ho = (H + 2 * g.ph - g.dh * (R - 1) - 1) / g.sh + 1;
+  g.Wo = (W + 2 * g.pw - g.dw * (S - 1) - 1) / g.sw + 1;
+  PK_CHECK_VALUE(H + 2 * g.ph - g.dh * (R - 1) - 1 >= 0 && W + 2 * g.pw - g.dw * (S - 1) - 1 >= 0,
+                 fn, ": the dilated kernel is larger than the padded input");
+  g.L = g.Ho * g.Wo;
+  g.CRS = C * R * S;
+  g.CgRS = g.Cg * R * S;
+  return g;
+}
+
+// 1x1, stride 1, no padding: the columns are the image itself.
+bool pointwise(const ConvGeom& g) {
+  return g.R == 1 && g.S == 1 && g.sh == 1 && g.sw == 1 && g.ph == 0 && g.pw == 0;
+}
+
+// Images per chunk: as many as fit the workspace, at least one.
+int64_t chunk_images(int64_t bytes_per_image, int64_t N, int64_t workspace_bytes) {
+  return std::clamp<int64_t>(workspace_bytes / bytes_per_image, 1, N);
+}
+
+int64_t blocks_for(int64_t total) {
+  return std::min((total + kThreads - 1) / kThreads, kMaxBlocks);
+}
+
+void poison_output(const at::Tensor& t, cudaStream_t stream) {
+  if (poison_outputs() && t.numel() > 0) {
+    C10_CUDA_CHECK(cudaMemsetAsync(t.data_ptr(), 0xFF, t.nbytes(), stream));
+  }
+}
+
+// Matrix views of dense tensors in their memory order (both layouts keep the weight's memory
+// as (K, Cg * R * S) row-major: (c, r, s) or (r, s, c) per filter).
+at::Tensor matrix(const at::Tensor& t, int64_t rows, int64_t cols) {
+  return t.as_strided({rows, cols}, {cols, 1});
+}
+
+// (N, C, L) view of an NCHW tensor.
+at::Tensor planes(const at::Tensor& t) {
+  const int64_t N = t.size(0), C = t.size(1), L = t.size(2) * t.size(3);
+  return t.as_strided({N, C, L}, {C * L, L, 1});
+}
+
+// Rows (N * H * W, C) view of an NHWC tensor.
+at::Tensor pixels(const at::Tensor& t) {
+  return matrix(t, t.size(0) * t.size(2) * t.size(3), t.size(1));
+}
+
+// im2col of images [n0, n0 + nc) of x into buffer. NCHW columns are (nc, CRS, L) when
+// batch_major, else (CRS, nc, L); NHWC columns are always (nc * L, CRS).
+void launch_im2col(const at::Tensor& x, int64_t n0, int64_t nc, const at::Tensor& buffer,
+                   const ConvGeom& g, bool channels_last, bool batch_major, cudaStream_t stream) {
+  const int64_t total = nc * g.CRS * g.L;
+  const int64_t blocks = blocks_for(total);
+  const int64_t image_stride = batch_major ? g.CRS * g.L : g.L;
+  const int64_t row_stride = batch_major ? g.L : nc * g.L;
+  PK_DISPATCH_BY_ELEMENT_SIZE("conv2d im2col", x.element_size(), [&] {
+    const auto* in = static_cast<const scalar_t*>(x.const_data_ptr()) + n0 * g.C * g.H * g.W;
+    auto* out = static_cast<scalar_t*>(buffer.data_ptr());
+    if (channels_last) {
+      im2col_nhwc_kernel<scalar_t><<<blocks, kThreads, 0, stream>>>(in, out, total, g);
+    } else {
+      im2col_nchw_kernel<scalar_t><<<blocks, kThreads, 0, stream>>>(in, out, total, g,
+                                                                   image_stride, row_stride);
+    }
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+}
+
+void launch_col2im(const at::Tensor& buffer, const std::optional<at::Tensor>& bias,
+                   const at::Tensor& dx, int64_t n0, int64_t nc, const ConvGeom& g,
+                   bool channels_last, cudaStream_t stream) {
+  const int64_t total = nc * g.C * g.H * g.W;
+  const int64_t blocks = blocks_for(total);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dx.scalar_type(), "conv2d col2im",
+                                  [&] {
+    const auto* cols = buffer.const_data_ptr<scalar_t>();
+    const scalar_t* b = bias.has_value() ? bias->const_data_ptr<scalar_t>() : nullptr;
+    auto* out = dx.data_ptr<scalar_t>() + n0 * g.C * g.H * g.W;
+    if (channels_last) {
+      col2im_nhwc_kernel<scalar_t><<<blocks, kThreads, 0, stream>>>(cols, b, out, total, g);
+    } else {
+      col2im_nchw_kernel<scalar_t><<<blocks, kThreads, 0, stream>>>(cols, b, out, total, g);
+    }
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+}
+
+}  // namespace
+
+at::Tensor conv2d_fwd_cuda(const at::Tensor& x, const at::Tensor& weight,
+                           const std::optional<at::Tensor>& bias,
+                           const std::vector<int64_t>& stride, const std::vector<int64_t>& padding,
+                           const std::vector<int64_t>& dilation, int64_t groups,
+                           bool channels_last, int64_t workspace_bytes) {
+  constexpr const char* fn = "conv2d_fwd_cuda";
+  PK_CHECK_CUDA("conv2d_fwd_cuda", x);
+  check_operand(fn, "x", x, x, channels_last);
+  check_operand(fn, "weight", weight, x, channels_last);
+  PK_CHECK_VALUE(workspace_bytes > 0, fn, ": workspace_bytes must be > 0");
+  const ConvGeom g = make_geom(fn, x.size(1), x.size(2), x.size(3), weight.size(0),
+                               weight.size(2), weight.size(3), stride, padding, dilation, groups);
+  PK_CHECK_VALUE(weight.size(1) == g.Cg, fn, ": weight must have C / groups = ", g.Cg,
+                 " input channels, got ", weight.size(1));
+  check_bias(fn, bias, x, g.K);
+  const c10::cuda::CUDAGuard guard(x.device());
+  // ATen's out= GEMMs refuse operands that require grad while grad mode is on.
+  const at::NoGradGuard no_grad;
+  const int64_t N = x.size(0);
+  at::Tensor y =
+      at::empty({N, g.K, g.Ho, g.Wo}, x.options().memory_format(conv_format(channels_last)));
+  if (y.numel() == 0) return y;
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  poison_output(y, stream);
+
+  const bool direct = pointwise(g);
+  const int64_t nb =
+      direct ? N : chunk_images(g.CRS * g.L * x.element_size(), N, workspace_bytes);
+  const at::Tensor buffer = direct ? at::Tensor() : at::empty({nb * g.CRS * g.L}, x.options());
+  const at::Tensor w = matrix(weight, g.K, g.CgRS);
+  for (int64_t n0 = 0; n0 < N; n0 += nb) {
+    const int64_t nc = std::min(nb, N - n0);
+    if (!direct) launch_im2col(x, n0, nc, buffer, g, channels_last, true, stream);
+    if (channels_last) {
+      // y (nc * L, K) = cols (nc * L, CRS) @ W^T, a GEMM per group.
+      const at::Tensor cols = direct ? pixels(x).narrow(0, n0 * g.L, nc * g.L)
+                                     : matrix(buffer, nc * g.L, g.CRS);
+      const at::Tensor out = pixels(y).narrow(0, n0 * g.L, nc * g.L);
+      for (int64_t grp = 0; grp < groups; ++grp) {
+        const at::Tensor a = cols.narrow(1, grp * g.CgRS, g.CgRS);
+        const at::Tensor b = w.narrow(0, grp * g.Kg, g.Kg).t();
+        at::Tensor o = out.narrow(1, grp * g.Kg, g.Kg);
+        if (bias.has_value()) {
+          at::addmm_out(o, bias->narrow(0, grp * g.Kg, g.Kg), a, b);
+        } else {
+          at::mm_out(o, a, b);
+        }
+      }
+    } else {
+      // y_n (K, L) = W (K, CRS) @ cols_n (CRS, L), batched over the chunk's images per group.
+      const at::Tensor cols = direct ? planes(x).narrow(0, n0, nc)
+                                     : buffer.as_strided({nc, g.CRS, g.L}, {g.CRS * g.L, g.L, 1});
+      const at::Tensor out = planes(y).narrow(0, n0, nc);
+      for (int64_t grp = 0; grp < groups; ++grp) {
+        const at::Tensor a = w.narrow(0, grp * g.Kg, g.Kg).unsqueeze(0).expand({nc, g.Kg, g.CgRS});
+        const at::Tensor b = cols.narrow(1, grp * g.CgRS, g.CgRS);
+        at::Tensor o = out.narrow(1, grp * g.Kg, g.Kg);
+        if (bias.has_value()) {
+          at::baddbmm_out(o, bias->narrow(0, grp * g.Kg, g.Kg).view({1, g.Kg, 1}), a, b);
+        } else {
+          at::bmm_out(o, a, b);
+        }
+      }
+    }
+  }
+  return y;
+}
+
+at::Tensor conv2d_bwd_input_cuda(const at::Tensor& grad_y, const at::Tensor& weight,
+                                 const std::optional<at::Tensor>& bias,
+                                 const std::vector<int64_t>& in_size,
+                                 const std::vector<int64_t>& stride,
+                                 const std::vector<int64_t>& padding,
+                                 const std::vector<int64_t>& dilation, int64_t groups,
+                                 bool channels_last, int64_t workspace_bytes) {
+  constexpr const char* fn = "conv2d_bwd_input_cuda";
+  PK_CHECK_CUDA("conv2d_bwd_input_cuda", grad_y);
+  check_operand(fn, "grad_y", grad_y, grad_y, channels_last);
+  check_operand(fn, "weight", weight, grad_y, channels_last);
+  PK_CHECK_VALUE(workspace_bytes > 0, fn, ": workspace_bytes must be > 0");
+  PK_CHECK_VALUE(is_pair(in_size, 1), fn, ": in_size must be a pair >= 1");
+  const int64_t C = weight.size(1) * groups;
+  const ConvGeom g = make_geom(fn, C, in_size[0], in_size[1], weight.size(0), weight.size(2),
+                               weight.size(3), stride, padding, dilation, groups);
+  PK_CHECK_VALUE(grad_y.size(1) == g.K && grad_y.size(2) == g.Ho && grad_y.size(3) == g.Wo, fn,
+                 ": grad_y must be (N, ", g.K, ", ", g.Ho, ", ", g.Wo, "), got ", grad_y.sizes());
+  check_bias(fn, bias, grad_y, C);
+  const c10::cuda::CUDAGuard guard(grad_y.device());
+  const at::NoGradGuard no_grad;  // see conv2d_fwd_cuda
+  const int64_t N = grad_y.size(0);
+  at::Tensor dx =
+      at::empty({N, C, g.H, g.W}, grad_y.options().memory_format(conv_format(channels_last)));
+  if (dx.numel() == 0) return dx;
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  poison_output(dx, stream);
+
+  // Pointwise: the GEMM writes dx itself (with the bias); else cols, then col2im.
+  const bool direct = pointwise(g);
+  const int64_t nb =
+      direct ? N : chunk_images(g.CRS * g.L * grad_y.element_size(), N, workspace_bytes);
+  const at::Tensor buffer =
+      direct ? at::Tensor() : at::empty({nb * g.CRS * g.L}, grad_y.options());
+  const at::Tensor w = matrix(weight, g.K, g.CgRS);
+  for (int64_t n0 = 0; n0 < N; n0 += nb) {
+    const int64_t nc = std::min(nb, N - n0);
+    if (channels_last) {
+      // cols (nc * L, CRS) = dY (nc * L, K) @ W, a GEMM per group.
+      const at::Tensor dy = pixels(grad_y).narrow(0, n0 * g.L, nc * g.L);
+      const at::Tensor cols = direct ? pixels(dx).narrow(0, n0 * g.L, nc * g.L)
+                                     : matrix(buffer, nc * g.L, g.CRS);
+      for (int64_t grp = 0; grp < groups; ++grp) {
+        const at::Tensor a = dy.narrow(1, grp * g.Kg, g.Kg);
+        const at::Tensor b = w.narrow(0, grp * g.Kg, g.Kg);
+        at::Tensor o = cols.narrow(1, grp * g.CgRS, g.CgRS);
+        if (direct && bias.has_value()) {
+          at::addmm_out(o, bias->narrow(0, grp * g.Cg, g.Cg), a, b);
+        } else {
+          at::mm_out(o, a, b);
+        }
+      }
+    } else {
+      // cols_n (CRS, L) = W^T (CRS, K) @ dY_n (K, L), batched over the chunk's images per group.
+      const at::Tensor dy = planes(grad_y).narrow(0, n0, nc);
+      const at::Tensor cols = direct ? planes(dx).narrow(0, n0, nc)
+                                     : buffer.as_strided({nc, g.CRS, g.L}, {g.CRS * g.L, g.L, 1});
+      for (int64_t grp = 0; grp < groups; ++grp) {
+        const at::Tensor a =
+            w.narrow(0, grp * g.Kg, g.Kg).t().unsqueeze(0).expand({nc, g.CgRS, g.Kg});
+        const at::Tensor b = dy.narrow(1, grp * g.Kg, g.Kg);
+        at::Tensor o = cols.narrow(1, grp * g.CgRS, g.CgRS);
+        if (direct && bias.has_value()) {
+          at::baddbmm_out(o, bias->narrow(0, grp * g.Cg, g.Cg).view({1, g.Cg, 1}), a, b);
+        } else {
+          at::bmm_out(o, a, b);
+        }
+      }
+    }
+    if (!direct) launch_col2im(buffer, bias, dx, n0, nc, g, channels_last, stream);
+  }
+  return dx;
+}
+
+at::Tensor conv2d_bwd_weight_cuda(const at::Tensor& grad_y, const at::Tensor& x,
+                                  const std::vector<int64_t>& kernel_size,
+                                  const std::vector<int64_t>& stride,
+                                  const std::vector<int64_t>& padding,
+                                  const std::vector<int64_t>& dilation, int64_t groups,
+                                  bool channels_last, int64_t workspace_bytes) {
+  constexpr const char* fn = "conv2d_bwd_weight_cuda";
+  PK_CHECK_CUDA("conv2d_bwd_weight_cuda", x);
+  check_operand(fn, "x", x, x, channels_last);
+  check_operand(fn, "grad_y", grad_y, x, channels_last);
+  PK_CHECK_VALUE(workspace_bytes > 0, fn, ": workspace_bytes must be > 0");
+  PK_CHECK_VALUE(is_pair(kernel_size, 1), fn, ": kernel_size must be a pair >= 1");
+  const ConvGeom g = make_geom(fn, x.size(1), x.size(2), x.size(3), grad_y.size(1),
+                               kernel_size[0], kernel_size[1], stride, padding, dilation, groups);
+  PK_CHECK_VALUE(grad_y.size(0) == x.size(0) && grad_y.size(2) == g.Ho && grad_y.size(3) == g.Wo,
+                 fn, ": grad_y must be (", x.size(0), ", K, ", g.Ho, ", ", g.Wo, "), got ",
+                 grad_y.sizes());
+  const c10::cuda::CUDAGuard guard(x.device());
+  const at::NoGradGuard no_grad;  // see conv2d_fwd_cuda
+  const int64_t N = x.size(0);
+  at::Tensor dweight =
+      at::empty({g.K, g.Cg, g.R, g.S}, x.options().memory_format(conv_format(channels_last)));
+  if (N == 0) return dweight.zero_();  // a sum over no images
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  poison_output(dweight, stream);
+
+  // dW_g (Kg, CgRS) = sum over images of dY_g @ cols_g^T: the first chunk's GEMM writes every
+  // element, later chunks add theirs. NCHW: cols (CRS, nc * L) and dY copied to (K, nc * L),
+  // so one GEMM covers the chunk; that copy counts against the workspace too. NHWC: both are
+  // already (nc * L, .) matrices; pointwise NHWC needs no columns.
+  const bool direct = channels_last && pointwise(g);
+  const int64_t per_image = (g.CRS + (channels_last ? 0 : g.K)) * g.L * x.element_size();
+  const int64_t nb = direct ? N : chunk_images(per_image, N, workspace_bytes);
+  const at::Tensor buffer = direct ? at::Tensor() : at::empty({nb * g.CRS * g.L}, x.options());
+  const at::Tensor dy_buffer =
+      channels_last || nb == 1 ? at::Tensor() : at::empty({g.K * nb * g.L}, x.options());
+  const at::Tensor dw = matrix(dweight, g.K, g.CgRS);
+  for (int64_t n0 = 0; n0 < N; n0 += nb) {
+    const int64_t nc = std::min(nb, N - n0);
+    at::Tensor cols, dy;  // (CRS, nc * L) and (K, nc * L) views
+    if (channels_last) {
+      if (!direct) launch_im2col(x, n0, nc, buffer, g, true, true, stream);
+      cols = (direct ? pixels(x).narrow(0, n0 * g.L, nc * g.L) : matrix(buffer, nc * g.L, g.CRS))
+                 .t();
+      dy = pixels(grad_y).narrow(0, n0 * g.L, nc * g.L).t();
+    } else {
+      launch_im2col(x, n0, nc, buffer, g, false, false, stream);
+      cols = matrix(buffer, g.CRS, nc * g.L);
+      if (nc == 1) {
+        dy = planes(grad_y)[n0];
+      } else {
+        dy = matrix(dy_buffer, g.K, nc * g.L);
+        dy.view({g.K, nc, g.L}).copy_(planes(grad_y).narrow(0, n0, nc).permute({1, 0, 2}));
+      }
+    }
+    for (int64_t grp = 0; grp < groups; ++grp) {
+      const at::Tensor a = dy.narrow(0, grp * g.Kg, g.Kg);
+      const at::Tensor b = cols.narrow(0, grp * g.CgRS, g.CgRS).t();
+      at::Tensor o = dw.narrow(0, grp * g.Kg, g.Kg);
+      if (n0 == 0) {
+        at::mm_out(o, a, b);
+      } else {
+        o.addmm_(a, b);
+      }
+    }
+  }
+  return dweight;
+}
+
+}  // namespace pykern
