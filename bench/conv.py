@@ -20,7 +20,14 @@ import torch
 import torch.nn.functional as F
 
 import pykern.functional as PF
-from bench.harness import Case, Check, Provider, close_check, standard_providers
+from bench.harness import (
+    Case,
+    Check,
+    Provider,
+    close_check,
+    random_image,
+    standard_providers,
+)
 from pykern.ops.conv import conv_out_size
 
 FAMILY = "conv"
@@ -124,9 +131,7 @@ def cases(
     ]
 
 
-def make_input(case: Case, device: str) -> torch.Tensor:
-    x = torch.randn(case.shape, device=device, dtype=case.dtype)
-    return x.contiguous(memory_format=torch.channels_last) if case.layout == "nhwc" else x
+make_input = random_image
 
 
 _PARAMS: dict = {}

@@ -401,6 +401,13 @@ def close_check(
     return None
 
 
+def random_image(case: Case, device: str) -> torch.Tensor:
+    """A family's make_input for ops that keep the layout: a random (N, C, H, W) input,
+    contiguous ("nchw") or channels_last ("nhwc")."""
+    x = torch.randn(case.shape, device=device, dtype=case.dtype)
+    return x.contiguous(memory_format=torch.channels_last) if case.layout == "nhwc" else x
+
+
 def standard_providers(
     torch_fn: Callable[[torch.Tensor], torch.Tensor],
     pykern_fn: Callable[[torch.Tensor], torch.Tensor],

@@ -23,7 +23,14 @@ import torch
 import torch.nn.functional as F
 
 import pykern.functional as PF
-from bench.harness import Case, Check, Provider, close_check, standard_providers
+from bench.harness import (
+    Case,
+    Check,
+    Provider,
+    close_check,
+    random_image,
+    standard_providers,
+)
 
 FAMILY = "norm"
 
@@ -212,9 +219,7 @@ def cases(
     return out
 
 
-def make_input(case: Case, device: str) -> torch.Tensor:
-    x = torch.randn(case.shape, device=device, dtype=case.dtype)
-    return x.contiguous(memory_format=torch.channels_last) if case.layout == "nhwc" else x
+make_input = random_image
 
 
 def _run(fn: Callable, fwdbwd: bool, x: torch.Tensor, e: dict) -> torch.Tensor:

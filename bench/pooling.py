@@ -26,7 +26,14 @@ import torch
 import torch.nn.functional as F
 
 import pykern.functional as PF
-from bench.harness import Case, Check, Provider, close_check, standard_providers
+from bench.harness import (
+    Case,
+    Check,
+    Provider,
+    close_check,
+    random_image,
+    standard_providers,
+)
 
 FAMILY = "pooling"
 LAYOUTS = ("nchw", "nhwc")  # the input's memory layout; the output keeps it
@@ -188,10 +195,7 @@ def cases(
     ]
 
 
-def make_input(case: Case, device: str) -> torch.Tensor:
-    """A random (N, C, H, W) input, contiguous ("nchw") or channels_last ("nhwc")."""
-    x = torch.randn(case.shape, device=device, dtype=case.dtype)
-    return x.contiguous(memory_format=torch.channels_last) if case.layout == "nhwc" else x
+make_input = random_image
 
 
 def check_for(case: Case) -> Check:

@@ -170,64 +170,41 @@ class Geometry:
         return [conv_out_size(*window) for window in windows]
 
 
-def _sum_bias_grad(grad_y: torch.Tensor) -> torch.Tensor:
-    return grad_y.sum(dim=(0, 2, 3))
+class ConvFunction(torch.autograd.Function):
+    """conv2d (transpose False) or conv_transpose2d (True). Each is the other's adjoint, so one's
+    forward is the other's input gradient, and the weight gradient swaps its two images."""
 
-
-class Conv2dFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, bias, geo: Geometry):
+    def forward(ctx, x, weight, bias, geo: Geometry, transpose: bool, out_hw: tuple[int, int]):
         ctx.save_for_backward(x, weight)
-        ctx.geo, ctx.has_bias = geo, bias is not None
+        ctx.geo, ctx.transpose, ctx.has_bias = geo, transpose, bias is not None
         if x.shape[0] == 0:  # an empty batch: the kernels need at least one image
-            out_hw = geo.out_size(x.shape[2:], weight.shape[2:])
-            return _new_image(x, (0, weight.shape[0], *out_hw), geo.channels_last)
+            channels = weight.shape[1] * geo.groups if transpose else weight.shape[0]
+            return _new_image(x, (0, channels, *out_hw), geo.channels_last)
+        if transpose:
+            return _conv2d_bwd_input(x, weight, bias, list(out_hw), *geo.args())
         return _conv2d_fwd(x, weight, bias, *geo.args())
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_y):
         x, weight = ctx.saved_tensors
-        geo = ctx.geo
+        geo, transpose = ctx.geo, ctx.transpose
         grad_y = grad_y.contiguous(memory_format=_format(geo.channels_last))
+        dx = dw = db = None
         if x.shape[0] == 0:
             dx, dw = torch.zeros_like(x), torch.zeros_like(weight)
         else:
-            dx = dw = None
-            if ctx.needs_input_grad[0]:
+            if ctx.needs_input_grad[0] and transpose:
+                dx = _conv2d_fwd(grad_y, weight, None, *geo.args())
+            elif ctx.needs_input_grad[0]:
                 dx = _conv2d_bwd_input(grad_y, weight, None, list(x.shape[2:]), *geo.args())
             if ctx.needs_input_grad[1]:
-                dw = _conv2d_bwd_weight(grad_y, x, list(weight.shape[2:]), *geo.args())
-        db = _sum_bias_grad(grad_y) if ctx.has_bias and ctx.needs_input_grad[2] else None
-        return dx, dw, db, None
-
-
-class ConvTranspose2dFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, weight, bias, geo: Geometry, out_size: tuple[int, int]):
-        ctx.save_for_backward(x, weight)
-        ctx.geo, ctx.has_bias = geo, bias is not None
-        shape = (x.shape[0], weight.shape[1] * geo.groups, *out_size)
-        if x.shape[0] == 0:
-            return _new_image(x, shape, geo.channels_last)
-        return _conv2d_bwd_input(x, weight, bias, list(out_size), *geo.args())
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_y):
-        x, weight = ctx.saved_tensors
-        geo = ctx.geo
-        grad_y = grad_y.contiguous(memory_format=_format(geo.channels_last))
-        if x.shape[0] == 0:
-            dx, dw = torch.zeros_like(x), torch.zeros_like(weight)
-        else:
-            dx = dw = None
-            if ctx.needs_input_grad[0]:
-                dx = _conv2d_fwd(grad_y, weight, None, *geo.args())
-            if ctx.needs_input_grad[1]:  # the roles of input and output gradient exchanged
-                dw = _conv2d_bwd_weight(x, grad_y, list(weight.shape[2:]), *geo.args())
-        db = _sum_bias_grad(grad_y) if ctx.has_bias and ctx.needs_input_grad[2] else None
-        return dx, dw, db, None, None
+                images = (x, grad_y) if transpose else (grad_y, x)  # (the "dY", the "x")
+                dw = _conv2d_bwd_weight(*images, list(weight.shape[2:]), *geo.args())
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            db = grad_y.sum(dim=(0, 2, 3))
+        return dx, dw, db, None, None, None
 
 
 def channels_last_for(x: torch.Tensor, weight: torch.Tensor) -> bool:
@@ -241,13 +218,16 @@ def _in_format(t: torch.Tensor | None, channels_last: bool) -> torch.Tensor | No
 
 def conv2d(x, weight, bias, geo: Geometry) -> torch.Tensor:
     """Validated 4D conv2d (symmetric padding) in geo's memory format."""
-    x, weight = _in_format(x, geo.channels_last), _in_format(weight, geo.channels_last)
-    bias = None if bias is None else bias.contiguous()
-    return Conv2dFunction.apply(x, weight, bias, geo)
+    out_hw = tuple(geo.out_size(x.shape[2:], weight.shape[2:]))
+    return _apply(x, weight, bias, geo, False, out_hw)
 
 
 def conv_transpose2d(x, weight, bias, geo: Geometry, out_size) -> torch.Tensor:
     """Validated 4D conv_transpose2d: (N, weight.shape[1] * groups, *out_size)."""
+    return _apply(x, weight, bias, geo, True, tuple(out_size))
+
+
+def _apply(x, weight, bias, geo: Geometry, transpose: bool, out_hw) -> torch.Tensor:
     x, weight = _in_format(x, geo.channels_last), _in_format(weight, geo.channels_last)
     bias = None if bias is None else bias.contiguous()
-    return ConvTranspose2dFunction.apply(x, weight, bias, geo, tuple(out_size))
+    return ConvFunction.apply(x, weight, bias, geo, transpose, out_hw)
