@@ -6,19 +6,20 @@ VENV ?= .venv
 TORCH_VERSION ?= 2.14.1
 OUT ?= out
 PYTEST_ARGS ?=
+BENCH_ARGS ?=
 export CUDA_HOME ?= /usr/local/cuda
 export PYKERN_BUILD_CUDA ?= auto
 
 PY := $(VENV)/bin/python
 SOURCES := setup.py pyproject.toml $(wildcard csrc/*.cpp csrc/*.h csrc/*/*.cpp csrc/*/*.cu csrc/*/*.h)
 
-.PHONY: venv build demo test bench report gpu-check cmake lint clean
+.PHONY: venv build demo test bench bench-pytest report charts compare gpu-check cmake lint clean
 
 venv: $(VENV)/.installed
 $(VENV)/.installed:
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q torch==$(TORCH_VERSION) pybind11 ninja numpy packaging setuptools \
-		wheel pytest pytest-benchmark
+		wheel pytest pytest-benchmark matplotlib
 	touch $@
 
 build: $(VENV)/.built
@@ -27,11 +28,12 @@ $(VENV)/.built: $(VENV)/.installed $(SOURCES)
 	$(PY) -m pykern info
 	touch $@
 
-# Main job: every op against torch on the best device present, then the benchmark report.
+# Main job: every op against torch on the best device present, then the benchmark report
+# (report.md, report.json and PNG charts in $(OUT)/bench; under ten minutes on a 2-core CPU).
 demo: build
 	$(PY) -m pykern demo
-	$(PY) -m bench.run --out $(OUT)/bench
-	@echo "report: $(OUT)/bench/results.md"
+	$(PY) -m pykern.bench --out $(OUT)/bench $(BENCH_ARGS)
+	@echo "report: $(OUT)/bench/report.md"
 
 # The test suite (Triton kernels run in Triton's interpreter on CPU; GPU tests skip without one).
 # pytest's exit code 5 (no tests collected) is reported as what it is, and fails.
@@ -40,11 +42,24 @@ test: build
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests (exit 5): nothing was tested"; fi; \
 	exit $$rc
 
+# The report alone; BENCH_ARGS="--quick --ops conv,attention" and so on (python -m pykern.bench -h).
 bench: build
-	$(PY) -m bench.run --out $(OUT)/bench
+	$(PY) -m pykern.bench --out $(OUT)/bench $(BENCH_ARGS)
 
+# The same cases through pytest-benchmark, one group per op and shape.
+bench-pytest: build
+	$(PY) -m pytest bench/ --benchmark-only --benchmark-group-by=group $(PYTEST_ARGS)
+
+# report.md again from report.json; the charts from report.json (where matplotlib is).
 report:
-	$(PY) -m bench.report $(OUT)/bench/results.json
+	$(PY) -m pykern.bench report $(OUT)/bench
+
+charts:
+	$(PY) -m pykern.bench charts $(OUT)/bench
+
+# make compare OLD=bench/results/<a>/report.json NEW=$(OUT)/bench/report.json
+compare:
+	$(PY) -m pykern.bench compare $(OLD) $(NEW)
 
 gpu-check:
 	bash bench/gpu_check.sh $(OUT)/gpu_check

@@ -74,7 +74,7 @@ def extension():
 
 
 setup(
-    packages=["pykern", "pykern.ops", "pykern.nn", "pykern.triton_kernels"],
+    packages=["pykern", "pykern.ops", "pykern.nn", "pykern.bench", "pykern.triton_kernels"],
     package_dir={"pykern": "pykern", "pykern.triton_kernels": "triton_kernels"},
     ext_modules=[extension()],
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},

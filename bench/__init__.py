@@ -1,7 +1,5 @@
-"""pykern benchmarks: `python -m bench.run`, then `python -m bench.report`.
-
-harness.py times and records; <family>.py (layout.py, ...) lists the cases and providers of one
-family; run.py runs them and writes results.json; report.py turns that into markdown;
-test_bench.py runs the same cases through pytest-benchmark; gpu_check.sh is the script for a
-lent GPU machine. See bench/README.md.
+"""pykern's benchmark folder in the repository: test_bench.py (the cases through
+pytest-benchmark), test_cli.py (the report command's own tests), gpu_check.sh (the script for a
+lent GPU machine), results/ (committed reports) and README.md. The benchmark code itself is the
+package pykern.bench (`python -m pykern.bench`), so that it ships in the wheel.
 """

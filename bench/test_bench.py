@@ -2,13 +2,13 @@
 
     pytest bench/ --benchmark-only --benchmark-group-by=group
 
-One test per (device, op, shape, dtype, layout, provider); the group is op + shape + dtype, so
-torch and pykern (and a pooling op's NCHW and NHWC inputs) sit in one table. Siblings: the family
-modules (layout.py, pooling.py) give cases, providers and checks (their PYTEST_SHAPES are small,
-so a plain `pytest bench/` without a GPU takes a minute or two); harness.py gives input
-rotation. run.py is the full method (floors, interleaving, CUDA events): use it for published
-numbers. A test fails only when a provider raises or disagrees with torch; there are no timing
-assertions.
+One test per (device, op, pass, shape, dtype, layout, provider); the group is op + shape + dtype
+(the op name carries "_fwdbwd" for forward+backward), so NCHW and NHWC and every backend of one
+case sit in one table. The cases, providers and checks are pykern.bench's family modules
+(their PYTEST_SHAPES are small, so `pytest bench/` without a GPU takes a minute or two, and
+`--benchmark-disable` runs each once). `python -m pykern.bench` is the full method (floors,
+interleaving, CUDA events): use it for published numbers. A test fails only when a provider
+raises or disagrees with torch; there are no timing assertions.
 """
 
 from __future__ import annotations
@@ -19,44 +19,78 @@ import time
 import pytest
 import torch
 
-from bench import conv, harness, layout, norm, pooling
+from pykern.bench import attention, conv, harness, layout, norm, pooling
 
-FAMILIES = (layout, pooling, norm, conv)
+FAMILIES = (layout, pooling, norm, conv, attention)
 ROUND_BUDGET_S = 0.5  # timed seconds per test, about
-PROVIDERS = {"cpu": ("torch", "pykern-cpu"), "cuda": ("torch", "pykern-cuda", "pykern-triton")}
+DEVICES = ("cpu", "cuda")
 
 
 def _params() -> list:
     params = []
-    for device, names in PROVIDERS.items():
+    for device in DEVICES:
         for family in FAMILIES:
+            why = family.available() if hasattr(family, "available") else None
+            if why is not None:
+                ident = f"{device}-{family.FAMILY}-unavailable"
+                params.append(pytest.param(family, device, None, None, why, id=ident))
+                continue
             for case in family.cases(device, shapes=family.PYTEST_SHAPES[device]):
-                for name in names:
+                for name in _provider_names(family, case, device):
                     shape = "x".join(map(str, case.shape))
                     layout_id = case.layout.replace("->", "2")
                     ident = f"{device}-{case.op}-{shape}-{case.dtype_name}-{layout_id}-{name}"
-                    params.append(pytest.param(family, device, case, name, id=ident))
+                    params.append(pytest.param(family, device, case, name, None, id=ident))
     return params
 
 
-@pytest.mark.parametrize(("family", "device", "case", "provider_name"), _params())
-def test_bench(benchmark, family, device, case, provider_name):
+def _provider_names(family, case, device) -> list[str]:
+    """Provider names without touching a GPU (collection must work without one)."""
+    if family is attention:
+        torch_names = list(attention.TORCH_BACKENDS)
+    else:
+        torch_names = ["torch"]
+    pykern_names = ["pykern-cpu"] if device == "cpu" else ["pykern-cuda", "pykern-triton"]
+    return torch_names + pykern_names
+
+
+@pytest.mark.parametrize(("family", "device", "case", "provider_name", "unavailable"), _params())
+def test_bench(benchmark, family, device, case, provider_name, unavailable):
+    if unavailable is not None:
+        pytest.skip(unavailable)
     if device == "cuda" and not torch.cuda.is_available():
         pytest.skip("no CUDA GPU visible to torch")
     ready, skipped = family.providers(case, device)
     if provider_name in skipped:
         pytest.skip(skipped[provider_name])
-    provider = next(p for p in ready if p.name == provider_name)
+    provider = next((p for p in ready if p.name == provider_name), None)
+    if provider is None:
+        pytest.skip(f"{provider_name} does not run this case here")
 
     first = family.make_input(case, device)
+    if provider is not ready[0]:  # the reference is what the others are checked against
+        with ready[0].active():
+            ref = ready[0].fn(first)
+        with provider.active():
+            check = harness.family_check(family, case)
+            problem = check(first, provider.fn(first), ref)
+        assert problem is None, f"{provider_name}: {problem}"
+        del ref
+
+    benchmark.group = f"{case.op} {'x'.join(map(str, case.shape))} {case.dtype_name}"
+    benchmark.extra_info.update(
+        provider=provider_name, layout=case.layout, device=device, bytes=case.bytes
+    )
+    if case.flops:
+        benchmark.extra_info["flops"] = case.flops
+    if benchmark.disabled:  # --benchmark-disable: the check above was the point; one more call
+        with provider.active():
+            benchmark(provider.fn, first)
+        return
+
     inputs = harness.rotated_inputs(
         first, harness.rotation_count(first.numel() * first.element_size(), device)
     )
-    with provider.active():
-        check = harness.family_check(family, case)
-        problem = check(first, provider.fn(first), ready[0].fn(first))
-    assert problem is None, f"{provider_name}: {problem}"
-
     fn, count = provider.fn, [0]
 
     def call() -> None:
@@ -67,10 +101,6 @@ def test_bench(benchmark, family, device, case, provider_name):
         if device == "cuda":
             torch.cuda.synchronize()
 
-    benchmark.group = f"{case.op} {'x'.join(map(str, case.shape))} {case.dtype_name}"
-    benchmark.extra_info.update(
-        provider=provider_name, layout=case.layout, device=device, bytes=case.bytes
-    )
     with provider.active():
         for _ in range(max(3, min(len(inputs), 32))):  # warm-up: compile or autotune, allocator
             call()
@@ -84,4 +114,7 @@ def test_bench(benchmark, family, device, case, provider_name):
         benchmark.pedantic(call, rounds=rounds, warmup_rounds=1)
     stats = getattr(getattr(benchmark, "stats", None), "stats", None)
     if stats is not None and stats.median > 0:
+        benchmark.extra_info["median_s"] = stats.median
         benchmark.extra_info["gbps"] = round(case.bytes / stats.median / 1e9, 2)
+        if case.flops:
+            benchmark.extra_info["tflops"] = round(case.flops / stats.median / 1e12, 4)

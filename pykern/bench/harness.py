@@ -1,7 +1,9 @@
 """Timers, cache-defeating input rotation, floors and result records for the benchmarks.
 
-Siblings: the family modules (layout.py, ...) list cases and providers, run.py drives them through
-run_case(), report.py renders what write_json() writes, test_bench.py reuses the cases.
+Siblings: the family modules (layout.py, pooling.py, norm.py, conv.py, attention.py, e2e.py)
+list cases and providers, run.py drives them through run_case(), report.py renders the
+report.json it writes, charts.py draws it, compare.py sets two of them side by side;
+bench/test_bench.py in the repository reuses the cases through pytest-benchmark.
 
 How a case is timed:
 - CUDA: CUDA events around a batch of back-to-back calls, after warm-up. A GPU spin
@@ -35,19 +37,23 @@ from pathlib import Path
 
 import torch
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+PACKAGE_DIR = Path(__file__).resolve().parent
 
 MIB = 1 << 20
 CPU_COPY_BYTES = 64 * MIB  # at least; raised to 2x the L3 where that is larger
 CUDA_COPY_BYTES = 256 * MIB  # at least; raised to 4x the L2 where that is larger
 CPU_MATMUL_N = 1024  # small: the CPU matmul floor is a sanity figure, not a target
+CPU_LOWP_MATMUL_N = 256  # CPUs without bf16/fp16 units emulate them (seconds per 1024^3 call)
 CUDA_MATMUL_N = 8192
 MAX_BUFFERS = 4096  # tiny inputs need many copies to fill 2x the cache; memory stays small
 CPU_ROTATION_CAP = 256 * MIB  # rotation is "when cheap" on CPU: never more memory than this
+SLOW_CALL_MS = 100.0  # a CPU call this long needs no more warm-up than one call, nor batching
+FWDBWD = "_fwdbwd"  # suffix of a family's op name timed forward + backward
 
 
-# check(x, out, ref): None when out (a provider's result on x) is right against torch's ref,
-# else what is wrong. A family picks one: exact_check, or close_check with a float64 reference.
+# check(x, out, ref): None when out (a provider's result on x) is right against the reference
+# provider's ref, else what is wrong. A family picks one: exact_check, or close_check with a
+# float64 reference.
 Check = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], str | None]
 
 
@@ -60,12 +66,15 @@ class Settings:
     budget_s: float  # keep adding repeats until this much wall time has passed
     repeat_ms: float  # aim for batches this long, so one repeat is well above timer noise
     max_inner: int  # at most this many calls in one batch
+    warmup_s: float  # warm-up (past the first two calls) stops after this long
 
 
 def settings(device: str, quick: bool = False) -> Settings:
+    """Per-case timing. The budget is what a case gets when the run is not short of time; run.py
+    lowers it to fit the run's time target, never below min_repeats."""
     if device == "cuda":
-        return Settings(20, 200, 0.25 if quick else 0.6, 1.0, 100)
-    return Settings(5, 100, 0.6 if quick else 1.5, 2.0, 200)
+        return Settings(20, 200, 0.06 if quick else 0.15, 1.0, 100, 0.2)
+    return Settings(5, 50, 0.12 if quick else 0.3, 2.0, 200, 0.1)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,7 +82,7 @@ class Case:
     """One op at one shape, dtype and layout; a family module makes these."""
 
     family: str
-    op: str
+    op: str  # the family's name; "<op>_fwdbwd" when timed forward + backward
     shape: tuple[int, ...]  # logical (N, C, H, W) whatever the memory layout
     dtype: torch.dtype
     layout: str  # "nchw->nhwc" for a conversion; "nchw" / "nhwc" for an op that keeps it
@@ -85,6 +94,15 @@ class Case:
         return dtype_name(self.dtype)
 
     @property
+    def base_op(self) -> str:
+        """The op without its pass suffix: what a report groups by."""
+        return self.op.removesuffix(FWDBWD)
+
+    @property
+    def pass_(self) -> str:
+        return "fwdbwd" if self.op.endswith(FWDBWD) else "fwd"
+
+    @property
     def label(self) -> str:
         shape = "x".join(map(str, self.shape))
         return f"{self.op} {shape} {self.dtype_name} {self.layout}"
@@ -94,36 +112,45 @@ class Case:
 class Provider:
     """One implementation of a case's op: torch's own, or pykern under one backend."""
 
-    name: str  # "torch", "pykern-cpu", "pykern-cuda", "pykern-triton"
+    name: str  # "torch", "torch-flash", "pykern-cpu", "pykern-cuda", "pykern-triton"
     fn: Callable[[torch.Tensor], torch.Tensor]
     backend: str | None = None  # pykern.use_backend(backend) around the calls; None for torch
+    context: Callable[[], contextlib.AbstractContextManager] | None = None  # e.g. sdpa_kernel
 
     @contextlib.contextmanager
     def active(self) -> Iterator[None]:
-        if self.backend is None:
-            yield
-            return
-        import pykern
+        with contextlib.ExitStack() as stack:
+            if self.backend is not None:
+                import pykern
 
-        with pykern.use_backend(self.backend):
+                stack.enter_context(pykern.use_backend(self.backend))
+            if self.context is not None:
+                stack.enter_context(self.context())
             yield
+
+
+def provider_backend(name: str) -> str:
+    """The --backends word a provider answers to: "torch" for torch's, else pykern's backend."""
+    return "torch" if name.startswith("torch") else name.removeprefix("pykern-")
 
 
 @dataclasses.dataclass
 class Record:
-    """One JSON row: one (op, shape, dtype, layout, provider) measured in one run."""
+    """One JSON row: one (op, pass, shape, dtype, layout, provider) measured in one run."""
 
-    op: str
+    op: str  # the op without its pass suffix
     family: str
     shape: list[int]
     dtype: str
     layout: str
     provider: str
     backend: str | None
-    pass_: str  # "fwd" (written as "pass")
+    pass_: str  # "fwd" or "fwdbwd" (written as "pass")
     time_ms: float  # median over repeats of the time per call
     time_min_ms: float
     time_max_ms: float
+    time_q1_ms: float  # quartiles of the repeats: the spread the report and compare use
+    time_q3_ms: float
     repeats_ms: list[float]
     inner: int  # calls per timed batch
     buffers: int  # input copies rotated through
@@ -131,14 +158,17 @@ class Record:
     bytes: int
     gbps: float
     floor_gbps: float
+    floor_ms: float  # the time the op would take at the floor (copy or matmul rate)
     pct_of_floor: float
-    ratio_vs_torch: float | None  # torch time / this time: > 1 means faster than torch
+    reference: str  # the provider ratio_vs_torch is measured against ("torch" mostly)
+    ratio_vs_torch: float | None  # reference time / this time: > 1 means faster than torch
     flops: int | None
     tflops: float | None
     device: str
     torch: str
     commit: str
     date: str
+    extra: dict = dataclasses.field(default_factory=dict)
 
     def to_dict(self) -> dict:
         row = dataclasses.asdict(self)
@@ -151,17 +181,22 @@ def dtype_name(dtype: torch.dtype) -> str:
 
 
 def _git(*args: str) -> str | None:
-    try:
-        done = subprocess.run(
-            ["git", *args], cwd=REPO_ROOT, capture_output=True, text=True, timeout=10
-        )
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return done.stdout.strip() if done.returncode == 0 else None
+    """git in the checkout pykern was imported from (an editable install), else in the working
+    folder; None from an installed wheel outside any checkout."""
+    for where in (PACKAGE_DIR, Path.cwd()):
+        try:
+            done = subprocess.run(
+                ["git", *args], cwd=where, capture_output=True, text=True, timeout=10
+            )
+        except (OSError, subprocess.SubprocessError):
+            continue
+        if done.returncode == 0:
+            return done.stdout.strip()
+    return None
 
 
 def git_commit() -> str:
-    return _git("rev-parse", "HEAD") or "unknown"
+    return _git("rev-parse", "HEAD") or "unknown (not run from a git checkout)"
 
 
 def cpu_name() -> str:
@@ -175,7 +210,8 @@ def cpu_name() -> str:
 def device_name(device: str) -> str:
     if device == "cuda":
         return torch.cuda.get_device_name(0)
-    return f"{cpu_name()} ({torch.get_num_threads()} threads)"
+    threads = torch.get_num_threads()
+    return f"{cpu_name()} ({threads} thread{'' if threads == 1 else 's'})"
 
 
 def device_slug(device: str) -> str:
@@ -188,6 +224,11 @@ def cache_bytes(device: str) -> int:
     """The last-level cache the input rotation has to defeat: GPU L2, or the CPU's largest."""
     if device == "cuda":
         return int(torch.cuda.get_device_properties(0).L2_cache_size)
+    return _cpu_cache_bytes()
+
+
+@functools.cache
+def _cpu_cache_bytes() -> int:
     sizes = []
     for index in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*"):
         with contextlib.suppress(OSError, ValueError):
@@ -198,10 +239,11 @@ def cache_bytes(device: str) -> int:
 
 
 def machine_info(device: str) -> dict:
-    """Facts that make a results.json readable on its own: where, what, which code, when."""
+    """Facts that make a report.json readable on its own: where, what, which code, when."""
     from pykern.info import info_dict
 
     info = dict(info_dict())
+    commit = git_commit()
     info.update(
         device=device,
         device_name=device_name(device),
@@ -211,7 +253,7 @@ def machine_info(device: str) -> dict:
         cpu_threads=torch.get_num_threads(),
         python=platform.python_version(),
         platform=platform.platform(),
-        commit=git_commit(),
+        commit=commit,
         dirty=bool(_git("status", "--porcelain", "--untracked-files=no")),
         date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         # Other work on the machine skews CPU timings (OpenMP threads wait on a busy core).
@@ -219,7 +261,12 @@ def machine_info(device: str) -> dict:
     )
     if device == "cuda":
         props = torch.cuda.get_device_properties(0)
-        info.update(sm_count=props.multi_processor_count, gpu_memory_bytes=props.total_memory)
+        info.update(
+            sm_count=props.multi_processor_count,
+            gpu_memory_bytes=props.total_memory,
+            capability=f"{props.major}.{props.minor}",
+            cudnn=torch.backends.cudnn.version(),
+        )
     return info
 
 
@@ -304,14 +351,28 @@ class _Timed:
         end.synchronize()
         return start.elapsed_time(end) / count
 
-    def calibrate(self, s: Settings) -> None:
-        """Warm-up (compile, autotune, allocator), then choose the batch size so a repeat lasts
-        about s.repeat_ms, and the spin that hides dispatch (CUDA)."""
-        probe = max(3, min(len(self.inputs), 20))
+    def calibrate(self, s: Settings, warmed: bool = False) -> None:
+        """Warm-up (compile, autotune, allocator, first touch of every rotated input, bounded by
+        s.warmup_s), then choose the batch size so a repeat lasts about s.repeat_ms, and the
+        spin that hides dispatch (CUDA). warmed: the caller has made the first call already
+        (run_case's check), which compiles and autotunes."""
         with self.provider.active():
-            self._wall_ms(max(3, min(len(self.inputs), 32)), wait=True)
-            wall_ms = self._wall_ms(probe, wait=True)  # >= both host and device time per call
+            if not warmed:
+                self._wall_ms(1, wait=True)  # compiles, autotunes: not an estimate of anything
+            estimate_ms = self._wall_ms(1, wait=True)
+            if not self.cuda and estimate_ms >= SLOW_CALL_MS:
+                # One call outlasts any cache and timer effect: it is its own estimate.
+                self.inner = 1
+                return
+            touch = min(len(self.inputs), 32) - 2
+            touch = min(touch, math.ceil(s.warmup_s * 1e3 / max(estimate_ms, 1e-3)))
+            if touch > 0:
+                self._wall_ms(touch, wait=True)
+            # Calls enough for a 20 ms estimate (one for a slow op): >= host and device time.
+            probe = max(1, min(20, math.ceil(20.0 / max(estimate_ms, 1e-3))))
+            wall_ms = self._wall_ms(probe, wait=True)
             if self.cuda:
+                probe = max(3, probe)
                 self.spin_ms = 1.5 * wall_ms * probe
                 _spin(self.spin_ms)
                 self.host_us = self._wall_ms(probe, wait=False) * 1e3  # enqueue only
@@ -360,9 +421,18 @@ def exact_check(x: torch.Tensor, out: torch.Tensor, ref: torch.Tensor) -> str | 
 
 def relative_error(out: torch.Tensor, exact: torch.Tensor) -> float:
     """||out - exact|| / ||exact|| in float64 (the plain difference norm where exact is 0)."""
-    diff = torch.linalg.vector_norm(out.double() - exact).item()
-    scale = torch.linalg.vector_norm(exact).item()
+    diff = torch.linalg.vector_norm(out.double() - exact.double()).item()
+    scale = torch.linalg.vector_norm(exact.double()).item()
     return diff / scale if scale > 0 else diff
+
+
+def error_bound(ref: torch.Tensor, exact: torch.Tensor, rtol: float = 1e-4) -> float:
+    """DESIGN.md's bound on a result's error against the exact one: float32 (and wider) rtol,
+    or 2x torch's own error where that is larger; bfloat16 and float16 2x torch's own error at
+    that dtype, + 1e-7 (so an op torch gets exactly, a max, must be exact too)."""
+    if ref.dtype.itemsize >= 4:  # torch's own error can exceed rtol on ill-conditioned
+        return max(rtol, 2 * relative_error(ref, exact))  # results (BatchNorm's dx)
+    return 2 * relative_error(ref, exact) + 1e-7
 
 
 def close_check(
@@ -372,13 +442,9 @@ def close_check(
     exact: torch.Tensor,
     rtol: float = 1e-4,
 ) -> str | None:
-    """None when out is as close to the float64 result exact as torch's own ref allows.
-
-    For ops whose result depends on the order of a float accumulation (a mean), where bit-equal
-    to torch is too strict. float32 (and wider): ||out - exact|| / ||exact|| <= rtol, or 2x
-    torch's own error where that is larger. bfloat16 and float16: at most 2x torch's own
-    relative error at that dtype, + 1e-7 (so an op torch gets exactly, a max, must be exact
-    here too). Shape and dtype must be torch's, and so must the
+    """None when out is as close to the float64 result exact as torch's own ref allows
+    (error_bound). For ops whose result depends on the order of a float accumulation (a mean),
+    where bit-equal to torch is too strict. Shape and dtype must be torch's, and so must the
     strides of every dimension longer than 1 (the memory layout; a size-1 dimension's stride is
     arbitrary).
     """
@@ -391,11 +457,7 @@ def close_check(
     long_dims = [d for d in range(out.dim()) if out.shape[d] > 1]
     if [out.stride(d) for d in long_dims] != [ref.stride(d) for d in long_dims]:
         return f"strides {out.stride()} differ from torch's {ref.stride()}"
-    error = relative_error(out, exact)
-    if out.dtype.itemsize >= 4:  # torch's own error can exceed rtol on ill-conditioned
-        allowed = max(rtol, 2 * relative_error(ref, exact))  # results (BatchNorm's dx)
-    else:
-        allowed = 2 * relative_error(ref, exact) + 1e-7
+    error, allowed = relative_error(out, exact), error_bound(ref, exact, rtol)
     if not error <= allowed:  # NaN fails too
         return f"relative error {error:.3g} against float64 exceeds {allowed:.3g}"
     return None
@@ -408,24 +470,18 @@ def random_image(case: Case, device: str) -> torch.Tensor:
     return x.contiguous(memory_format=torch.channels_last) if case.layout == "nhwc" else x
 
 
-def standard_providers(
-    torch_fn: Callable[[torch.Tensor], torch.Tensor],
-    pykern_fn: Callable[[torch.Tensor], torch.Tensor],
-    device: str,
-) -> tuple[list[Provider], dict[str, str]]:
-    """torch, then pykern under each backend this machine can run: (providers, {name: why
-    skipped}). CPU: pykern-cpu. CUDA: pykern-cuda and pykern-triton (never Triton's
-    interpreter, and never Triton on CPU tensors, which only the interpreter runs)."""
+def pykern_backends(device: str) -> tuple[list[str], dict[str, str]]:
+    """The pykern backends this machine can time on device: ([backend], {provider: why not}).
+    CPU: the C++ reference ("cpu"). CUDA: "cuda" and "triton" (never Triton's interpreter, and
+    never Triton on CPU tensors, which only the interpreter runs)."""
     import pykern
     from pykern.backends import triton_interpreted
 
-    ready = [Provider("torch", torch_fn)]
-    skipped: dict[str, str] = {}
     if device != "cuda":
-        ready.append(Provider("pykern-cpu", pykern_fn, backend="auto"))
-        return ready, skipped
+        return ["cpu"], {}
+    ready, skipped = [], {}
     if pykern.has_cuda():
-        ready.append(Provider("pykern-cuda", pykern_fn, backend="cuda"))
+        ready.append("cuda")
     else:
         skipped["pykern-cuda"] = "this pykern build has no CUDA kernels (PYKERN_BUILD_CUDA)"
     try:
@@ -436,7 +492,24 @@ def standard_providers(
         if triton_interpreted():
             skipped["pykern-triton"] = "TRITON_INTERPRET=1: the interpreter is not benchmarked"
         else:
-            ready.append(Provider("pykern-triton", pykern_fn, backend="triton"))
+            ready.append("triton")
+    return ready, skipped
+
+
+def standard_providers(
+    torch_fn: Callable[[torch.Tensor], torch.Tensor],
+    pykern_fn: Callable[[torch.Tensor], torch.Tensor],
+    device: str,
+) -> tuple[list[Provider], dict[str, str]]:
+    """torch, then pykern under each backend this machine can run: (providers, {name: why
+    skipped}). CPU: pykern-cpu (backend "auto", which runs the C++ reference on CPU tensors).
+    CUDA: pykern-cuda and pykern-triton."""
+    backends, skipped = pykern_backends(device)
+    ready = [Provider("torch", torch_fn)]
+    for backend in backends:
+        ready.append(
+            Provider(f"pykern-{backend}", pykern_fn, "auto" if backend == "cpu" else backend)
+        )
     return ready, skipped
 
 
@@ -456,40 +529,55 @@ def run_case(
     s: Settings,
     meta: dict,
     check: Check = exact_check,
+    extra: Callable[[Provider, torch.Tensor, torch.Tensor, torch.Tensor], dict] | None = None,
 ) -> tuple[list[Record], list[dict]]:
     """Times every provider on one case, interleaved; returns records and errors.
 
-    providers[0] must be torch: its output is the reference each other provider must match
-    (a provider that fails the check or raises is reported as an error, not timed).
+    providers[0] is the reference (torch's op, or for attention torch's flash backend where it
+    runs): its output is what each other provider must match (a provider that fails the check
+    or raises is reported as an error, not timed), and ratio_vs_torch is its time over theirs.
+    extra(provider, x, out, ref), where given, adds facts to each provider's record (an error
+    against the reference, say).
     """
     first = make_input(case, device)
     inputs = rotated_inputs(first, rotation_count(first.numel() * first.element_size(), device))
-    ref = providers[0].fn(first)
-    timers, errors = [], []
-    for provider in providers:
+    with providers[0].active():
+        ref = providers[0].fn(first)
+    timers, errors, extras = [], [], {}
+    for i, provider in enumerate(providers):
         try:
             with provider.active():
-                problem = check(first, provider.fn(first), ref)
+                out = ref if i == 0 else provider.fn(first)  # the reference is right by definition
+                problem = None if i == 0 else check(first, out, ref)
             if problem is not None:
                 raise RuntimeError(problem)
+            if extra is not None:
+                extras[provider.name] = extra(provider, first, out, ref)
+            del out
             timer = _Timed(provider, inputs, device)
-            timer.calibrate(s)
+            timer.calibrate(s, warmed=True)
             timers.append(timer)
         except Exception as err:  # one broken provider must not end the whole run
             errors.append(error_entry(case, provider.name, err))
+            if device == "cuda" and isinstance(err, torch.OutOfMemoryError):
+                torch.cuda.empty_cache()
     del ref
     if timers:
         time_interleaved(timers, s, device)
     records = [_record(case, t, device, floors, meta) for t in timers]
-    torch_ms = next((r.time_ms for r in records if r.provider == "torch"), None)
+    reference = providers[0].name
+    ref_ms = next((r.time_ms for r in records if r.provider == reference), None)
     for r in records:
-        r.ratio_vs_torch = torch_ms / r.time_ms if torch_ms and r.time_ms > 0 else None
+        r.reference = reference
+        r.ratio_vs_torch = ref_ms / r.time_ms if ref_ms and r.time_ms > 0 else None
+        r.extra.update(extras.get(r.provider, {}))
     return records, errors
 
 
 def error_entry(case: Case, provider: str, err: BaseException) -> dict:
     return {
-        "op": case.op,
+        "op": case.base_op,
+        "pass": case.pass_,
         "family": case.family,
         "shape": list(case.shape),
         "dtype": case.dtype_name,
@@ -499,41 +587,56 @@ def error_entry(case: Case, provider: str, err: BaseException) -> dict:
     }
 
 
+def quartiles(values: Sequence[float]) -> tuple[float, float]:
+    """(q1, q3) of values (the 'inclusive' method: within the values' range)."""
+    if len(values) < 2:
+        return values[0], values[0]
+    q = statistics.quantiles(values, n=4, method="inclusive")
+    return q[0], q[2]
+
+
+def floor_ms_for(case_bytes: int, case_flops: int, dtype: str, floors: dict) -> float:
+    """The time an op would take at the floor: its bytes at the copy bandwidth, or its flops at
+    the dtype's matmul rate, whichever is longer (a convolution is bound by its arithmetic)."""
+    floor_ms = case_bytes / (floors["copy"]["gbps"] * 1e9) * 1e3
+    matmul = floors["matmul"].get(dtype)
+    if case_flops and matmul:
+        floor_ms = max(floor_ms, case_flops / (matmul["tflops"] * 1e12) * 1e3)
+    return floor_ms
+
+
 def _record(case: Case, timer: _Timed, device: str, floors: dict, meta: dict) -> Record:
     repeats = timer.repeats_ms
     median = statistics.median(repeats)
-    gbps = case.bytes / (median * 1e-3) / 1e9
-    floor_gbps = floors["copy"]["gbps"]
-    tflops = case.flops / (median * 1e-3) / 1e12 if case.flops else None
-    # The floor: the bytes at copy bandwidth, or the flops at the dtype's matmul rate, whichever
-    # takes longer (a convolution is bound by its arithmetic).
-    floor_ms = case.bytes / (floor_gbps * 1e9) * 1e3
-    matmul = floors["matmul"].get(case.dtype_name)
-    if case.flops and matmul:
-        floor_ms = max(floor_ms, case.flops / (matmul["tflops"] * 1e12) * 1e3)
+    q1, q3 = quartiles(repeats)
+    floor_ms = floor_ms_for(case.bytes, case.flops, case.dtype_name, floors)
     return Record(
-        op=case.op,
+        op=case.base_op,
         family=case.family,
         shape=list(case.shape),
         dtype=case.dtype_name,
         layout=case.layout,
         provider=timer.provider.name,
         backend=timer.provider.backend,
-        pass_="fwd",
+        pass_=case.pass_,
         time_ms=median,
         time_min_ms=min(repeats),
         time_max_ms=max(repeats),
+        time_q1_ms=q1,
+        time_q3_ms=q3,
         repeats_ms=[round(r, 6) for r in repeats],
         inner=timer.inner,
         buffers=len(timer.inputs),
         host_us=None if timer.host_us is None else round(timer.host_us, 2),
         bytes=case.bytes,
-        gbps=gbps,
-        floor_gbps=floor_gbps,
+        gbps=case.bytes / (median * 1e-3) / 1e9,
+        floor_gbps=floors["copy"]["gbps"],
+        floor_ms=floor_ms,
         pct_of_floor=100.0 * floor_ms / median,
+        reference="torch",
         ratio_vs_torch=None,
         flops=case.flops or None,
-        tflops=tflops,
+        tflops=case.flops / (median * 1e-3) / 1e12 if case.flops else None,
         device=meta["device_name"],
         torch=meta["torch"],
         commit=meta["commit"],
@@ -547,11 +650,20 @@ def _time_alone(fn: Callable[[], object], device: str, s: Settings) -> dict:
     timer.calibrate(s)
     time_interleaved([timer], s, device)
     repeats = timer.repeats_ms
-    return {"time_ms": statistics.median(repeats), "min_ms": min(repeats), "repeats": len(repeats)}
+    q1, q3 = quartiles(repeats)
+    return {
+        "time_ms": statistics.median(repeats),
+        "min_ms": min(repeats),
+        "max_ms": max(repeats),
+        "q1_ms": q1,
+        "q3_ms": q3,
+        "repeats": len(repeats),
+        "repeats_ms": [round(r, 6) for r in repeats],
+    }
 
 
 def _copy_floor(nbytes: int, device: str, s: Settings) -> dict:
-    src = torch.ones(nbytes // 4, dtype=torch.float32, device=device)
+    src = torch.randn(nbytes // 4, dtype=torch.float32, device=device)
     dst = torch.empty_like(src)
     timing = _time_alone(lambda: dst.copy_(src), device, s)
     timing.update(bytes=2 * nbytes, gbps=2 * nbytes / (timing["time_ms"] * 1e-3) / 1e9)
@@ -567,22 +679,23 @@ def _matmul_floor(n: int, dtype: torch.dtype, device: str, s: Settings) -> dict:
 
 
 def measure_floors(device: str, dtypes: Sequence[torch.dtype], quick: bool = False) -> dict:
-    """Copy bandwidth and matmul rate, measured now, on this device.
+    """Copy bandwidth and matmul rate per dtype, measured now, on this device.
 
     copy: dst.copy_(src) on one large contiguous buffer, counting bytes read plus written;
-    matmul: torch.mm of two n x n matrices per dtype (2 n^3 FLOPs), float32 only on CPU.
+    matmul: torch.mm of two n x n matrices per dtype (2 n^3 FLOPs); on a CPU n is 1024 for
+    float32 and 256 for bfloat16/float16 (which CPUs without bf16 units emulate slowly).
     """
-    s = dataclasses.replace(settings(device, quick), budget_s=0.5)
+    s = dataclasses.replace(settings(device, quick), budget_s=0.3)
+    wanted = list(dict.fromkeys([torch.float32, *dtypes]))
     if device == "cuda":
         nbytes = max(CUDA_COPY_BYTES, 4 * cache_bytes(device))
-        n, matmul_dtypes = CUDA_MATMUL_N, list(dict.fromkeys(dtypes))
+        sizes = {d: CUDA_MATMUL_N for d in wanted}
     else:
         nbytes = max(CPU_COPY_BYTES, 2 * cache_bytes(device))
-        n, matmul_dtypes = CPU_MATMUL_N, [torch.float32]
-
+        sizes = {d: CPU_MATMUL_N if d.itemsize >= 4 else CPU_LOWP_MATMUL_N for d in wanted}
     floors = {
         "copy": _copy_floor(nbytes, device, s),
-        "matmul": {dtype_name(d): _matmul_floor(n, d, device, s) for d in matmul_dtypes},
+        "matmul": {dtype_name(d): _matmul_floor(n, d, device, s) for d, n in sizes.items()},
     }
     if device == "cuda":
         floors["matmul_allow_tf32"] = bool(torch.backends.cuda.matmul.allow_tf32)
@@ -590,20 +703,23 @@ def measure_floors(device: str, dtypes: Sequence[torch.dtype], quick: bool = Fal
     return floors
 
 
-def write_json(
-    path: str | os.PathLike,
-    machine: dict,
-    floors: dict,
-    records: Sequence[Record],
-    errors: Sequence[dict] = (),
-    skipped: Sequence[dict] = (),
-) -> None:
-    doc = {
-        "schema": 1,
-        "machine": machine,
-        "floors": floors,
-        "records": [r.to_dict() for r in records],
-        "errors": list(errors),
-        "skipped": list(skipped),
-    }
-    Path(path).write_text(json.dumps(doc, indent=1) + "\n")
+def load_json(path: str | os.PathLike) -> dict:
+    """A report.json (schema 2), or a results.json of the earlier `python -m bench.run`
+    (schema 1), with schema 1's rows brought to schema 2's form: "_fwdbwd" ops split into op
+    and pass, quartiles recomputed from the repeats, the reference named."""
+    doc = json.loads(Path(path).read_text())
+    if not isinstance(doc, dict) or "records" not in doc:
+        raise ValueError(f"{path}: not a pykern benchmark report (no 'records')")
+    for r in doc["records"]:
+        if r.get("op", "").endswith(FWDBWD):
+            r["op"], r["pass"] = r["op"].removesuffix(FWDBWD), "fwdbwd"
+        r.setdefault("pass", "fwd")
+        r.setdefault("reference", "torch")
+        r.setdefault("extra", {})
+        if "time_q1_ms" not in r:
+            r["time_q1_ms"], r["time_q3_ms"] = quartiles(r.get("repeats_ms") or [r["time_ms"]])
+    for e in doc.get("errors", []):
+        if e.get("op", "").endswith(FWDBWD):
+            e["op"], e["pass"] = e["op"].removesuffix(FWDBWD), "fwdbwd"
+        e.setdefault("pass", "fwd")
+    return doc

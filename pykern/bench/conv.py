@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 import pykern.functional as PF
-from bench.harness import (
+from pykern.bench.harness import (
     Case,
     Check,
     Provider,

@@ -2,7 +2,7 @@
 plain and fused with add+ReLU, and eval), torch's own ops against pykern's, forward alone and
 forward+backward ("_fwdbwd" ops: the input's gradient, with the parameters' too).
 
-The cases and providers here are timed by harness.py (driven by run.py) and by test_bench.py.
+The cases and providers here are timed by harness.py (driven by run.py) and by bench/test_bench.py.
 Row norms run on (rows, hidden) inputs (layout "rows"); LayerNorm2d and BatchNorm on NCHW and
 NHWC images, each read natively by both torch and pykern (torch's LayerNorm2d is what ConvNeXt
 writes: permute, layer_norm, permute).
@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 import pykern.functional as PF
-from bench.harness import (
+from pykern.bench.harness import (
     Case,
     Check,
     Provider,
