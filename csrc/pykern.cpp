@@ -167,4 +167,23 @@ PYBIND11_MODULE(_C, m) {
         py::arg("dilation"), py::arg("groups"), py::arg("channels_last"),
         py::arg("workspace_bytes"));
 #endif
+
+  // attention
+  m.def("attention_fwd_cpu", &pykern::attention_fwd_cpu, py::arg("q"), py::arg("k"),
+        py::arg("v"), py::arg("bias"), py::arg("scale"), py::arg("is_causal"),
+        py::arg("dropout_p"), py::arg("seed"));
+  m.def("attention_bwd_cpu", &pykern::attention_bwd_cpu, py::arg("grad_out"), py::arg("q"),
+        py::arg("k"), py::arg("v"), py::arg("out"), py::arg("lse"), py::arg("bias"),
+        py::arg("scale"), py::arg("is_causal"), py::arg("dropout_p"), py::arg("seed"));
+  m.def("attention_materialized_cpu", &pykern::attention_materialized_cpu, py::arg("q"),
+        py::arg("k"), py::arg("v"), py::arg("bias"), py::arg("scale"), py::arg("is_causal"),
+        py::arg("dropout_p"), py::arg("seed"));
+#ifdef PYKERN_WITH_CUDA
+  m.def("attention_fwd_cuda", &pykern::attention_fwd_cuda, py::arg("q"), py::arg("k"),
+        py::arg("v"), py::arg("bias"), py::arg("scale"), py::arg("is_causal"),
+        py::arg("dropout_p"), py::arg("seed"));
+  m.def("attention_bwd_cuda", &pykern::attention_bwd_cuda, py::arg("grad_out"), py::arg("q"),
+        py::arg("k"), py::arg("v"), py::arg("out"), py::arg("lse"), py::arg("bias"),
+        py::arg("scale"), py::arg("is_causal"), py::arg("dropout_p"), py::arg("seed"));
+#endif
 }

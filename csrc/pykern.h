@@ -179,4 +179,43 @@ at::Tensor conv2d_bwd_weight_cuda(const at::Tensor& grad_y, const at::Tensor& x,
                                   bool channels_last, int64_t workspace_bytes);
 #endif
 
+// attention (flash-style: tiled online softmax, O(L + S) extra memory). q (Z, Hq, L, E),
+// k (Z, Hk, S, E), v (Z, Hk, S, Ev), grad_out and out (Z, Hq, L, Ev): contiguous, one float
+// dtype. Hq is a multiple of Hk (grouped-query attention): query head h reads key/value head
+// h / (Hq / Hk). bias: an additive mask (Z, Hq, L, S) in the accumulation type "acc" (float64
+// for float64 q, else float32) with any strides (0 where it broadcasts), -inf where masked;
+// is_causal masks j > i (top-left aligned). Scores are (q k^T) * scale + bias.
+// Dropout (dropout_p > 0): element (z * Hq + h, i, j) is kept by common/philox.h's rule with
+// `seed`, kept probabilities scaled by 1 / (1 - dropout_p); the log-sum-exp ignores dropout.
+// A row whose every key is masked has lse -inf, output 0 and zero gradients (torch's rule).
+// fwd -> (out (Z, Hq, L, Ev) in q's dtype, lse (Z, Hq, L) in acc).
+// bwd -> (dq, dk, dv) in q's dtype; dk and dv sum over the query heads of their group, in a
+// fixed order (no atomics).
+// materialized: softmax(scores) v with the whole (L, S) score matrix in memory, in acc; a
+// second opinion for tests only.
+std::tuple<at::Tensor, at::Tensor> attention_fwd_cpu(const at::Tensor& q, const at::Tensor& k,
+                                                     const at::Tensor& v,
+                                                     const std::optional<at::Tensor>& bias,
+                                                     double scale, bool is_causal,
+                                                     double dropout_p, int64_t seed);
+std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd_cpu(
+    const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+    const at::Tensor& out, const at::Tensor& lse, const std::optional<at::Tensor>& bias,
+    double scale, bool is_causal, double dropout_p, int64_t seed);
+at::Tensor attention_materialized_cpu(const at::Tensor& q, const at::Tensor& k,
+                                      const at::Tensor& v, const std::optional<at::Tensor>& bias,
+                                      double scale, bool is_causal, double dropout_p,
+                                      int64_t seed);
+#ifdef PYKERN_WITH_CUDA
+std::tuple<at::Tensor, at::Tensor> attention_fwd_cuda(const at::Tensor& q, const at::Tensor& k,
+                                                      const at::Tensor& v,
+                                                      const std::optional<at::Tensor>& bias,
+                                                      double scale, bool is_causal,
+                                                      double dropout_p, int64_t seed);
+std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd_cuda(
+    const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+    const at::Tensor& out, const at::Tensor& lse, const std::optional<at::Tensor>& bias,
+    double scale, bool is_causal, double dropout_p, int64_t seed);
+#endif
+
 }  // namespace pykern

@@ -9,7 +9,8 @@ import math
 
 import torch
 
-from pykern import backends
+from pykern import _autocast, backends
+from pykern.ops import attention as _attention
 from pykern.ops import conv as _conv
 from pykern.ops import layout as _layout
 from pykern.ops import norm as _norm
@@ -37,6 +38,7 @@ __all__ = [
     "layer_norm_2d",
     "conv2d",
     "conv_transpose2d",
+    "scaled_dot_product_attention",
 ]
 
 
@@ -539,14 +541,17 @@ def _normalized_shape(op: str, input: torch.Tensor, normalized_shape) -> tuple[i
 
 def _row_norm(op, input, residual, normalized_shape, weight, bias, eps, rms):
     """layer_norm, rms_norm and their add_ forms: (y, input + residual or None)."""
+    in_dtype = getattr(input, "dtype", None)
+    policy = "rms_norm" if rms else "layer_norm"
+    input, residual, weight, bias = _autocast.cast(policy, input, residual, weight, bias)
     _check_norm_input(op, input, 1, "at least 1D")
     shape = _normalized_shape(op, input, normalized_shape)
     if residual is not None:
         _check_same_as_input(op, "residual", residual, input)
     _check_companion(op, "weight", weight, input, shape)
     _check_companion(op, "bias", bias, input, shape)
-    if eps is None:  # rms_norm's default
-        eps = torch.finfo(input.dtype).eps
+    if eps is None:  # rms_norm's default: the epsilon of the compute type, as torch's
+        eps = torch.finfo(torch.float32 if input.dtype in _LOW_PRECISION else input.dtype).eps
     C = math.prod(shape)
     if C == 0:  # nothing to normalize
         total = input if residual is None else input + residual
@@ -561,7 +566,8 @@ def _row_norm(op, input, residual, normalized_shape, weight, bias, eps, rms):
         float(eps),
         rms,
     )
-    return y.view(input.shape), (None if s is None else s.view(input.shape))
+    # Under autocast (float32 norms) the sum comes back in input's dtype, as input + residual.
+    return y.view(input.shape), (None if s is None else s.view(input.shape).to(in_dtype))
 
 
 def layer_norm(
@@ -595,7 +601,8 @@ def rms_norm(
 
     Args:
         input, normalized_shape, weight: as layer_norm.
-        eps: added to the mean square; None means torch.finfo(input.dtype).eps.
+        eps: added to the mean square; None means the epsilon of the compute type, as
+            torch's: torch.finfo(input.dtype).eps, float32's for float16/bfloat16 input.
     """
     return _row_norm("rms_norm", input, None, normalized_shape, weight, None, eps, True)[0]
 
@@ -647,6 +654,7 @@ def layer_norm_2d(
         (N, C, H, W) in the input's memory format.
     """
     op = "layer_norm_2d"
+    input, weight, bias = _autocast.cast("layer_norm", input, weight, bias)
     _check_norm_input(op, input, 4, "4D (N, C, H, W)")
     if input.dim() != 4:
         raise ValueError(f"{op}: input must be 4D (N, C, H, W), got a {input.dim()}D tensor")
@@ -769,6 +777,7 @@ def conv2d(
         (N, K, Ho, Wo), channels_last when input or weight is (torch's rule).
     """
     op = "conv2d"
+    input, weight, bias = _autocast.cast(op, input, weight, bias)
     _check_conv_operands(op, input, weight)
     groups = _positive_int(op, "groups", groups)
     K, Cg, R, S = weight.shape
@@ -827,6 +836,7 @@ def conv_transpose2d(
         (N, K, (H - 1) * stride - 2 * padding + dilation * (R - 1) + output_padding + 1, ...).
     """
     op = "conv_transpose2d"
+    input, weight, bias = _autocast.cast(op, input, weight, bias)
     _check_conv_operands(op, input, weight)
     groups = _positive_int(op, "groups", groups)
     Cin, Kg, R, S = weight.shape
@@ -871,3 +881,164 @@ def conv_transpose2d(
     else:
         y = _conv.conv_transpose2d(x, weight, bias, geo, core)
     return y.squeeze(0) if unbatched else y
+
+
+# Attention: scaled_dot_product_attention (pykern/ops/attention.py).
+
+_ATTENTION_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def _check_attention_operands(op: str, query, key, value) -> None:
+    for name, t in (("query", query), ("key", key), ("value", value)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.layout != torch.strided:
+            raise ValueError(f"{op}: {name} must be a dense (strided) tensor, got {t.layout}")
+        if t.dim() < 2:
+            raise ValueError(
+                f"{op}: {name} must have at least 2 dimensions (..., sequence, features), got "
+                f"a {t.dim()}D tensor"
+            )
+        backends.check_device(t, op, name)
+    if query.dtype not in _ATTENTION_DTYPES:
+        raise TypeError(
+            f"{op}: query must be float16, bfloat16, float32 or float64, got {query.dtype}"
+        )
+    for name, t in (("key", key), ("value", value)):
+        if t.dtype != query.dtype:
+            raise TypeError(f"{op}: {name} has dtype {t.dtype} but query has {query.dtype}")
+        if t.device != query.device:
+            raise ValueError(f"{op}: {name} is on {t.device} but query is on {query.device}")
+    if key.shape[-1] != query.shape[-1]:
+        raise ValueError(
+            f"{op}: key's head dim ({key.shape[-1]}) must equal query's ({query.shape[-1]})"
+        )
+    if query.shape[-1] == 0:
+        raise ValueError(f"{op}: query's head dim (its last dimension) must be non-zero")
+    if value.shape[-2] != key.shape[-2]:
+        raise ValueError(
+            f"{op}: value's sequence length ({value.shape[-2]}) must equal key's ({key.shape[-2]})"
+        )
+
+
+def _broadcast(op: str, what: str, *shapes) -> tuple[int, ...]:
+    try:
+        return tuple(torch.broadcast_shapes(*shapes))
+    except RuntimeError:
+        raise ValueError(
+            f"{op}: {what} do not broadcast: " + ", ".join(str(tuple(s)) for s in shapes)
+        ) from None
+
+
+def _attention_batches(op: str, query, key, value, enable_gqa: bool):
+    """(batch shape of the output, Z, Hq, Hk): the flattening of the leading dimensions into
+    (Z, H); with grouped-query attention the head dims (-3) are kept apart, else all batch
+    dims broadcast together as torch's math path broadcasts them."""
+    qb, kb, vb = query.shape[:-2], key.shape[:-2], value.shape[:-2]
+    heads_differ = min(len(qb), len(kb), len(vb)) >= 1 and (qb[-1] != kb[-1] or qb[-1] != vb[-1])
+    if enable_gqa and heads_differ:
+        Hq, Hk = qb[-1], kb[-1]
+        if vb[-1] != Hk:
+            raise ValueError(f"{op}: value has {vb[-1]} heads but key has {Hk}")
+        if Hk == 0 or Hq % Hk != 0:
+            raise ValueError(
+                f"{op}: with enable_gqa, query's heads ({Hq}) must be a multiple of key's ({Hk})"
+            )
+        outer = _broadcast(op, "the batch dimensions of query, key and value", qb[:-1], kb[:-1],
+                           vb[:-1])  # fmt: skip
+        return (*outer, Hq), math.prod(outer), Hq, Hk
+    if heads_differ and len({qb[-1], kb[-1], vb[-1]} - {1}) > 1:
+        raise ValueError(
+            f"{op}: query, key and value have {qb[-1]}, {kb[-1]} and {vb[-1]} heads (dim -3); "
+            "differing head counts need enable_gqa=True"
+        )
+    batch = _broadcast(op, "the batch dimensions of query, key and value", qb, kb, vb)
+    heads = batch[-1] if batch else 1
+    return batch, math.prod(batch[:-1]), heads, heads
+
+
+def _attention_bias(op: str, attn_mask, query: torch.Tensor, target, Z: int, Hq: int):
+    """attn_mask as one additive (Z, Hq, L, S) bias in the accumulation type (-inf where a bool
+    mask is False), broadcast by strides rather than copied where the shape allows."""
+    if not isinstance(attn_mask, torch.Tensor):
+        raise TypeError(f"{op}: attn_mask must be a torch.Tensor or None, got "
+                        f"{type(attn_mask).__name__}")  # fmt: skip
+    if attn_mask.device != query.device:
+        raise ValueError(f"{op}: attn_mask is on {attn_mask.device} but query is on "
+                         f"{query.device}")  # fmt: skip
+    if attn_mask.dtype != torch.bool and attn_mask.dtype != query.dtype:
+        raise TypeError(
+            f"{op}: attn_mask must be bool or of query's dtype {query.dtype}, got {attn_mask.dtype}"
+        )
+    if attn_mask.requires_grad:
+        raise ValueError(
+            f"{op}: attn_mask requires grad, but pykern treats the mask as a constant (detach it)"
+        )
+    if _broadcast(op, "attn_mask and the attention scores", attn_mask.shape, target) != target:
+        raise ValueError(
+            f"{op}: attn_mask of shape {tuple(attn_mask.shape)} does not broadcast to the "
+            f"attention scores' shape {target}"
+        )
+    acc = _attention.acc_dtype(query.dtype)
+    if attn_mask.dtype == torch.bool:
+        bias = torch.zeros(attn_mask.shape, dtype=acc, device=query.device)
+        bias = bias.masked_fill(attn_mask.logical_not(), float("-inf"))
+    else:
+        bias = attn_mask.to(acc)
+    return bias.expand(target).reshape(Z, Hq, *target[-2:])
+
+
+def scaled_dot_product_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attn_mask: torch.Tensor | None = None,
+    dropout_p: float = 0.0,
+    is_causal: bool = False,
+    scale: float | None = None,
+    enable_gqa: bool = False,
+) -> torch.Tensor:
+    """Same as ``torch.nn.functional.scaled_dot_product_attention``: softmax(q k^T * scale +
+    mask) v, flash-style (tiled online softmax, memory linear in the sequence length).
+
+    Args:
+        query: (..., L, E); key: (..., S, E); value: (..., S, Ev). Batch dimensions broadcast;
+            with ``enable_gqa`` the head dimension (-3) of key and value may divide query's
+            (grouped-query attention: query head h reads key head h // (Hq // Hk)).
+        attn_mask: bool (True: attend) or additive of query's dtype, broadcasting to
+            (..., L, S); not with ``is_causal``.
+        dropout_p: in [0, 1); the mask comes from a counter-based generator seeded from torch's
+            default generator (``torch.manual_seed`` reproduces it).
+        is_causal: key j is masked for query i when j > i (top-left aligned when L != S).
+        scale: default 1 / sqrt(E).
+
+    Returns:
+        (..., L, Ev) in query's dtype. A query whose every key is masked gets zeros, with zero
+        gradients, as torch gives.
+    """
+    op = "scaled_dot_product_attention"
+    query, key, value, attn_mask = _autocast.cast(op, query, key, value, attn_mask)
+    _check_attention_operands(op, query, key, value)
+    if isinstance(dropout_p, bool) or not isinstance(dropout_p, (int, float)):
+        raise TypeError(f"{op}: dropout_p must be a float, got {dropout_p!r}")
+    if not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"{op}: dropout_p must be in [0, 1), got {dropout_p}")
+    for name, flag in (("is_causal", is_causal), ("enable_gqa", enable_gqa)):
+        if not isinstance(flag, bool):
+            raise TypeError(f"{op}: {name} must be a bool, got {flag!r}")
+    if scale is not None and (isinstance(scale, bool) or not isinstance(scale, (int, float))):
+        raise TypeError(f"{op}: scale must be a float or None, got {scale!r}")
+    if attn_mask is not None and is_causal:
+        raise ValueError(f"{op}: give attn_mask or is_causal=True, not both")
+
+    L, E, S, Ev = query.shape[-2], query.shape[-1], key.shape[-2], value.shape[-1]
+    batch, Z, Hq, Hk = _attention_batches(op, query, key, value, enable_gqa)
+    bias = None
+    if attn_mask is not None:
+        bias = _attention_bias(op, attn_mask, query, (*batch, L, S), Z, Hq)
+    q = query.expand(*batch, L, E).reshape(Z, Hq, L, E)
+    k = key.expand(*batch[:-1], Hk, S, E).reshape(Z, Hk, S, E)
+    v = value.expand(*batch[:-1], Hk, S, Ev).reshape(Z, Hk, S, Ev)
+    scale = 1.0 / math.sqrt(E) if scale is None else float(scale)
+    out = _attention.attention(q, k, v, bias, scale, is_causal, float(dropout_p))
+    return out.reshape(*batch, L, Ev)

@@ -1,6 +1,7 @@
 """Modules. Those with a torch.nn counterpart subclass it and override forward only, so
 state_dicts load both ways."""
 
+from pykern.nn.attention import MultiheadAttention
 from pykern.nn.conv import Conv2d, ConvTranspose2d
 from pykern.nn.norm import (
     BatchNorm2d,
@@ -36,6 +37,7 @@ __all__ = [
     "LayerNorm",
     "LayerNorm2d",
     "MaxPool2d",
+    "MultiheadAttention",
     "RMSNorm",
     "SyncBatchNorm",
 ]
