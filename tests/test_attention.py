@@ -110,6 +110,9 @@ def _check_against_torch(target, case, dtype):
         ("out", "dq", "dk", "dv"), ours, ref, lowp, strict=True
     ):
         assert mine.dtype == dtype, name
+        if not theirs.any():  # e.g. dq with a single key: exactly 0; a kernel leaves rounding
+            assert mine.abs().max() <= (1e-2 if dtype in LOW else 1e-5), f"{name}: not ~0"
+            continue
         try:
             assert_close_to_ref(mine, theirs.to(target.device), torch_lowp)
         except AssertionError as err:
