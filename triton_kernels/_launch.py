@@ -44,6 +44,15 @@ def program_tile(pid, C, K, C_CONTIG: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK
     return b, c, k
 
 
+@jit_helper
+def mma(a, b, acc, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    """acc + a @ b; UPCAST: float32 operands (the interpreter's bfloat16 tl.dot is wrong)."""
+    if UPCAST:
+        a = a.to(tl.float32)
+        b = b.to(tl.float32)
+    return tl.dot(a, b, acc, input_precision=PRECISION)
+
+
 def new_output(shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """A kernel's output; 0xFF-filled first when tests poison outputs (csrc/common/poison.h)."""
     out = torch.empty(shape, dtype=dtype, device=device)

@@ -38,6 +38,7 @@ from pykern.triton_kernels._launch import (
     autotune,
     interpreted,
     jit_helper,
+    mma,
     new_output,
     round_for_bfloat16,
 )
@@ -50,19 +51,10 @@ _LN2 = tl.constexpr(0.6931471805599453)
 
 
 @jit_helper
-def _mma(a, b, acc, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
-    """acc + a @ b; UPCAST: float32 operands (the interpreter's bfloat16 tl.dot is wrong)."""
-    if UPCAST:
-        a = a.to(tl.float32)
-        b = b.to(tl.float32)
-    return tl.dot(a, b, acc, input_precision=PRECISION)
-
-
-@jit_helper
 def _operand(x, dtype, UPCAST: tl.constexpr):
     """Accumulator-typed x (probabilities, dS) as a tl.dot operand beside `dtype` operands."""
     if UPCAST:
-        return x  # stays float32: _mma upcasts the other operand
+        return x  # stays float32: mma upcasts the other operand
     return x.to(dtype)
 
 
@@ -158,7 +150,7 @@ def _fwd_step(
     k = tl.load(
         k_base + j[:, None] * E + e[None, :], mask=(j[:, None] < S) & (e[None, :] < E), other=0.0
     )
-    s = _mma(q, tl.trans(k), tl.zeros([BLOCK_M, BLOCK_N], ACC), PRECISION, UPCAST) * qk_scale
+    s = mma(q, tl.trans(k), tl.zeros([BLOCK_M, BLOCK_N], ACC), PRECISION, UPCAST) * qk_scale
     if HAS_BIAS:
         s += _bias_tile(bias_base, i[:, None], j[None, :], L, S, sb_l, sb_s)
     if MASK:
@@ -180,7 +172,7 @@ def _fwd_step(
         mask=(j[:, None] < S) & (ev[None, :] < Ev),
         other=0.0,
     )
-    acc = _mma(_operand(p, v.dtype, UPCAST), v, acc * alpha[:, None], PRECISION, UPCAST)
+    acc = mma(_operand(p, v.dtype, UPCAST), v, acc * alpha[:, None], PRECISION, UPCAST)
     return acc, m_new, l_i
 
 
@@ -298,21 +290,21 @@ def _dkdv_step(
     )
     lse = _lse_for_exp(lse_base, i, L, LOG2_SCORES)
     delta = tl.load(delta_base + i, mask=i < L, other=0.0)
-    s_t = _mma(k, tl.trans(q), tl.zeros([BLOCK_N, BLOCK_M], ACC), PRECISION, UPCAST) * qk_scale
+    s_t = mma(k, tl.trans(q), tl.zeros([BLOCK_N, BLOCK_M], ACC), PRECISION, UPCAST) * qk_scale
     if HAS_BIAS:
         s_t += _bias_tile(bias_base, i[None, :], j[:, None], L, S, sb_l, sb_s)
     if MASK:
         s_t = tl.where(j[:, None] <= i[None, :], s_t, float("-inf"))
     p_t = _exp_diff(s_t, lse[None, :], LOG2_SCORES)
-    dp_t = _mma(v, tl.trans(do), tl.zeros([BLOCK_N, BLOCK_M], ACC), PRECISION, UPCAST)
+    dp_t = mma(v, tl.trans(do), tl.zeros([BLOCK_N, BLOCK_M], ACC), PRECISION, UPCAST)
     if HAS_DROPOUT:
         keep = _dropout_keep(zh, i[None, :], j[:, None], seed_lo, seed_hi, threshold)
-        dv = _mma(_operand(tl.where(keep, p_t, 0.0), do.dtype, UPCAST), do, dv, PRECISION, UPCAST)
+        dv = mma(_operand(tl.where(keep, p_t, 0.0), do.dtype, UPCAST), do, dv, PRECISION, UPCAST)
         dp_t = tl.where(keep, dp_t * keep_scale, 0.0)
     else:
-        dv = _mma(_operand(p_t, do.dtype, UPCAST), do, dv, PRECISION, UPCAST)
+        dv = mma(_operand(p_t, do.dtype, UPCAST), do, dv, PRECISION, UPCAST)
     ds_t = p_t * (dp_t - delta[None, :])
-    dk = _mma(_operand(ds_t, q.dtype, UPCAST), q, dk, PRECISION, UPCAST)
+    dk = mma(_operand(ds_t, q.dtype, UPCAST), q, dk, PRECISION, UPCAST)
     return dk, dv
 
 
@@ -401,7 +393,7 @@ def _dq_step(
     key_ok = j[:, None] < S
     k = tl.load(k_base + j[:, None] * E + e[None, :], mask=key_ok & (e[None, :] < E), other=0.0)
     v = tl.load(v_base + j[:, None] * Ev + ev[None, :], mask=key_ok & (ev[None, :] < Ev), other=0.0)
-    s = _mma(q, tl.trans(k), tl.zeros([BLOCK_M, BLOCK_N], ACC), PRECISION, UPCAST) * qk_scale
+    s = mma(q, tl.trans(k), tl.zeros([BLOCK_M, BLOCK_N], ACC), PRECISION, UPCAST) * qk_scale
     if HAS_BIAS:
         s += _bias_tile(bias_base, i[:, None], j[None, :], L, S, sb_l, sb_s)
     if MASK:
@@ -410,12 +402,12 @@ def _dq_step(
             visible = visible & (j[None, :] <= i[:, None])
         s = tl.where(visible, s, float("-inf"))
     p = _exp_diff(s, lse[:, None], LOG2_SCORES)
-    dp = _mma(do, tl.trans(v), tl.zeros([BLOCK_M, BLOCK_N], ACC), PRECISION, UPCAST)
+    dp = mma(do, tl.trans(v), tl.zeros([BLOCK_M, BLOCK_N], ACC), PRECISION, UPCAST)
     if HAS_DROPOUT:
         keep = _dropout_keep(zh, i[:, None], j[None, :], seed_lo, seed_hi, threshold)
         dp = tl.where(keep, dp * keep_scale, 0.0)
     ds = p * (dp - delta[:, None])
-    return _mma(_operand(ds, k.dtype, UPCAST), k, dq, PRECISION, UPCAST)
+    return mma(_operand(ds, k.dtype, UPCAST), k, dq, PRECISION, UPCAST)
 
 
 @triton.jit(do_not_specialize=["seed_lo", "seed_hi", "threshold", "TUNE"])

@@ -26,6 +26,7 @@ from pykern.triton_kernels._launch import (
     autotune,
     interpreted,
     jit_helper,
+    mma,
     new_output,
     round_for_bfloat16,
 )
@@ -62,15 +63,6 @@ def _gemm_tile(pid, m_tiles, n_tiles, GROUP_M: tl.constexpr):
     first_m = (pid // per_group) * GROUP_M
     rows = tl.minimum(m_tiles - first_m, GROUP_M)
     return first_m + (pid % per_group) % rows, (pid % per_group) // rows
-
-
-@jit_helper
-def _mma(a, b, acc, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
-    """acc + a @ b; UPCAST: float32 operands (the interpreter's bfloat16 tl.dot is wrong)."""
-    if UPCAST:
-        a = a.to(tl.float32)
-        b = b.to(tl.float32)
-    return tl.dot(a, b, acc, input_precision=PRECISION)
 
 
 @triton.jit
@@ -119,7 +111,7 @@ def _conv2d_fwd_kernel(
             mask=c_ok[:, None] & kk_ok[None, :],
             other=0.0,
         )
-        acc = _mma(a, b, acc, PRECISION, UPCAST)
+        acc = mma(a, b, acc, PRECISION, UPCAST)
     if HAS_BIAS:
         acc += tl.load(b_ptr + k, mask=kk_ok, other=0.0).to(ACC)[None, :]
     out = _pixel_offset(n, ho, wo, K, Ho, Wo, CHANNELS_LAST)[:, None]
@@ -198,7 +190,7 @@ def _conv2d_bwd_input_kernel(
             mask=k_ok[:, None] & cc_ok[None, :],
             other=0.0,
         )
-        acc = _mma(a, b, acc, PRECISION, UPCAST)
+        acc = mma(a, b, acc, PRECISION, UPCAST)
     c = g * Cg + cc
     if HAS_BIAS:
         acc += tl.load(b_ptr + c, mask=cc_ok, other=0.0).to(ACC)[None, :]
@@ -260,7 +252,7 @@ def _conv2d_bwd_weight_kernel(
             mask=row_ok[:, None] & cc_ok[None, :],
             other=0.0,
         )
-        acc = _mma(a, b, acc, PRECISION, UPCAST)
+        acc = mma(a, b, acc, PRECISION, UPCAST)
     wk, wc, wr, ws = _weight_strides(Cg, R, S, CHANNELS_LAST)
     out = (k * wk)[:, None] + (cc * wc)[None, :] + (r * wr + s * ws)
     out += piece.to(tl.int64) * K * Cg * R * S

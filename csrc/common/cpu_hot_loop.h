@@ -9,3 +9,10 @@
 #else
 #define PK_HOT_LOOP
 #endif
+
+// Small helpers of the hot loops, forced inline so they vectorize inside them.
+#if defined(__GNUC__)
+#define PK_INLINE inline __attribute__((always_inline))
+#else
+#define PK_INLINE inline
+#endif

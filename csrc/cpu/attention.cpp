@@ -53,12 +53,6 @@
 namespace pykern {
 namespace {
 
-#if defined(__GNUC__)
-#define PK_INLINE inline __attribute__((always_inline))
-#else
-#define PK_INLINE inline
-#endif
-
 // The vector types only travel between always-inline functions: no ABI is involved.
 #pragma GCC diagnostic ignored "-Wpsabi"
 

@@ -48,12 +48,6 @@
 namespace pykern {
 namespace {
 
-#if defined(__GNUC__)
-#define PK_INLINE inline __attribute__((always_inline))
-#else
-#define PK_INLINE inline
-#endif
-
 template <typename scalar_t>
 using acc_type = at::opmath_type<scalar_t>;
 
