@@ -376,6 +376,7 @@ def test_tiny_end_to_end_section(tmp_path, capsys, monkeypatch):
     assert [(r["provider"], r["layout"], r["pass"]) for r in doc["records"]] == [
         ("torch", "nhwc", "fwd"),
         ("pykern-cpu", "nhwc", "fwd"),
+        ("pykern-cpu+fuse", "nhwc", "fwd"),  # pykern.fuse's inference model
     ]
     assert doc["records"][0]["flops"] > 0
     assert doc["sections"]["e2e"]["convert_summary"]

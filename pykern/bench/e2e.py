@@ -1,6 +1,8 @@
 """End to end: ResNet-50 forward (eval, no grad) and forward+backward (train mode, parameter
 gradients of one random output gradient), NCHW against channels_last, stock torch modules
-against the same model converted to pykern's (pykern.convert), in images per second.
+against the same model converted to pykern's (pykern.convert), in images per second; forward
+also with the converted model fused for inference (pykern.fuse: BatchNorm folded into the
+convolutions, providers "pykern-<backend>+fuse").
 
 GPU: batch 32 at 224 px; CPU: batch 2 at 224 px (112 px with --quick). The model is
 pykern.models.resnet50(), stock torch layers with a fixed seed; pykern.convert(model) returns
@@ -146,8 +148,9 @@ _MODELS: dict = {}
 SUMMARIES: dict = {}  # (dtype, layout, pass) -> convert's summary, for the report
 
 
-def _models(case: Case, device: str) -> tuple[torch.nn.Module, torch.nn.Module]:
-    """(stock, converted) for the case's dtype, layout and pass; one set alive at a time."""
+def _models(case: Case, device: str) -> tuple[torch.nn.Module, torch.nn.Module, torch.nn.Module]:
+    """(stock, converted, fused or None) for the case's dtype, layout and pass; one set alive at
+    a time. The fused model (inference only) is the converted one through pykern.fuse."""
     key = (case.dtype, case.layout, case.pass_, device)
     if key not in _MODELS:
         _MODELS.clear()
@@ -160,7 +163,12 @@ def _models(case: Case, device: str) -> tuple[torch.nn.Module, torch.nn.Module]:
         converted, summary = convert_model(copy.deepcopy(stock))
         converted.train(case.pass_ == "fwdbwd")
         SUMMARIES[(case.dtype_name, case.layout, case.pass_)] = _jsonable(summary)
-        _MODELS[key] = (stock, converted)
+        fused = None
+        if case.pass_ != "fwdbwd":
+            from pykern.fuse import fuse
+
+            fused = fuse(converted.eval())
+        _MODELS[key] = (stock, converted, fused)
     return _MODELS[key]
 
 
@@ -204,8 +212,9 @@ def _step(model: torch.nn.Module, fwdbwd: bool) -> Callable[[torch.Tensor], torc
 
 
 def providers(case: Case, device: str) -> tuple[list[Provider], dict[str, str]]:
-    """torch (the stock model), then the converted model under each pykern backend."""
-    stock, converted = _models(case, device)
+    """torch (the stock model), then the converted model under each pykern backend, and for
+    inference the converted and fused model too."""
+    stock, converted, fused = _models(case, device)
     fwdbwd = case.pass_ == "fwdbwd"
     ready = [Provider("torch", _step(stock, fwdbwd))]
     backends, skipped = pykern_backends(device)
@@ -217,6 +226,9 @@ def providers(case: Case, device: str) -> tuple[list[Provider], dict[str, str]]:
                 "auto" if backend == "cpu" else backend,
             )
         )
+        if fused is not None:
+            name, which = f"pykern-{backend}+fuse", "auto" if backend == "cpu" else backend
+            ready.append(Provider(name, _step(fused, False), which))
     return ready, skipped
 
 

@@ -131,7 +131,7 @@ class Provider:
 
 def provider_backend(name: str) -> str:
     """The --backends word a provider answers to: "torch" for torch's, else pykern's backend."""
-    return "torch" if name.startswith("torch") else name.removeprefix("pykern-")
+    return "torch" if name.startswith("torch") else name.removeprefix("pykern-").split("+")[0]
 
 
 @dataclasses.dataclass
