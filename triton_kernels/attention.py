@@ -107,6 +107,20 @@ def _bias_tile(bias_base, i, j, L, S, sb_l, sb_s):
 
 
 @jit_helper
+def _query_tile(pid, L, Hq, Hk, IS_CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr):
+    """(zh = z * Hq + h, its key/value head z * Hk + h // (Hq // Hk), first row m0) of the
+    forward's and dQ's program pid: query tiles fastest, so the programs running together read
+    the same head's K and V from L2; causal: the longest rows first."""
+    m_tiles = tl.cdiv(L, BLOCK_M)
+    m_tile = pid % m_tiles
+    if IS_CAUSAL:
+        m_tile = m_tiles - 1 - m_tile
+    zh = (pid // m_tiles).to(tl.int64)
+    kvh = (zh // Hq) * Hk + (zh % Hq) // (Hq // Hk)
+    return zh, kvh, m_tile * BLOCK_M
+
+
+@jit_helper
 def _key_tile_bounds(m0, S, IS_CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """(full_end, end) for query rows [m0, m0 + BLOCK_M): key tiles starting below full_end lie
     inside S and, when causal, at or below every row's diagonal (no mask); the tiles from
@@ -186,18 +200,7 @@ def _attention_fwd_kernel(
     UPCAST: tl.constexpr, TO_BF16: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_E: tl.constexpr, BLOCK_EV: tl.constexpr,
 ):  # fmt: skip
-    # One program per (query tile, zh = z * Hq + h), query tiles fastest so the programs
-    # running together read the same head's K and V from L2. Causal: the longest rows first.
-    m_tiles = tl.cdiv(L, BLOCK_M)
-    pid = tl.program_id(0)
-    m_tile = pid % m_tiles
-    if IS_CAUSAL:
-        m_tile = m_tiles - 1 - m_tile
-    zh = (pid // m_tiles).to(tl.int64)
-    z = zh // Hq
-    h = zh % Hq
-    kvh = z * Hk + h // (Hq // Hk)
-    m0 = m_tile * BLOCK_M
+    zh, kvh, m0 = _query_tile(tl.program_id(0), L, Hq, Hk, IS_CAUSAL, BLOCK_M)
     i = m0 + tl.arange(0, BLOCK_M).to(tl.int64)
     e = tl.arange(0, BLOCK_E)
     ev = tl.arange(0, BLOCK_EV)
@@ -208,7 +211,7 @@ def _attention_fwd_kernel(
     )
     k_base = k_ptr + kvh * S * E
     v_base = v_ptr + kvh * S * Ev
-    bias_base = bias_ptr + z * sb_z + h * sb_h
+    bias_base = bias_ptr + (zh // Hq) * sb_z + (zh % Hq) * sb_h
     qk_scale = _double(qs_hi, qs_lo, ACC)
     acc = tl.zeros([BLOCK_M, BLOCK_EV], ACC)
     m_i = tl.full([BLOCK_M], float("-inf"), ACC)
@@ -420,17 +423,8 @@ def _attention_bwd_dq_kernel(
     UPCAST: tl.constexpr, TO_BF16: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_E: tl.constexpr, BLOCK_EV: tl.constexpr,
 ):  # fmt: skip
-    # One program per (query tile, zh), laid out as the forward's; walks the same key tiles.
-    m_tiles = tl.cdiv(L, BLOCK_M)
-    pid = tl.program_id(0)
-    m_tile = pid % m_tiles
-    if IS_CAUSAL:
-        m_tile = m_tiles - 1 - m_tile
-    zh = (pid // m_tiles).to(tl.int64)
-    z = zh // Hq
-    h = zh % Hq
-    kvh = z * Hk + h // (Hq // Hk)
-    m0 = m_tile * BLOCK_M
+    # Laid out as the forward's programs; walks the same key tiles.
+    zh, kvh, m0 = _query_tile(tl.program_id(0), L, Hq, Hk, IS_CAUSAL, BLOCK_M)
     i = m0 + tl.arange(0, BLOCK_M).to(tl.int64)
     e = tl.arange(0, BLOCK_E)
     ev = tl.arange(0, BLOCK_EV)
@@ -446,7 +440,7 @@ def _attention_bwd_dq_kernel(
     delta = tl.load(delta_ptr + zh * L + i, mask=i < L, other=0.0)
     k_base = k_ptr + kvh * S * E
     v_base = v_ptr + kvh * S * Ev
-    bias_base = bias_ptr + z * sb_z + h * sb_h
+    bias_base = bias_ptr + (zh // Hq) * sb_z + (zh % Hq) * sb_h
     qk_scale = _double(qs_hi, qs_lo, ACC)
     keep_scale = _double(keep_hi, keep_lo, ACC)
     dq = tl.zeros([BLOCK_M, BLOCK_E], ACC)
