@@ -28,7 +28,9 @@ constexpr uint32_t kPhiloxKeyB = 0xBB67AE85u;
 // The first output word of Philox4x32-10 at counter (c0, c1, c2, c3) under key (k0, k1).
 PK_HOST_DEVICE uint32_t philox_first_word(uint32_t c0, uint32_t c1, uint32_t c2, uint32_t c3,
                                           uint32_t k0, uint32_t k1) {
+#if defined(__CUDACC__)
 #pragma unroll
+#endif
   for (int round = 0; round < 10; ++round) {
     const uint64_t prod_a = static_cast<uint64_t>(kPhiloxMulA) * c0;
     const uint64_t prod_b = static_cast<uint64_t>(kPhiloxMulB) * c2;

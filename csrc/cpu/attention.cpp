@@ -46,6 +46,7 @@
 
 #include "common/checks.h"
 #include "common/cpu_hot_loop.h"
+#include "common/cpu_vec.h"
 #include "common/philox.h"
 #include "common/poison.h"
 #include "pykern.h"
@@ -75,34 +76,7 @@ constexpr acc_t kPosInf = std::numeric_limits<acc_t>::infinity();
 // ---------------------------------------------------------------------------------------------
 // Vectors (GCC vector types, 32 bytes: one AVX2 register; two SSE registers in the default clone).
 
-template <typename acc_t>
-struct VecOf;
-template <>
-struct VecOf<float> {
-  typedef float type __attribute__((vector_size(32)));
-};
-template <>
-struct VecOf<double> {
-  typedef double type __attribute__((vector_size(32)));
-};
-template <typename acc_t>
-using vec_t = typename VecOf<acc_t>::type;
-template <typename acc_t>
-constexpr int64_t kLanes = 32 / static_cast<int64_t>(sizeof(acc_t));
-
 typedef int32_t i32x8 __attribute__((vector_size(32)));
-
-template <typename acc_t>
-PK_INLINE vec_t<acc_t> vload(const acc_t* p) {
-  vec_t<acc_t> v;
-  __builtin_memcpy(&v, p, sizeof(v));
-  return v;
-}
-
-template <typename acc_t>
-PK_INLINE void vstore(acc_t* p, vec_t<acc_t> v) {
-  __builtin_memcpy(p, &v, sizeof(v));
-}
 
 // x in every lane (x - 0 is x exactly, and GCC turns a scalar operand into a broadcast).
 PK_INLINE vec_t<float> splat(float x) { return x - vec_t<float>{}; }

@@ -42,6 +42,7 @@
 
 #include "common/checks.h"
 #include "common/cpu_hot_loop.h"
+#include "common/cpu_vec.h"
 #include "common/poison.h"
 #include "pykern.h"
 
@@ -184,35 +185,7 @@ constexpr bool kIsHalf = std::is_same_v<scalar_t, c10::Half>;
 // warning fires where templates are instantiated, at the end of the file: left off for all).
 #pragma GCC diagnostic ignored "-Wpsabi"
 
-template <typename acc_t>
-struct VecOf;
-template <>
-struct VecOf<float> {
-  typedef float type __attribute__((vector_size(32)));
-  typedef int32_t mask __attribute__((vector_size(32)));
-};
-template <>
-struct VecOf<double> {
-  typedef double type __attribute__((vector_size(32)));
-  typedef int64_t mask __attribute__((vector_size(32)));
-};
-template <typename acc_t>
-using vec_t = typename VecOf<acc_t>::type;
-template <typename acc_t>
-constexpr int kWidth = 32 / static_cast<int>(sizeof(acc_t));
 constexpr int64_t kBlock = 1024;
-
-template <typename acc_t>
-PK_INLINE vec_t<acc_t> vload(const acc_t* p) {
-  vec_t<acc_t> v;
-  __builtin_memcpy(&v, p, sizeof(v));
-  return v;
-}
-
-template <typename acc_t>
-PK_INLINE void vstore(acc_t* p, vec_t<acc_t> v) {
-  __builtin_memcpy(p, &v, sizeof(v));
-}
 
 // Horizontal sums, pairwise in a fixed order.
 #if defined(__clang__)
@@ -236,7 +209,7 @@ PK_INLINE double hsum(vec_t<double> v) {
 }
 #undef PK_SHUFFLE
 
-// kWidth<acc> elements of any input dtype as an acc vector: float16 and bfloat16 widened with
+// kLanes<acc> elements of any input dtype as an acc vector: float16 and bfloat16 widened with
 // the same bit arithmetic as ld() (exact), in vector registers.
 typedef uint16_t u16x8 __attribute__((vector_size(16)));
 typedef uint32_t u32x8 __attribute__((vector_size(32)));
@@ -265,12 +238,12 @@ PK_INLINE vec_t<acc_type<scalar_t>> vload_acc(const scalar_t* p) {
   }
 }
 
-// The sum over i in [0, n) of a term: vterm(i) gives the terms i..i+kWidth as a vector,
+// The sum over i in [0, n) of a term: vterm(i) gives the terms i..i+kLanes as a vector,
 // sterm(i) the term i alone (for the tail).
 template <typename acc_t, typename VTerm, typename STerm>
 PK_INLINE acc_t lane_sum(int64_t n, const VTerm& vterm, const STerm& sterm) {
   using V = vec_t<acc_t>;
-  constexpr int W = kWidth<acc_t>;
+  constexpr int W = kLanes<acc_t>;
   V t0{}, t1{};
   for (int64_t i = 0; i < n;) {
     const int64_t end = std::min(n, i + kBlock);
@@ -291,13 +264,13 @@ PK_INLINE acc_t lane_sum(int64_t n, const VTerm& vterm, const STerm& sterm) {
   return hsum(t0 + t1);
 }
 
-// Two sums in one pass: vstep(i, a, b) adds the terms i..i+kWidth into the vectors a and b,
+// Two sums in one pass: vstep(i, a, b) adds the terms i..i+kLanes into the vectors a and b,
 // sstep(i, a, b) sets the scalars a and b to the terms i alone.
 template <typename acc_t, typename VStep, typename SStep>
 PK_INLINE void lane_sum2(int64_t n, const VStep& vstep, const SStep& sstep, acc_t& sum_a,
                          acc_t& sum_b) {
   using V = vec_t<acc_t>;
-  constexpr int W = kWidth<acc_t>;
+  constexpr int W = kLanes<acc_t>;
   V ta0{}, ta1{}, tb0{}, tb1{};
   for (int64_t i = 0; i < n;) {
     const int64_t end = std::min(n, i + kBlock);
