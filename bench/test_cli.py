@@ -411,3 +411,31 @@ def test_time_limit_leaves_a_report_of_what_ran(tmp_path, capsys):
     doc = json.loads((out / "report.json").read_text())
     assert doc["records"] == [] and len(doc["not_run"]) == 2  # float32 and bfloat16
     assert "## Cases not run (the run reached its time limit)" in (out / "report.md").read_text()
+
+
+def test_bn_add_relu_check_forgives_only_the_relu_kink():
+    """The fused BN+add+ReLU gradient check skips the elements whose exact pre-activation is
+    within rounding of 0 (where ReLU's gradient jumps), and only those."""
+    from pykern.bench import norm
+
+    case = norm.make_case("batch_norm_add_relu_train_fwdbwd", (2, 3, 5, 5), torch.float32, "nchw")
+    x = norm.make_input(case, "cpu")
+    extras = norm._extras(x, case.op)
+    with torch.no_grad():  # residual = -BN(x) at one element: its pre-activation is ~0
+        bn = torch.nn.functional.batch_norm(
+            x.double(), None, None, extras["w"].double(), extras["b"].double(), True
+        )
+        kink = (0, 1, 2, 2)
+        extras["r"][kink] = -bn[kink].float()
+        far = tuple(int(i) for i in torch.nonzero((bn + extras["r"]).abs() > 1)[0])
+    ready, _ = norm.providers(case, "cpu")
+    ref = ready[0].fn(x)
+    out = ready[1].fn(x)
+    check = harness.family_check(norm, case)
+    assert check(x, out, ref) is None
+    at_kink = out.clone()
+    at_kink[kink] += 1.0
+    assert check(x, at_kink, ref) is None
+    at_far = out.clone()
+    at_far[far] += 1.0
+    assert "relative error" in check(x, at_far, ref)

@@ -250,12 +250,30 @@ def check_for(case: Case) -> Check:
             k: v.detach().double().requires_grad_(v.requires_grad)
             for k, v in _extras(x, case.op).items()
         }
-        exact = _run(spec.torch, case.op.endswith(FWDBWD), x.double(), e64)
+        fwdbwd = case.op.endswith(FWDBWD)
+        exact = _run(spec.torch, fwdbwd, x.double(), e64)
         if spec.name == "layer_norm_2d":  # torch's permutes give NHWC strides for NCHW input,
             ref = ref.contiguous(memory_format=_format_of(out))  # pykern keeps input's: both ok
+        if fwdbwd and spec.name == "batch_norm_add_relu_train":
+            out, ref, exact = _off_relu_kink(x, e64, out, ref, exact)
         return close_check(x, out, ref, exact)
 
     return check
+
+
+def _off_relu_kink(x, e64, out, ref, exact):
+    """ReLU's gradient jumps at 0: where the exact pre-activation z = BN(x) + residual is within
+    a few roundings of x's dtype of 0, a correct low-precision result may fall on either side
+    (torch's own float32 does, one element in a million). Those elements are zeroed in all
+    three gradients, so the check compares every other element."""
+    with torch.no_grad():
+        bn = F.batch_norm(x.double(), e64["rm"].clone(), e64["rv"].clone(), e64["w"], e64["b"],
+                          True, 0.0)  # fmt: skip
+        z = bn + e64["r"]
+        band = 8 * torch.finfo(x.dtype).eps * (1 + bn.abs() + e64["r"].abs())
+        off = z.abs() > band
+    # in place on clones: each keeps its own strides, which close_check compares
+    return out.clone().mul_(off), ref.clone().mul_(off), exact.clone().mul_(off)
 
 
 def providers(case: Case, device: str) -> tuple[list[Provider], dict[str, str]]:
