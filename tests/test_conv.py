@@ -45,6 +45,20 @@ TRANSPOSE_CASES = [
     ((2, 4, 6, 5), (4, 2, 3, 3), dict(stride=3, padding=2, output_padding=(2, 0))),
     ((1, 2, 3, 3), (2, 3, 1, 1), dict()),
 ]
+# Depthwise (groups == C, multiplier K / C): the CPU's direct kernels, not im2col. Rows of 37
+# and 19 columns reach the 4- and 2-vector blocks and their overlapping last block.
+DEPTHWISE_CASES = [
+    ((2, 4, 9, 7), (8, 1, 3, 3), dict(padding=1, groups=4)),  # multiplier 2
+    ((2, 4, 11, 10), (4, 1, 3, 3), dict(stride=2, padding=2, dilation=2, groups=4)),
+    ((1, 6, 11, 10), (6, 1, 5, 4), dict(padding="same", groups=6)),
+    ((2, 3, 7, 19), (6, 1, 3, 3), dict(stride=(2, 1), padding=(0, 1), dilation=(2, 1), groups=3)),
+    ((1, 2, 5, 37), (2, 1, 3, 3), dict(padding=1, groups=2)),
+]
+# Depthwise conv_transpose2d: weight (C, m, R, S) with groups == C (the ops see Kg == 1).
+DEPTHWISE_TRANSPOSE_CASES = [
+    ((2, 4, 5, 6), (4, 1, 3, 3), dict(stride=2, padding=1, output_padding=1, groups=4)),
+    ((2, 3, 5, 17), (3, 2, 3, 3), dict(padding=1, dilation=(1, 2), groups=3)),
+]
 
 
 def _sid(shape):
@@ -220,6 +234,50 @@ def test_gradcheck(target, layout):
         x, w, b, stride=2, padding=1, output_padding=1, groups=2
     )
     assert torch.autograd.gradcheck(transpose, (x, w, b), fast_mode=fast)
+
+
+def _skip_interpreted(target, keep=False):
+    """The depthwise tests are aimed at the CPU's direct kernels: Triton's interpreter (seconds
+    per case) runs only the kept ones."""
+    if target.backend == "triton" and target.device == "cpu" and not keep:
+        pytest.skip("interpreted Triton: only the first depthwise cases")
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("case", DEPTHWISE_CASES, ids=_case_id)
+def test_depthwise_conv2d(target, case, layout):
+    _skip_interpreted(target, keep=case is DEPTHWISE_CASES[0] and layout == "nchw")
+    _check_forward(target, case, torch.float32, layout)
+    _check_grads(target, case, torch.float32, layout)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("case", DEPTHWISE_TRANSPOSE_CASES, ids=_case_id)
+def test_depthwise_conv_transpose2d(target, case, layout):
+    _skip_interpreted(target, keep=case is DEPTHWISE_TRANSPOSE_CASES[0] and layout == "nhwc")
+    _check_forward(target, case, torch.float32, layout, transpose=True)
+    _check_grads(target, case, torch.float32, layout, transpose=True)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_depthwise_bfloat16(target, layout):
+    _skip_interpreted(target)
+    _check_forward(target, DEPTHWISE_CASES[4], torch.bfloat16, layout)
+    _check_grads(target, DEPTHWISE_CASES[0], torch.bfloat16, layout)
+    _check_grads(target, DEPTHWISE_TRANSPOSE_CASES[1], torch.bfloat16, layout, transpose=True)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_depthwise_gradcheck(target, layout):
+    _skip_interpreted(target)
+    x = make_input((1, 2, 5, 6), torch.float64, target.device, layout=layout, requires_grad=True)
+    w = make_input((4, 1, 3, 2), torch.float64, target.device, layout=layout, requires_grad=True)
+    b = make_input((4,), torch.float64, target.device, requires_grad=True)
+    conv = lambda x, w, b: PF.conv2d(x, w, b, stride=(1, 2), padding=1, dilation=2, groups=2)  # noqa: E731
+    assert torch.autograd.gradcheck(conv, (x, w, b))
+    wt = make_input((2, 2, 3, 3), torch.float64, target.device, layout=layout, requires_grad=True)
+    transpose = lambda x, w, b: PF.conv_transpose2d(x, w, b, padding=1, groups=2)  # noqa: E731
+    assert torch.autograd.gradcheck(transpose, (x, wt, b))
 
 
 def test_workspace_bound_gives_the_same_result(target):

@@ -22,6 +22,9 @@
 // it. Both start from bias[c] or 0. bwd_weight: dW_g = sum over images of dY_g cols_g^T,
 // accumulated by the GEMMs.
 //
+// Depthwise convolutions (one input or one output channel per group, fan <= kDirectMaxFan) skip
+// im2col: direct loops over the taps (see "Direct kernels" below), in both layouts.
+//
 // float16 / bfloat16 run in float32 (inputs upcast, the result rounded once): at::mm in 16 bits
 // would round every partial product of the chunked and per-image accumulations.
 #include <ATen/Dispatch.h>
@@ -37,6 +40,10 @@
 #include <vector>
 
 #include "common/checks.h"
+// The vector types are only passed between always-inline functions: no ABI is involved (the
+// warning fires where templates are instantiated, at the end of the file: left off for all).
+#pragma GCC diagnostic ignored "-Wpsabi"
+#include "common/cpu_vec.h"
 #include "common/cpu_hot_loop.h"
 #include "common/poison.h"
 #include "pykern.h"
@@ -363,11 +370,492 @@ void gemm(at::Tensor out, const at::Tensor& a, const at::Tensor& b,
   }
 }
 
+// ---- Direct kernels: one input channel per group (Cg == 1, depthwise with multiplier Kg) or
+// one output channel per group (Kg == 1: depthwise conv_transpose2d, whose three ops see the
+// weight (C, m, R, S) as K = C groups of Cg = m). No column buffer: a GEMM per group of a
+// Kg x Cg*R*S weight is mostly overhead.
+//
+// fwd and bwd_input write each destination channel d (fwd: k; bwd_input: c) from `fan`
+// source channels (fwd: Cg; bwd_input: Kg); since one of Cg, Kg is 1, source f of d is channel
+// (d * fan + f) / ratio (ratio: fwd Kg, bwd_input Cg) with weight entry e = d * fan + f, an
+// index into the weight's K * Cg (k, i) pairs, e = k * Cg + i in both ops. bwd_weight's entry
+// e pairs grad_y channel e / Cg with x channel e / Kg.
+// Every output element is written by one thread, its terms summed in a fixed order.
+
+constexpr int64_t kDirectMaxFan = 8;  // wider fans gather more like a GEMM: the general path
+
+bool use_direct(const ConvGeometry& g) {
+  return std::min(g.Cg, g.Kg) == 1 && std::max(g.Cg, g.Kg) <= kDirectMaxFan;
+}
+
+struct Fan {
+  int64_t fan, ratio;
+  int64_t source(int64_t d, int64_t f) const { return (d * fan + f) / ratio; }
+};
+
+Fan fwd_fan(const ConvGeometry& g) { return {g.Cg, g.Kg}; }
+Fan bwd_input_fan(const ConvGeometry& g) { return {g.Kg, g.Cg}; }
+
+// dst[i] += w * src[i * stride] for i < n.
+template <typename scalar_t>
+PK_INLINE void axpy_gather(scalar_t* dst, const scalar_t* src, scalar_t w, int64_t n,
+                           int64_t stride) {
+  if (stride == 1) {
+    for (int64_t i = 0; i < n; ++i) dst[i] += w * src[i];
+  } else {
+    for (int64_t i = 0; i < n; ++i) dst[i] += w * src[i * stride];
+  }
+}
+
+// dst[i * stride] += w * src[i] for i < n.
+template <typename scalar_t>
+PK_INLINE void axpy_scatter(scalar_t* dst, const scalar_t* src, scalar_t w, int64_t n,
+                            int64_t stride) {
+  if (stride == 1) {
+    for (int64_t i = 0; i < n; ++i) dst[i] += w * src[i];
+  } else {
+    for (int64_t i = 0; i < n; ++i) dst[i * stride] += w * src[i];
+  }
+}
+
+// One term of a stride-1 NCHW row: dst[q] += w * src[q + offset], src a zero-padded row that
+// holds every q + offset.
+template <typename scalar_t>
+struct RowTerm {
+  const scalar_t* src;
+  scalar_t w;
+  int64_t offset;
+};
+
+// dst[q, q + NB * L) = init + the terms: NB vectors of outputs keep their sums in registers
+// across all the terms, in two chains (even and odd terms) to hide the add latency.
+template <int NB, typename scalar_t>
+PK_INLINE void row_block(scalar_t* dst, int64_t q, scalar_t init, const RowTerm<scalar_t>* terms,
+                         int64_t count) {
+  using vec = vec_t<scalar_t>;
+  constexpr int64_t L = kLanes<scalar_t>;
+  vec even[NB], odd[NB];
+  for (int b = 0; b < NB; ++b) even[b] = vec{} + init, odd[b] = vec{};
+  int64_t t = 0;
+  for (; t + 1 < count; t += 2) {
+    const scalar_t* a = terms[t].src + q + terms[t].offset;
+    const scalar_t* c = terms[t + 1].src + q + terms[t + 1].offset;
+    const vec wa = vec{} + terms[t].w, wc = vec{} + terms[t + 1].w;
+    for (int b = 0; b < NB; ++b) {
+      even[b] += wa * vload(a + b * L);
+      odd[b] += wc * vload(c + b * L);
+    }
+  }
+  if (t < count) {
+    const scalar_t* a = terms[t].src + q + terms[t].offset;
+    const vec wa = vec{} + terms[t].w;
+    for (int b = 0; b < NB; ++b) even[b] += wa * vload(a + b * L);
+  }
+  for (int b = 0; b < NB; ++b) vstore(dst + q + b * L, even[b] + odd[b]);
+}
+
+// dst[q] = init + the terms for q < len, in blocks of NB vectors, the last one moved back to
+// end at len (it recomputes some outputs, the same sums again).
+template <int NB, typename scalar_t>
+PK_INLINE void row_blocks(scalar_t* dst, int64_t len, scalar_t init,
+                          const RowTerm<scalar_t>* terms, int64_t count) {
+  constexpr int64_t width = NB * kLanes<scalar_t>;
+  for (int64_t q = 0;; q += width) {
+    q = std::min(q, len - width);
+    row_block<NB>(dst, q, init, terms, count);
+    if (q + width >= len) break;
+  }
+}
+
+// dst[q] = init + the terms for q < len (the same two chains in the scalar path).
+template <typename scalar_t>
+PK_INLINE void sum_row_terms(scalar_t* dst, int64_t len, scalar_t init,
+                             const RowTerm<scalar_t>* terms, int64_t count) {
+  constexpr int64_t L = kLanes<scalar_t>;
+  if (len >= 4 * L) return row_blocks<4>(dst, len, init, terms, count);
+  if (len >= 2 * L) return row_blocks<2>(dst, len, init, terms, count);
+  if (len >= L) return row_blocks<1>(dst, len, init, terms, count);
+  for (int64_t q = 0; q < len; ++q) {
+    scalar_t even = init, odd = 0;
+    int64_t t = 0;
+    for (; t + 1 < count; t += 2) {
+      even += terms[t].w * terms[t].src[q + terms[t].offset];
+      odd += terms[t + 1].w * terms[t + 1].src[q + terms[t + 1].offset];
+    }
+    if (t < count) even += terms[t].w * terms[t].src[q + terms[t].offset];
+    dst[q] = even + odd;
+  }
+}
+
+// The rows of a plane (rows x cols) copied with `left` zeros before and zeros after, to
+// `width` per row: every tap of a row then reads inside it.
+template <typename scalar_t>
+PK_INLINE void pad_rows(const scalar_t* src, int64_t rows, int64_t cols, int64_t left,
+                        int64_t width, scalar_t* dst) {
+  for (int64_t i = 0; i < rows; ++i) {
+    scalar_t* row = dst + i * width;
+    std::fill(row, row + left, scalar_t(0));
+    std::copy(src + i * cols, src + (i + 1) * cols, row + left);
+    std::fill(row + left + cols, row + width, scalar_t(0));
+  }
+}
+
+// NCHW fwd of output plane (n, k). Stride 1 in w: each output row sums its valid taps' rows
+// (sum_row_terms); otherwise row by row, tap by tap, each tap's q range clipped once per row.
+template <typename scalar_t>
+PK_HOT_LOOP void direct_fwd_plane(const ConvGeometry& g, const scalar_t* x, const scalar_t* w,
+                                  scalar_t bias, int64_t n, int64_t k, scalar_t* y,
+                                  std::vector<RowTerm<scalar_t>>& terms,
+                                  std::vector<scalar_t>& padded) {
+  const Fan fan = fwd_fan(g);
+  if (g.sw == 1) {
+    // Row h of source f at padded[(f * H + h) * width]: column w at w + pw.
+    const int64_t width = std::max(g.W + g.pw, g.Wo + (g.S - 1) * g.dw) + g.pw;
+    padded.resize(fan.fan * g.H * width);
+    for (int64_t f = 0; f < fan.fan; ++f) {
+      pad_rows(x + (n * g.C + fan.source(k, f)) * g.H * g.W, g.H, g.W, g.pw, width,
+               padded.data() + f * g.H * width);
+    }
+    for (int64_t p = 0; p < g.Ho; ++p) {
+      terms.clear();
+      for (int64_t f = 0; f < fan.fan; ++f) {
+        const scalar_t* taps = w + (k * fan.fan + f) * g.taps();
+        for (int64_t r = 0; r < g.R; ++r) {
+          const int64_t h = p * g.sh - g.ph + r * g.dh;
+          if (h < 0 || h >= g.H) continue;
+          for (int64_t s = 0; s < g.S; ++s) {
+            terms.push_back({padded.data() + (f * g.H + h) * width, taps[r * g.S + s], s * g.dw});
+          }
+        }
+      }
+      sum_row_terms(y + p * g.Wo, g.Wo, bias, terms.data(), terms.size());
+    }
+    return;
+  }
+  std::fill(y, y + g.Ho * g.Wo, bias);
+  for (int64_t p = 0; p < g.Ho; ++p) {
+    scalar_t* row = y + p * g.Wo;
+    for (int64_t f = 0; f < fan.fan; ++f) {
+      const scalar_t* src = x + (n * g.C + fan.source(k, f)) * g.H * g.W;
+      const scalar_t* taps = w + (k * fan.fan + f) * g.taps();
+      for (int64_t r = 0; r < g.R; ++r) {
+        const int64_t h = p * g.sh - g.ph + r * g.dh;
+        if (h < 0 || h >= g.H) continue;
+        for (int64_t s = 0; s < g.S; ++s) {
+          const TapRange rw = tap_range(g.W, g.Wo, g.sw, g.pw, g.dw, s);
+          axpy_gather(row + rw.lo, src + h * g.W + rw.lo * g.sw + rw.shift, taps[r * g.S + s],
+                      rw.hi - rw.lo, g.sw);
+        }
+      }
+    }
+  }
+}
+
+// NCHW bwd_input of input plane (n, c): each dx row gathers the grad_y rows whose taps read
+// it. Stride 1 in w: column j reads column j + pw - s * dw (sum_row_terms); otherwise the
+// columns by a strided axpy into the row (the thread owns the plane).
+template <typename scalar_t>
+PK_HOT_LOOP void direct_bwd_input_plane(const ConvGeometry& g, const scalar_t* dy,
+                                        const scalar_t* w, scalar_t bias, int64_t n, int64_t c,
+                                        scalar_t* dx, std::vector<RowTerm<scalar_t>>& terms,
+                                        std::vector<scalar_t>& padded) {
+  const Fan fan = bwd_input_fan(g);
+  // Stride 1: row p of source f at padded[(f * Ho + p) * width], column q at q + left; dx
+  // column j reads q = j + pw - s * dw.
+  const int64_t left = std::max<int64_t>(0, (g.S - 1) * g.dw - g.pw);
+  const int64_t width = left + std::max(g.Wo, g.W + g.pw);
+  if (g.sw == 1) {
+    padded.resize(fan.fan * g.Ho * width);
+    for (int64_t f = 0; f < fan.fan; ++f) {
+      pad_rows(dy + (n * g.K + fan.source(c, f)) * g.Ho * g.Wo, g.Ho, g.Wo, left, width,
+               padded.data() + f * g.Ho * width);
+    }
+  } else {
+    std::fill(dx, dx + g.H * g.W, bias);
+  }
+  for (int64_t i = 0; i < g.H; ++i) {
+    scalar_t* row = dx + i * g.W;
+    terms.clear();
+    for (int64_t f = 0; f < fan.fan; ++f) {
+      const scalar_t* src = dy + (n * g.K + fan.source(c, f)) * g.Ho * g.Wo;
+      const scalar_t* taps = w + (c * fan.fan + f) * g.taps();
+      for (int64_t r = 0; r < g.R; ++r) {
+        const int64_t th = i + g.ph - r * g.dh;  // p * sh
+        if (th < 0 || th % g.sh != 0 || th / g.sh >= g.Ho) continue;
+        const int64_t p = th / g.sh;
+        for (int64_t s = 0; s < g.S; ++s) {
+          if (g.sw == 1) {
+            terms.push_back({padded.data() + (f * g.Ho + p) * width, taps[r * g.S + s],
+                             left + g.pw - s * g.dw});
+            continue;
+          }
+          const TapRange rw = tap_range(g.W, g.Wo, g.sw, g.pw, g.dw, s);
+          axpy_scatter(row + rw.lo * g.sw + rw.shift, src + p * g.Wo + rw.lo, taps[r * g.S + s],
+                       rw.hi - rw.lo, g.sw);
+        }
+      }
+    }
+    if (g.sw == 1) sum_row_terms(row, g.W, bias, terms.data(), terms.size());
+  }
+}
+
+// NCHW bwd_weight of entry e: per tap a row of partial sums over q (the products of all images
+// and output rows, added lane by lane so the loop vectorizes), summed in order at the end.
+template <typename scalar_t>
+PK_HOT_LOOP void direct_bwd_weight_entry(const ConvGeometry& g, const scalar_t* dy,
+                                         const scalar_t* x, int64_t e, scalar_t* partial,
+                                         scalar_t* out, int64_t out_stride) {
+  std::fill(partial, partial + g.taps() * g.Wo, scalar_t(0));
+  for (int64_t n = 0; n < g.N; ++n) {
+    const scalar_t* dy_plane = dy + (n * g.K + e / g.Cg) * g.Ho * g.Wo;
+    const scalar_t* x_plane = x + (n * g.C + e / g.Kg) * g.H * g.W;
+    for (int64_t p = 0; p < g.Ho; ++p) {
+      for (int64_t r = 0; r < g.R; ++r) {
+        const int64_t h = p * g.sh - g.ph + r * g.dh;
+        if (h < 0 || h >= g.H) continue;
+        for (int64_t s = 0; s < g.S; ++s) {
+          const TapRange rw = tap_range(g.W, g.Wo, g.sw, g.pw, g.dw, s);
+          scalar_t* acc = partial + (r * g.S + s) * g.Wo + rw.lo;
+          const scalar_t* dy_row = dy_plane + p * g.Wo + rw.lo;
+          const scalar_t* x_row = x_plane + h * g.W + rw.lo * g.sw + rw.shift;
+          const int64_t len = rw.hi - rw.lo;
+          if (g.sw == 1) {
+            for (int64_t q = 0; q < len; ++q) acc[q] += dy_row[q] * x_row[q];
+          } else {
+            for (int64_t q = 0; q < len; ++q) acc[q] += dy_row[q] * x_row[q * g.sw];
+          }
+        }
+      }
+    }
+  }
+  for (int64_t t = 0; t < g.taps(); ++t) {
+    scalar_t sum = 0;
+    for (int64_t q = 0; q < g.Wo; ++q) sum += partial[t * g.Wo + q];
+    out[t * out_stride] = sum;
+  }
+}
+
+// NHWC: dst[d] += sum over the fan of d of wt[d * fan + f] * src[source(d, f)], d < D.
+template <typename scalar_t>
+PK_INLINE void channel_axpy(scalar_t* dst, const scalar_t* src, const scalar_t* wt, int64_t D,
+                            const Fan& fan) {
+  if (fan.fan == 1 && fan.ratio == 1) {
+    for (int64_t d = 0; d < D; ++d) dst[d] += wt[d] * src[d];
+  } else if (fan.fan == 1) {  // each source channel feeds `ratio` consecutive destinations
+    for (int64_t c = 0; c < D / fan.ratio; ++c) {
+      const scalar_t v = src[c];
+      for (int64_t j = 0; j < fan.ratio; ++j) dst[c * fan.ratio + j] += wt[c * fan.ratio + j] * v;
+    }
+  } else {
+    for (int64_t d = 0; d < D; ++d) {
+      scalar_t sum = dst[d];
+      for (int64_t f = 0; f < fan.fan; ++f) sum += wt[d * fan.fan + f] * src[d * fan.fan + f];
+      dst[d] = sum;
+    }
+  }
+}
+
+// NHWC fwd of output row (n, p): each pixel's K channels start at the bias and add the valid
+// taps' input pixels. wt is the weight as (R, S, K * Cg).
+template <typename scalar_t>
+PK_HOT_LOOP void direct_fwd_row_nhwc(const ConvGeometry& g, const scalar_t* x,
+                                     const scalar_t* wt, const scalar_t* bias, int64_t n,
+                                     int64_t p, scalar_t* y) {
+  const Fan fan = fwd_fan(g);
+  const int64_t entries = g.K * g.Cg;
+  for (int64_t q = 0; q < g.Wo; ++q) {
+    scalar_t* dst = y + ((n * g.Ho + p) * g.Wo + q) * g.K;
+    if (bias) {
+      std::copy(bias, bias + g.K, dst);
+    } else {
+      std::fill(dst, dst + g.K, scalar_t(0));
+    }
+    for (int64_t r = 0; r < g.R; ++r) {
+      const int64_t h = p * g.sh - g.ph + r * g.dh;
+      if (h < 0 || h >= g.H) continue;
+      for (int64_t s = 0; s < g.S; ++s) {
+        const int64_t w = q * g.sw - g.pw + s * g.dw;
+        if (w < 0 || w >= g.W) continue;
+        channel_axpy(dst, x + ((n * g.H + h) * g.W + w) * g.C, wt + (r * g.S + s) * entries, g.K,
+                     fan);
+      }
+    }
+  }
+}
+
+// NHWC bwd_input of input row (n, i): each pixel gathers the grad_y pixels whose taps read it.
+template <typename scalar_t>
+PK_HOT_LOOP void direct_bwd_input_row_nhwc(const ConvGeometry& g, const scalar_t* dy,
+                                           const scalar_t* wt, const scalar_t* bias, int64_t n,
+                                           int64_t i, scalar_t* dx) {
+  const Fan fan = bwd_input_fan(g);
+  const int64_t entries = g.K * g.Cg;
+  for (int64_t j = 0; j < g.W; ++j) {
+    scalar_t* dst = dx + ((n * g.H + i) * g.W + j) * g.C;
+    if (bias) {
+      std::copy(bias, bias + g.C, dst);
+    } else {
+      std::fill(dst, dst + g.C, scalar_t(0));
+    }
+    for (int64_t r = 0; r < g.R; ++r) {
+      const int64_t th = i + g.ph - r * g.dh;  // p * sh
+      if (th < 0 || th % g.sh != 0 || th / g.sh >= g.Ho) continue;
+      for (int64_t s = 0; s < g.S; ++s) {
+        const int64_t tw = j + g.pw - s * g.dw;  // q * sw
+        if (tw < 0 || tw % g.sw != 0 || tw / g.sw >= g.Wo) continue;
+        const int64_t pixel = (n * g.Ho + th / g.sh) * g.Wo + tw / g.sw;
+        channel_axpy(dst, dy + pixel * g.K, wt + (r * g.S + s) * entries, g.C, fan);
+      }
+    }
+  }
+}
+
+// NHWC bwd_weight of entries [e0, e0 + ne): per tap a vector of sums over every output pixel,
+// in pixel order.
+template <typename scalar_t>
+PK_HOT_LOOP void direct_bwd_weight_block_nhwc(const ConvGeometry& g, const scalar_t* dy,
+                                              const scalar_t* x, int64_t e0, int64_t ne,
+                                              scalar_t* acc) {
+  std::fill(acc, acc + g.taps() * ne, scalar_t(0));
+  const bool same_channel = g.Cg == 1 && g.Kg == 1;
+  for (int64_t n = 0; n < g.N; ++n) {
+    for (int64_t p = 0; p < g.Ho; ++p) {
+      for (int64_t q = 0; q < g.Wo; ++q) {
+        const scalar_t* dy_pix = dy + ((n * g.Ho + p) * g.Wo + q) * g.K;
+        for (int64_t r = 0; r < g.R; ++r) {
+          const int64_t h = p * g.sh - g.ph + r * g.dh;
+          if (h < 0 || h >= g.H) continue;
+          for (int64_t s = 0; s < g.S; ++s) {
+            const int64_t w = q * g.sw - g.pw + s * g.dw;
+            if (w < 0 || w >= g.W) continue;
+            const scalar_t* x_pix = x + ((n * g.H + h) * g.W + w) * g.C;
+            scalar_t* a = acc + (r * g.S + s) * ne;
+            if (same_channel) {
+              for (int64_t e = 0; e < ne; ++e) a[e] += dy_pix[e0 + e] * x_pix[e0 + e];
+            } else {
+              for (int64_t e = 0; e < ne; ++e) {
+                a[e] += dy_pix[(e0 + e) / g.Cg] * x_pix[(e0 + e) / g.Kg];
+              }
+            }
+          }
+        }
+      }
+    }
+  }
+}
+
+// Work items (planes, rows, entries) per parallel_for chunk: about kParallelGrain elements.
+int64_t grain_for(int64_t work_per_item) {
+  return std::max<int64_t>(1, kParallelGrain / std::max<int64_t>(work_per_item, 1));
+}
+
+template <typename scalar_t>
+void direct_fwd(const ConvGeometry& g, const at::Tensor& x, const at::Tensor& weight,
+                const std::optional<at::Tensor>& bias, bool channels_last, at::Tensor& y) {
+  const scalar_t* xp = x.const_data_ptr<scalar_t>();
+  const scalar_t* bp = bias ? bias->const_data_ptr<scalar_t>() : nullptr;
+  scalar_t* yp = y.data_ptr<scalar_t>();
+  const int64_t work = g.Wo * g.taps() * g.Cg;
+  if (!channels_last) {
+    const scalar_t* wp = weight.const_data_ptr<scalar_t>();
+    at::parallel_for(0, g.N * g.K, grain_for(g.Ho * work), [&](int64_t first, int64_t last) {
+      std::vector<RowTerm<scalar_t>> terms;
+      std::vector<scalar_t> padded;
+      for (int64_t plane = first; plane < last; ++plane) {
+        const int64_t n = plane / g.K, k = plane % g.K;
+        direct_fwd_plane(g, xp, wp, bp ? bp[k] : scalar_t(0), n, k,
+                         yp + plane * g.Ho * g.Wo, terms, padded);
+      }
+    });
+    return;
+  }
+  const at::Tensor wt = weight.permute({2, 3, 0, 1}).contiguous();  // (R, S, K, Cg)
+  const scalar_t* wtp = wt.const_data_ptr<scalar_t>();
+  at::parallel_for(0, g.N * g.Ho, grain_for(g.K * work), [&](int64_t first, int64_t last) {
+    for (int64_t row = first; row < last; ++row) {
+      direct_fwd_row_nhwc(g, xp, wtp, bp, row / g.Ho, row % g.Ho, yp);
+    }
+  });
+}
+
+template <typename scalar_t>
+void direct_bwd_input(const ConvGeometry& g, const at::Tensor& grad_y, const at::Tensor& weight,
+                      const std::optional<at::Tensor>& bias, bool channels_last, at::Tensor& dx) {
+  const scalar_t* dyp = grad_y.const_data_ptr<scalar_t>();
+  const scalar_t* bp = bias ? bias->const_data_ptr<scalar_t>() : nullptr;
+  scalar_t* dxp = dx.data_ptr<scalar_t>();
+  const int64_t work = g.W * g.taps() * g.Kg;
+  if (!channels_last) {
+    const scalar_t* wp = weight.const_data_ptr<scalar_t>();
+    at::parallel_for(0, g.N * g.C, grain_for(g.H * work), [&](int64_t first, int64_t last) {
+      std::vector<RowTerm<scalar_t>> terms;
+      std::vector<scalar_t> padded;
+      for (int64_t plane = first; plane < last; ++plane) {
+        const int64_t n = plane / g.C, c = plane % g.C;
+        direct_bwd_input_plane(g, dyp, wp, bp ? bp[c] : scalar_t(0), n, c,
+                               dxp + plane * g.H * g.W, terms, padded);
+      }
+    });
+    return;
+  }
+  const at::Tensor wt = weight.permute({2, 3, 0, 1}).contiguous();  // (R, S, K, Cg)
+  const scalar_t* wtp = wt.const_data_ptr<scalar_t>();
+  at::parallel_for(0, g.N * g.H, grain_for(g.C * work), [&](int64_t first, int64_t last) {
+    for (int64_t row = first; row < last; ++row) {
+      direct_bwd_input_row_nhwc(g, dyp, wtp, bp, row / g.H, row % g.H, dxp);
+    }
+  });
+}
+
+// Entries per NHWC bwd_weight block: a fixed split (not by thread count), 64 bytes or more.
+constexpr int64_t kEntryBlockBytes = 256;
+
+template <typename scalar_t>
+void direct_bwd_weight(const ConvGeometry& g, const at::Tensor& grad_y, const at::Tensor& x,
+                       bool channels_last, at::Tensor& dw) {
+  const scalar_t* dyp = grad_y.const_data_ptr<scalar_t>();
+  const scalar_t* xp = x.const_data_ptr<scalar_t>();
+  scalar_t* dwp = dw.data_ptr<scalar_t>();
+  const int64_t entries = g.K * g.Cg, taps = g.taps();
+  const int64_t work = g.N * g.Ho * g.Wo * taps;
+  if (!channels_last) {
+    at::parallel_for(0, entries, grain_for(work), [&](int64_t first, int64_t last) {
+      std::vector<scalar_t> partial(taps * g.Wo);
+      for (int64_t e = first; e < last; ++e) {
+        direct_bwd_weight_entry(g, dyp, xp, e, partial.data(), dwp + e * taps, 1);
+      }
+    });
+    return;
+  }
+  // dw is (K, R, S, Cg) in memory: entry e = k * Cg + i, tap t at (k * taps + t) * Cg + i.
+  const int64_t block = kEntryBlockBytes / static_cast<int64_t>(sizeof(scalar_t));
+  const int64_t blocks = (entries + block - 1) / block;
+  at::parallel_for(0, blocks, grain_for(work * block), [&](int64_t first, int64_t last) {
+    std::vector<scalar_t> acc(taps * block);
+    for (int64_t b = first; b < last; ++b) {
+      const int64_t e0 = b * block, ne = std::min(block, entries - e0);
+      direct_bwd_weight_block_nhwc(g, dyp, xp, e0, ne, acc.data());
+      for (int64_t e = e0; e < e0 + ne; ++e) {
+        const int64_t k = e / g.Cg, i = e % g.Cg;
+        for (int64_t t = 0; t < taps; ++t) {
+          dwp[(k * taps + t) * g.Cg + i] = acc[t * ne + (e - e0)];
+        }
+      }
+    }
+  });
+}
+
 at::Tensor fwd_impl(const at::Tensor& x, const at::Tensor& weight,
                     const std::optional<at::Tensor>& bias, const ConvGeometry& g,
                     bool channels_last, int64_t workspace_bytes) {
   at::Tensor y = new_output({g.N, g.K, g.Ho, g.Wo}, x.options(), channels_last);
   if (y.numel() == 0) return y;
+  if (use_direct(g)) {
+    AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "conv2d_fwd_direct_cpu", [&] {
+      direct_fwd<scalar_t>(g, x, weight, bias, channels_last, y);
+    });
+    return y;
+  }
   const int64_t plane = g.Ho * g.Wo, gw = g.group_width();
   const auto bias_of = [&](int64_t k, int64_t rows, int64_t cols, bool along_rows) {
     return bias ? std::optional<at::Tensor>(
@@ -417,6 +905,12 @@ at::Tensor bwd_input_impl(const at::Tensor& grad_y, const at::Tensor& weight,
                           bool channels_last, int64_t workspace_bytes) {
   at::Tensor dx = new_output({g.N, g.C, g.H, g.W}, grad_y.options(), channels_last);
   if (dx.numel() == 0) return dx;
+  if (use_direct(g)) {
+    AT_DISPATCH_FLOATING_TYPES(grad_y.scalar_type(), "conv2d_bwd_input_direct_cpu", [&] {
+      direct_bwd_input<scalar_t>(g, grad_y, weight, bias, channels_last, dx);
+    });
+    return dx;
+  }
   const int64_t plane = g.Ho * g.Wo, gw = g.group_width();
   const bool identity = g.im2col_is_identity();
   AT_DISPATCH_FLOATING_TYPES(grad_y.scalar_type(), "conv2d_bwd_input_cpu", [&] {
@@ -471,6 +965,12 @@ at::Tensor bwd_weight_impl(const at::Tensor& grad_y, const at::Tensor& x, const 
   at::Tensor dw = new_output({g.K, g.Cg, g.R, g.S}, x.options(), channels_last);
   if (dw.numel() == 0) return dw;
   if (grad_y.numel() == 0) return dw.zero_();  // an empty sum
+  if (use_direct(g)) {
+    AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "conv2d_bwd_weight_direct_cpu", [&] {
+      direct_bwd_weight<scalar_t>(g, grad_y, x, channels_last, dw);
+    });
+    return dw;
+  }
   const int64_t plane = g.Ho * g.Wo, gw = g.group_width();
   // The first product of each group writes dW_g, the later ones add to it.
   const auto accumulate = [](at::Tensor out, const at::Tensor& a, const at::Tensor& b,
