@@ -170,6 +170,15 @@ inline const float* staged(const c10::Half* p, int64_t n, int slot) {
   return out;
 }
 
+// Float copies of the planes b..b+planes of channel c (K elements each, of a (B, C, K) tensor),
+// one after another, in scratch slot `slot`.
+inline const float* staged_planes(const c10::Half* x, int64_t C, int64_t K, int64_t c, int64_t b,
+                                  int64_t planes, int slot) {
+  float* out = scratch(slot, planes * K);
+  for (int64_t j = 0; j < planes; ++j) half_to_float_n(x + ((b + j) * C + c) * K, out + j * K, K);
+  return out;
+}
+
 template <typename scalar_t>
 constexpr bool kIsHalf = std::is_same_v<scalar_t, c10::Half>;
 
@@ -294,6 +303,54 @@ PK_INLINE void lane_sum2(int64_t n, const VStep& vstep, const SStep& sstep, acc_
   }
   sum_a = hsum(ta0 + ta1);
   sum_b = hsum(tb0 + tb1);
+}
+
+// Two sums over the planes b0..b1 of K elements each (plane b at base + b * stride), for planes
+// short enough (K < kBlock, callers pass at most kBlock elements in all) that a horizontal sum
+// per plane would cost more than the plane: vstep(o, a, b) sets the vectors a and b to the
+// terms of elements o..o+kLanes, sstep(o, a, b) the scalars to the term of element o. A plane's
+// ragged end is one more vector ending at its last element, the lanes summed already masked
+// off (a bit mask: NaN there is dropped too); planes shorter than a vector go term by term.
+template <typename acc_t, typename VStep, typename SStep>
+PK_INLINE void plane_sum2(int64_t b0, int64_t b1, int64_t base, int64_t stride, int64_t K,
+                          const VStep& vstep, const SStep& sstep, acc_t& sum_a, acc_t& sum_b) {
+  using V = vec_t<acc_t>;
+  using M = typename VecOf<acc_t>::mask;
+  constexpr int W = kLanes<acc_t>;
+  const int64_t rem = K % W;
+  M keep;  // the lanes of the end vector not summed yet
+  for (int l = 0; l < W; ++l) keep[l] = l >= W - rem ? -1 : 0;
+  V a0{}, a1{}, q0{}, q1{}, u, v;
+  for (int64_t b = b0; b < b1; ++b) {
+    const int64_t o = base + b * stride;
+    int64_t i = 0;
+    for (; i + 2 * W <= K; i += 2 * W) {
+      vstep(o + i, u, v);
+      a0 += u;
+      q0 += v;
+      vstep(o + i + W, u, v);
+      a1 += u;
+      q1 += v;
+    }
+    if (i + W <= K) {
+      vstep(o + i, u, v);
+      a0 += u;
+      q0 += v;
+      i += W;
+    }
+    if (i < K && K >= W) {
+      vstep(o + K - W, u, v);
+      a1 += (V)((M)u & keep);
+      q1 += (V)((M)v & keep);
+    } else if (i < K) {
+      acc_t ta[W] = {}, tb[W] = {};
+      for (int l = 0; l < K; ++l) sstep(o + l, ta[l], tb[l]);
+      a1 += vload(ta);
+      q1 += vload(tb);
+    }
+  }
+  sum_a = hsum(a0 + a1);
+  sum_b = hsum(q0 + q1);
 }
 
 #define PK_TERM [&](int64_t i) __attribute__((always_inline))
@@ -817,50 +874,62 @@ void row_bwd(const RowBwd<scalar_t>& p, int64_t B, at::Tensor& dweight, at::Tens
 // sums then stay at the scale of the spread, and so do Chan's deltas (a mean of 1e4 and a
 // spread of 1 in float32 keeps an accurate variance). mean = P + offset at the end.
 
-// NCHW (K > 1): channel c over planes b0..b1, each plane's mean and M2 from one pass over
-// it (read as it is stored, any dtype) as in row_fwd_rows: sums of d = x - x0 and d^2 around
-// the plane's first element x0, then an exact second pass over the plane in cache when that
-// loses over 2 bits. Plane results merged in b order, their means as offsets from P.
+// NCHW (K > 1): channel c over planes b0..b1 in segments of whole planes, one plane when
+// K >= kBlock, else up to kBlock elements (a per-plane mean would cost more than a short plane).
+// Each segment's mean and M2 from one pass over it (read as it is stored, any dtype) as in
+// row_fwd_rows: sums of d = x - x0 and d^2 around the segment's first element x0, then an exact
+// second pass over the segment in cache when that loses over 2 bits. Segment results merged in
+// b order, their means as offsets from P.
+inline int64_t segment_planes(int64_t K) { return std::max<int64_t>(1, kBlock / K); }
+
 template <typename scalar_t>
 PK_HOT_LOOP void bn_stats_planes(const scalar_t* x, int64_t C, int64_t K, int64_t c, int64_t b0,
                                  int64_t b1, acc_type<scalar_t> P, int64_t& n_out,
                                  acc_type<scalar_t>& mean_out, acc_type<scalar_t>& m2_out) {
   using acc_t = acc_type<scalar_t>;
   using V = vec_t<acc_t>;
-  const acc_t inv_k = acc_t(1) / static_cast<acc_t>(K);
+  const int64_t seg = segment_planes(K);
   int64_t n = 0;
   acc_t mean = 0, m2 = 0;
-  for (int64_t b = b0; b < b1; ++b) {
-    const scalar_t* __restrict v = x + (b * C + c) * K;
+  for (int64_t b = b0; b < b1; b += seg) {
+    const int64_t e = std::min(b1, b + seg), len = (e - b) * K;
+    const scalar_t* __restrict v = x + (b * C + c) * K;  // the segment's first plane
     const acc_t x0 = ld(v[0]);
+    // (sum of t, sum of t^2) for t = (x - x0) - m over the segment
+    const auto sums = [&](acc_t m, acc_t& s1, acc_t& s2) __attribute__((always_inline)) {
+      if (seg == 1) {
+        lane_sum2<acc_t>(
+            K,
+            [&](int64_t i, V& a, V& q) __attribute__((always_inline)) {
+              const V d = (vload_acc(v + i) - x0) - m;
+              a += d;
+              q += d * d;
+            },
+            [&](int64_t i, acc_t& a, acc_t& q) __attribute__((always_inline)) {
+              a = (ld(v[i]) - x0) - m;
+              q = a * a;
+            },
+            s1, s2);
+      } else {
+        plane_sum2<acc_t>(
+            b, e, c * K, C * K, K,
+            [&](int64_t o, V& a, V& q) __attribute__((always_inline)) {
+              a = (vload_acc(x + o) - x0) - m;
+              q = a * a;
+            },
+            [&](int64_t o, acc_t& a, acc_t& q) __attribute__((always_inline)) {
+              a = (ld(x[o]) - x0) - m;
+              q = a * a;
+            },
+            s1, s2);
+      }
+    };
     acc_t s1, s2;
-    lane_sum2<acc_t>(
-        K,
-        [&](int64_t i, V& a, V& q) __attribute__((always_inline)) {
-          const V d = vload_acc(v + i) - x0;
-          a += d;
-          q += d * d;
-        },
-        [&](int64_t i, acc_t& a, acc_t& q) __attribute__((always_inline)) {
-          a = ld(v[i]) - x0;
-          q = a * a;
-        },
-        s1, s2);
-    const acc_t off = s1 * inv_k;
+    sums(acc_t(0), s1, s2);
+    const acc_t off = s1 / static_cast<acc_t>(len);
     acc_t pm2 = s2 - s1 * off;
-    if (!(pm2 * 4 >= s2)) {
-      pm2 = lane_sum<acc_t>(
-          K,
-          [&](int64_t i) __attribute__((always_inline)) {
-            const V d = (vload_acc(v + i) - x0) - off;
-            return d * d;
-          },
-          [&](int64_t i) __attribute__((always_inline)) {
-            const acc_t d = (ld(v[i]) - x0) - off;
-            return d * d;
-          });
-    }
-    chan_merge(n, mean, m2, K, (x0 - P) + off, pm2);
+    if (!(pm2 * 4 >= s2)) sums(off, s1, pm2);
+    chan_merge(n, mean, m2, len, (x0 - P) + off, pm2);
   }
   n_out = n;
   mean_out = mean;
@@ -920,13 +989,16 @@ template <typename scalar_t>
 void bn_stats_planes_any(const scalar_t* x, int64_t C, int64_t K, int64_t c, int64_t b0,
                          int64_t b1, acc_type<scalar_t> P, int64_t& n_out,
                          acc_type<scalar_t>& mean_out, acc_type<scalar_t>& m2_out) {
-  if constexpr (kIsHalf<scalar_t>) {  // plane by plane, merged as bn_stats_planes does
+  if constexpr (kIsHalf<scalar_t>) {  // segment by segment, merged as bn_stats_planes does
     int64_t n = 0;
     float mean = 0, m2 = 0;
-    for (int64_t b = b0; b < b1; ++b) {
+    const int64_t seg = segment_planes(K);
+    for (int64_t b = b0; b < b1; b += seg) {
+      const int64_t planes = std::min(seg, b1 - b);
       int64_t pn;
       float pmean, pm2;
-      bn_stats_planes(staged(x + (b * C + c) * K, K, 0), 1, K, 0, 0, 1, P, pn, pmean, pm2);
+      bn_stats_planes(staged_planes(x, C, K, c, b, planes, 0), 1, K, 0, 0, planes, P, pn, pmean,
+                      pm2);
       chan_merge(n, mean, m2, pn, pmean, pm2);
     }
     n_out = n;
@@ -1067,8 +1139,8 @@ PK_HOT_LOOP void bn_fwd_range(const scalar_t* __restrict x, const scalar_t* __re
     }
     return;
   }
-  for (int64_t p = p0; p < p1; ++p) {
-    const int64_t c = p % C, o = p * K;
+  for (int64_t p = p0, c = p0 % C; p < p1; ++p, c = c + 1 == C ? 0 : c + 1) {  // no division per plane
+    const int64_t o = p * K;
     const acc_t m = cf.mean[c], a = cf.a[c], s = cf.b[c];
     for (int64_t k = 0; k < K; ++k) {
       y[o + k] = rnd<scalar_t>(bn_fwd_value<scalar_t, kRes, kRelu>(x[o + k], res, o + k, m, a, s));
@@ -1118,8 +1190,8 @@ PK_HOT_LOOP void bn_bwd_range(const scalar_t* __restrict dy, const scalar_t* __r
     }
     return;
   }
-  for (int64_t p = p0; p < p1; ++p) {
-    const int64_t c = p % C, o = p * K;
+  for (int64_t p = p0, c = p0 % C; p < p1; ++p, c = c + 1 == C ? 0 : c + 1) {
+    const int64_t o = p * K;
     const acc_t m = cf.mean[c], k = cf.a[c], mdy = cf.b[c], cx = cf.c[c];
     for (int64_t i = o; i < o + K; ++i) {
       bn_bwd_value<scalar_t, kMask, kTrain, kRes>(dy, x, y, dx, dres, i, m, k, mdy, cx);
@@ -1205,8 +1277,9 @@ void for_each_range(int64_t B, int64_t C, int64_t K, const Fn& fn) {
   for (int64_t i = 0; i < calls; ++i) fn(i * per_call, std::min(units, (i + 1) * per_call));
 }
 
-// bwd_reduce, NCHW: channel c over planes b0..b1: sums of dy and dy * (x - mean), one pass
-// over each plane read as it is stored, dy masked by y > 0 when kMask.
+// bwd_reduce, NCHW: channel c over planes b0..b1 in the segments of bn_stats_planes: sums of dy
+// and dy * (x - mean), one pass over each segment read as it is stored, dy masked by y > 0 when
+// kMask; segment sums added in b order.
 template <typename scalar_t, bool kMask>
 PK_HOT_LOOP void bn_reduce_planes(const scalar_t* __restrict dy, const scalar_t* __restrict x,
                                   const scalar_t* __restrict y, int64_t C, int64_t K, int64_t c,
@@ -1214,26 +1287,37 @@ PK_HOT_LOOP void bn_reduce_planes(const scalar_t* __restrict dy, const scalar_t*
                                   acc_type<scalar_t>& sdy, acc_type<scalar_t>& sdxm) {
   using acc_t = acc_type<scalar_t>;
   using V = vec_t<acc_t>;
+  const int64_t seg = segment_planes(K);
+  // the terms at element offset o (of the whole tensors)
+  const auto vterms = [&](int64_t o, V& a, V& q) __attribute__((always_inline)) {
+    a = vload_acc(dy + o);
+    if constexpr (kMask) a = vload_acc(y + o) <= acc_t(0) ? V{} : a;
+    q = a * (vload_acc(x + o) - m);
+  };
+  const auto sterms = [&](int64_t o, acc_t& a, acc_t& q) __attribute__((always_inline)) {
+    a = masked_dy<scalar_t, kMask>(dy, y, o);
+    q = a * (ld(x[o]) - m);
+  };
   acc_t s1 = 0, s2 = 0;
-  for (int64_t b = b0; b < b1; ++b) {
+  for (int64_t b = b0; b < b1; b += seg) {
     const int64_t o = (b * C + c) * K;
-    const scalar_t* __restrict dp = dy + o;
-    const scalar_t* __restrict xp = x + o;
-    const scalar_t* __restrict yp = kMask ? y + o : nullptr;
     acc_t p1, p2;
-    lane_sum2<acc_t>(
-        K,
-        [&](int64_t i, V& a, V& q) __attribute__((always_inline)) {
-          V d = vload_acc(dp + i);
-          if constexpr (kMask) d = vload_acc(yp + i) <= acc_t(0) ? V{} : d;
-          a += d;
-          q += d * (vload_acc(xp + i) - m);
-        },
-        [&](int64_t i, acc_t& a, acc_t& q) __attribute__((always_inline)) {
-          a = masked_dy<scalar_t, kMask>(dp, yp, i);
-          q = a * (ld(xp[i]) - m);
-        },
-        p1, p2);
+    if (seg == 1) {
+      lane_sum2<acc_t>(
+          K,
+          [&](int64_t i, V& a, V& q) __attribute__((always_inline)) {
+            V u, v;
+            vterms(o + i, u, v);
+            a += u;
+            q += v;
+          },
+          [&](int64_t i, acc_t& a, acc_t& q) __attribute__((always_inline)) {
+            sterms(o + i, a, q);
+          },
+          p1, p2);
+    } else {
+      plane_sum2<acc_t>(b, std::min(b1, b + seg), c * K, C * K, K, vterms, sterms, p1, p2);
+    }
     s1 += p1;
     s2 += p2;
   }
@@ -1275,14 +1359,16 @@ template <typename scalar_t, bool kMask>
 void bn_reduce_planes_any(const scalar_t* dy, const scalar_t* x, const scalar_t* y, int64_t C,
                           int64_t K, int64_t c, int64_t b0, int64_t b1, acc_type<scalar_t> m,
                           acc_type<scalar_t>& sdy, acc_type<scalar_t>& sdxm) {
-  if constexpr (kIsHalf<scalar_t>) {  // plane by plane, summed as bn_reduce_planes does
+  if constexpr (kIsHalf<scalar_t>) {  // segment by segment, summed as bn_reduce_planes does
     float s1 = 0, s2 = 0;
-    for (int64_t b = b0; b < b1; ++b) {
-      const int64_t o = (b * C + c) * K;
+    const int64_t seg = segment_planes(K);
+    for (int64_t b = b0; b < b1; b += seg) {
+      const int64_t planes = std::min(seg, b1 - b);
       float p1, p2;
-      bn_reduce_planes<float, kMask>(staged(dy + o, K, 0), staged(x + o, K, 1),
-                                     kMask ? staged(y + o, K, 2) : nullptr, 1, K, 0, 0, 1, m, p1,
-                                     p2);
+      bn_reduce_planes<float, kMask>(staged_planes(dy, C, K, c, b, planes, 0),
+                                     staged_planes(x, C, K, c, b, planes, 1),
+                                     kMask ? staged_planes(y, C, K, c, b, planes, 2) : nullptr, 1,
+                                     K, 0, 0, planes, m, p1, p2);
       s1 += p1;
       s2 += p2;
     }
