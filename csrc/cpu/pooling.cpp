@@ -12,6 +12,7 @@
 // NHWC (N, H*W, C); channel pooling of NCHW is (N, C, H*W), of NHWC (N*H*W, C, 1).
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>
 
 #include <algorithm>
@@ -33,20 +34,28 @@ namespace {
 
 // Sums and maxima run in at::opmath_type (float for float, half and bfloat16, as torch's): sums
 // in kLanes independent partials, which keeps the float error chain short over long
-// reductions (112x112 planes) and vectorizes.
+// reductions (112x112 planes) and vectorizes; maxima likewise in kLanes running maxima.
 template <typename scalar_t>
 using max_t = at::opmath_type<scalar_t>;
 
-constexpr int kLanes = 8;  // independent partials: vectorizable, and a shorter error chain
+// Independent partials: one AVX2 register of floats for short runs, whose combining at the end
+// must stay cheap; four for long runs (kLongRun elements or more), so that their adds overlap
+// instead of waiting on one register's latency. Combined pairwise at the end.
+constexpr int kLanes = 8;
+constexpr int kLongLanes = 32;
+constexpr int64_t kLongRun = 256;
 
 // Unit-stride runs (the common case) get a loop of their own, which the compiler vectorizes.
 #define PK_WITH_STRIDE(stride, ...)                                  \
   ((stride) == 1 ? __VA_ARGS__(std::integral_constant<int64_t, 1>{}) \
                  : __VA_ARGS__(stride))
 
-// K == 1 (global pooling of NCHW, channel pooling of NHWC): the means of runs b0..b1 of R
+// Below this many elements a reduction runs on one thread (a parallel region costs more).
+constexpr int64_t kReduceGrain = 1 << 15;
+
+// K == 1 (global pooling of NCHW, channel pooling of NHWC): the means of runs b0..b1 of n
 // elements each, one call per thread's share so that short runs (7x7 planes) pay no call each.
-template <typename scalar_t>
+template <int Lanes, typename scalar_t>
 PK_HOT_LOOP void run_means(const scalar_t* in, scalar_t* out, int64_t b0, int64_t b1, int64_t n,
                            int64_t sB, int64_t stride) {
   using acc_t = at::opmath_type<scalar_t>;
@@ -54,68 +63,76 @@ PK_HOT_LOOP void run_means(const scalar_t* in, scalar_t* out, int64_t b0, int64_
   PK_WITH_STRIDE(stride, [&](auto st) {
     for (int64_t b = b0; b < b1; ++b) {
       const scalar_t* p = in + b * sB;
-      acc_t lane[kLanes] = {};
+      acc_t lane[Lanes] = {};
       int64_t r = 0;
-      for (; r + kLanes <= n; r += kLanes) {
-        for (int l = 0; l < kLanes; ++l) lane[l] += static_cast<acc_t>(p[(r + l) * st]);
+      for (; r + Lanes <= n; r += Lanes) {
+        for (int l = 0; l < Lanes; ++l) lane[l] += static_cast<acc_t>(p[(r + l) * st]);
       }
-      acc_t tail = 0;
-      for (; r < n; ++r) tail += static_cast<acc_t>(p[r * st]);
-      const acc_t sum = ((lane[0] + lane[1]) + (lane[2] + lane[3])) +
-                        ((lane[4] + lane[5]) + (lane[6] + lane[7])) + tail;
-      out[b] = static_cast<scalar_t>(sum * inv_n);
+      for (int l = 0; r < n; ++r, ++l) lane[l] += static_cast<acc_t>(p[r * st]);  // the tail
+      for (int width = Lanes / 2; width > 0; width /= 2) {
+        for (int l = 0; l < width; ++l) lane[l] += lane[l + width];
+      }
+      out[b] = static_cast<scalar_t>(lane[0] * inv_n);
     }
   });
 }
 
-// Merges two partial maxima as torch's serial rule would: the greater wins, ties keep the
-// earlier index, a NaN beats any number, and among NaNs the later index wins.
+// torch's serial max rule as a select: a later value wins if greater or NaN, so ties keep the
+// earlier one and a NaN, once in, stays. Branch-free, so that it vectorizes.
 template <typename acc_t>
-std::pair<acc_t, int64_t> merge_max(std::pair<acc_t, int64_t> a, std::pair<acc_t, int64_t> b) {
-  const bool a_nan = std::isnan(a.first), b_nan = std::isnan(b.first);
-  if (a_nan || b_nan) {
-    if (a_nan && b_nan) return a.second > b.second ? a : b;
-    return a_nan ? a : b;
-  }
-  if (a.first != b.first) return a.first > b.first ? a : b;
-  return a.second < b.second ? a : b;
+PK_INLINE acc_t max_step(acc_t best, acc_t v) {
+  return v > best || v != v ? v : best;
 }
 
-// One run, one pass: kLanes running maxima (branch-free, so it vectorizes), then merged.
-template <typename scalar_t, typename Stride>
-inline std::pair<max_t<scalar_t>, int64_t> run_max_impl(const scalar_t* p, int64_t n,
-                                                        Stride stride) {
+// K == 1 maxima of runs b0..b1, each in two passes over its run (the second from cache): the
+// value by Lanes running maxima that carry no index (cheap, vectorized), then its position as
+// the serial rule would pick it: the first element equal to it, or for a NaN the last NaN. The
+// output is the element found, so that a -0.0 / +0.0 tie keeps the first one's sign.
+template <int Lanes, typename scalar_t>
+PK_HOT_LOOP void run_maxima(const scalar_t* in, scalar_t* out, int64_t* idx, int64_t b0,
+                            int64_t b1, int64_t n, int64_t sB, int64_t stride) {
   using acc_t = max_t<scalar_t>;
-  acc_t best[kLanes];
-  int32_t arg[kLanes];  // n < 2^31 (checked): int32 lanes match float lanes
-  for (int l = 0; l < kLanes; ++l) {
-    best[l] = -std::numeric_limits<acc_t>::infinity();
-    arg[l] = l;  // a lane of -inf keeps its first index, as the serial rule does
-  }
-  int64_t r = 0;
-  for (; r + kLanes <= n; r += kLanes) {
-    for (int l = 0; l < kLanes; ++l) {
-      const acc_t v = static_cast<acc_t>(p[(r + l) * stride]);
-      const bool take = v > best[l] || v != v;
-      best[l] = take ? v : best[l];
-      arg[l] = take ? static_cast<int32_t>(r + l) : arg[l];
+  PK_WITH_STRIDE(stride, [&](auto st) {
+    for (int64_t b = b0; b < b1; ++b) {
+      const scalar_t* p = in + b * sB;
+      acc_t best[Lanes];
+      for (int l = 0; l < Lanes; ++l) best[l] = -std::numeric_limits<acc_t>::infinity();
+      int64_t r = 0;
+      for (; r + Lanes <= n; r += Lanes) {
+        for (int l = 0; l < Lanes; ++l) {
+          best[l] = max_step(best[l], static_cast<acc_t>(p[(r + l) * st]));
+        }
+      }
+      for (int l = 0; r < n; ++r, ++l) best[l] = max_step(best[l], static_cast<acc_t>(p[r * st]));
+      for (int width = Lanes / 2; width > 0; width /= 2) {
+        for (int l = 0; l < width; ++l) best[l] = max_step(best[l], best[l + width]);
+      }
+      // The search skips Lanes elements at a time while none matches (a vectorized test).
+      const acc_t m = best[0];
+      int64_t at = 0;
+      if (m != m) {  // the last NaN: blocks from the end
+        const auto is_nan = [&](int64_t q) { return std::isnan(static_cast<acc_t>(p[q * st])); };
+        int64_t end = n;
+        for (; end >= Lanes; end -= Lanes) {
+          int hits = 0;  // an int sum of tests: vectorizes, where a bool OR does not
+          for (int l = 0; l < Lanes; ++l) hits += is_nan(end - Lanes + l);
+          if (hits) break;
+        }
+        at = end - 1;
+        while (!is_nan(at)) --at;
+      } else {
+        const auto is_max = [&](int64_t q) { return static_cast<acc_t>(p[q * st]) == m; };
+        for (; at + Lanes <= n; at += Lanes) {
+          int hits = 0;  // an int sum of tests: vectorizes, where a bool OR does not
+          for (int l = 0; l < Lanes; ++l) hits += is_max(at + l);
+          if (hits) break;
+        }
+        while (!is_max(at)) ++at;
+      }
+      out[b] = p[at * st];
+      idx[b] = at;
     }
-  }
-  std::pair<acc_t, int64_t> result{-std::numeric_limits<acc_t>::infinity(), r < n ? r : 0};
-  for (int64_t q = r; q < n; ++q) {  // the tail, serially
-    const acc_t v = static_cast<acc_t>(p[q * stride]);
-    if (v > result.first || v != v) result = {v, q};
-  }
-  if (r > 0) {
-    for (int l = 0; l < kLanes; ++l) result = merge_max(result, {best[l], arg[l]});
-  }
-  return result;
-}
-
-template <typename scalar_t>
-PK_HOT_LOOP std::pair<max_t<scalar_t>, int64_t> run_max(const scalar_t* p, int64_t n,
-                                                        int64_t stride) {
-  return PK_WITH_STRIDE(stride, [&](auto st) { return run_max_impl(p, n, st); });
+  });
 }
 
 template <typename acc_t, typename scalar_t>
@@ -153,64 +170,53 @@ void reduce_fwd(const at::Tensor& x, at::Tensor& out, at::Tensor& indices, bool 
   const scalar_t* in = x.const_data_ptr<scalar_t>();
   scalar_t* o = out.data_ptr<scalar_t>();
   int64_t* idx = is_max ? indices.data_ptr<int64_t>() : nullptr;
-  const bool parallel = B * R * K > (1 << 15);
-  // K == 1: means one run at a time, in lanes; maxima so too for long runs.
-  constexpr int64_t kShortRun = 1024;
-  if (K == 1 && !is_max) {
-    constexpr int64_t kChunk = 256;  // runs per call
-#pragma omp parallel for schedule(static) if (parallel)
-    for (int64_t b0 = 0; b0 < B; b0 += kChunk) {
-      run_means(in, o, b0, std::min(b0 + kChunk, B), R, sB, sR);
-    }
-    return;
-  }
-  if (K == 1 && R >= kShortRun) {
-#pragma omp parallel for schedule(static) if (parallel)
-    for (int64_t b = 0; b < B; ++b) {
-      const auto [best, r] = run_max(in + b * sB, R, sR);
-      o[b] = static_cast<scalar_t>(best);
-      idx[b] = r;
-    }
-    return;
-  }
-  // Otherwise groups of columns reduced side by side: r outer, columns inner, one accumulator
-  // per column. K > 1: each b's K columns, so that when K is the unit-stride dim (NHWC
-  // global, NCHW channel pooling) every r step reads one contiguous row. K == 1 (short runs,
-  // e.g. 7x7 planes, max only): kRunBlock runs as the columns, independent chains instead
-  // of one short chain with a costly merge of lanes each.
-  constexpr int64_t kRunBlock = 64;
-  const bool runs = K == 1;
-  const int64_t width = runs ? kRunBlock : K, col_stride = runs ? sB : sK;
-  const int64_t groups = runs ? (B + kRunBlock - 1) / kRunBlock : B;
-#pragma omp parallel if (parallel)
-  {
-    std::vector<max_t<scalar_t>> sum(is_max ? 0 : width);
-    std::vector<max_t<scalar_t>> best(is_max ? width : 0);
-    std::vector<int32_t> arg(is_max ? width : 0);
-#pragma omp for schedule(static)
-    for (int64_t g = 0; g < groups; ++g) {
-      const int64_t first = g * width;  // the group's first output
-      const int64_t cols = std::min(width, B * K - first);
-      const scalar_t* base = in + (runs ? first * sB : g * sB);
+  // K == 1: one run at a time, each thread an even share of the runs.
+  if (K == 1) {
+    const int64_t grain = std::max<int64_t>(1, kReduceGrain / R);
+    at::parallel_for(0, B, grain, [&](int64_t b0, int64_t b1) {
       if (is_max) {
-        std::fill(best.begin(), best.end(), -std::numeric_limits<max_t<scalar_t>>::infinity());
+        // (8 lanes of maxima compile to branches, not selects: 32 for every length)
+        run_maxima<kLongLanes>(in, o, idx, b0, b1, R, sB, sR);
+      } else {
+        (R >= kLongRun ? run_means<kLongLanes, scalar_t> : run_means<kLanes, scalar_t>)(
+            in, o, b0, b1, R, sB, sR);
+      }
+    });
+    return;
+  }
+  // K > 1: columns reduced side by side, r outer, one accumulator per column, so that when K
+  // is the unit-stride dim (NHWC global, NCHW channel pooling) every r step reads one
+  // contiguous row. Columns go in blocks of kColumnBlock, whose accumulators stay in L1.
+  constexpr int64_t kColumnBlock = 2048;
+  const int64_t blocks = (K + kColumnBlock - 1) / kColumnBlock;
+  const int64_t grain = std::max<int64_t>(1, kReduceGrain / (R * std::min(K, kColumnBlock)));
+  at::parallel_for(0, B * blocks, grain, [&](int64_t g0, int64_t g1) {
+    const int64_t width = std::min(K, kColumnBlock);
+    std::vector<max_t<scalar_t>> acc(width);
+    std::vector<int32_t> arg(is_max ? width : 0);
+    for (int64_t g = g0; g < g1; ++g) {
+      const int64_t b = g / blocks, k0 = g % blocks * kColumnBlock;
+      const int64_t cols = std::min(kColumnBlock, K - k0);
+      const scalar_t* base = in + b * sB + k0 * sK;
+      scalar_t* o_row = o + b * K + k0;
+      if (is_max) {
+        std::fill(acc.begin(), acc.end(), -std::numeric_limits<max_t<scalar_t>>::infinity());
         std::fill(arg.begin(), arg.end(), 0);
         for (int64_t r = 0; r < R; ++r) {
-          max_row(best.data(), arg.data(), base + r * sR, static_cast<int32_t>(r), cols,
-                  col_stride);
+          max_row(acc.data(), arg.data(), base + r * sR, static_cast<int32_t>(r), cols, sK);
         }
         for (int64_t k = 0; k < cols; ++k) {
-          o[first + k] = static_cast<scalar_t>(best[k]);
-          idx[first + k] = arg[k];
+          o_row[k] = static_cast<scalar_t>(acc[k]);
+          idx[b * K + k0 + k] = arg[k];
         }
       } else {
-        std::fill(sum.begin(), sum.end(), max_t<scalar_t>(0));
-        for (int64_t r = 0; r < R; ++r) add_row(sum.data(), base + r * sR, cols, col_stride);
+        std::fill(acc.begin(), acc.end(), max_t<scalar_t>(0));
+        for (int64_t r = 0; r < R; ++r) add_row(acc.data(), base + r * sR, cols, sK);
         const max_t<scalar_t> inv_r = max_t<scalar_t>(1) / static_cast<max_t<scalar_t>>(R);
-        for (int64_t k = 0; k < cols; ++k) o[first + k] = static_cast<scalar_t>(sum[k] * inv_r);
+        for (int64_t k = 0; k < cols; ++k) o_row[k] = static_cast<scalar_t>(acc[k] * inv_r);
       }
     }
-  }
+  });
 }
 
 template <typename scalar_t>

@@ -69,15 +69,23 @@ class PoolReduceFunction(torch.autograd.Function):
         return _pool_reduce_bwd(grad_out, indices, ctx.R, ctx.is_max), None
 
 
+def _reduce(x: torch.Tensor, is_max: bool) -> torch.Tensor:
+    """The (B, R, K) view x reduced over R; through autograd only when a gradient is wanted
+    (Function.apply costs more than the kernel on small inputs)."""
+    if torch.is_grad_enabled() and x.requires_grad:
+        return PoolReduceFunction.apply(x, is_max)
+    return _pool_reduce_fwd(x, is_max)[0]
+
+
 def global_pool(x: torch.Tensor, is_max: bool) -> torch.Tensor:
     """(N, C, H, W) -> (N, C, 1, 1), in x's memory format."""
     N, C, H, W = x.shape
     if is_channels_last(x):
-        out = PoolReduceFunction.apply(x.permute(0, 2, 3, 1).reshape(N, H * W, C), is_max)
+        out = _reduce(x.permute(0, 2, 3, 1).reshape(N, H * W, C), is_max)
         return out.view(N, 1, 1, C).permute(0, 3, 1, 2)
     # NCHW; other strides are made contiguous first (the one copy in this family)
     x = x.contiguous()
-    return PoolReduceFunction.apply(x.view(N * C, H * W, 1), is_max).view(N, C, 1, 1)
+    return _reduce(x.view(N * C, H * W, 1), is_max).view(N, C, 1, 1)
 
 
 def channel_pool(x: torch.Tensor, is_max: bool) -> torch.Tensor:
@@ -85,10 +93,9 @@ def channel_pool(x: torch.Tensor, is_max: bool) -> torch.Tensor:
     the strides are the contiguous ones, as torch's x.mean(1, keepdim=True) gives."""
     N, C, H, W = x.shape
     if is_channels_last(x):
-        out = PoolReduceFunction.apply(x.permute(0, 2, 3, 1).reshape(N * H * W, C, 1), is_max)
-        return out.view(N, 1, H, W)
+        return _reduce(x.permute(0, 2, 3, 1).reshape(N * H * W, C, 1), is_max).view(N, 1, H, W)
     x = x.contiguous()
-    return PoolReduceFunction.apply(x.view(N, C, H * W), is_max).view(N, 1, H, W)
+    return _reduce(x.view(N, C, H * W), is_max).view(N, 1, H, W)
 
 
 # Windowed pooling: max_pool2d, avg_pool2d and their adaptive forms.
