@@ -11,6 +11,11 @@ NHWC memory a channel chunk is a contiguous vector of every pixel (weights: (K, 
 memory, also contiguous in c); in NCHW memory the pixels are contiguous instead. tl.dot
 accumulates in float32 (float64 for float64); float32 operands use TF32 when
 torch.backends.cuda.matmul.allow_tf32 allows it, else exact FMA products.
+
+Depthwise convs (Cg == 1) and the ops of a depthwise conv_transpose2d (Kg == 1, Cg small)
+take direct kernels instead (_direct_*: elementwise products over a group's few channels and
+the taps, float32 / float64 accumulation, no tl.dot), since their GEMM tiles would be almost
+all padding.
 """
 
 from __future__ import annotations
