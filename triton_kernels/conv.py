@@ -11,6 +11,11 @@ NHWC memory a channel chunk is a contiguous vector of every pixel (weights: (K, 
 memory, also contiguous in c); in NCHW memory the pixels are contiguous instead. tl.dot
 accumulates in float32 (float64 for float64); float32 operands use TF32 when
 torch.backends.cuda.matmul.allow_tf32 allows it, else exact FMA products.
+
+Depthwise convs (Cg == 1) and the ops of a depthwise conv_transpose2d (Kg == 1, Cg small)
+take direct kernels instead (_direct_*: elementwise products over a group's few channels and
+the taps, float32 / float64 accumulation, no tl.dot), since their GEMM tiles would be almost
+all padding.
 """
 
 from __future__ import annotations
@@ -274,6 +279,198 @@ def _sum_pieces_kernel(
     tl.store(out_ptr + i, round_for_bfloat16(acc, TO_BF16), mask=ok)
 
 
+# ---- Direct kernels: depthwise and other one-channel-per-group convolutions ------------
+#
+# A depthwise conv (Cg == 1, Kg = m) or the transposed depthwise conv's ops (Kg == 1, Cg = m)
+# reduces over at most a few channels, so a GEMM tile (>= 16 channels) is almost all padding.
+# These kernels compute each element directly: one program per tile of an image (y, dx, or
+# the dy a weight gradient reduces), a loop over the channels of its group and the taps. A tile
+# is [BLOCK_M, BLOCK_N] elements: NHWC [pixels, channels], NCHW [(n, c, row), columns], so its
+# contiguous axis is always the second. _image_tile returns each index as a [BLOCK_M, 1] or
+# [1, BLOCK_N] tensor; the loop bodies broadcast them and so serve both layouts.
+
+
+@jit_helper
+def _image_tile(
+    pid_m, pid_n, N, C, H, W,
+    CHANNELS_LAST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):  # fmt: skip
+    """(n, c, h, w, in range) of tile (pid_m, pid_n) of an (N, C, H, W) image, int64."""
+    m = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
+    j = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N).to(tl.int64)
+    if CHANNELS_LAST:  # m = (n, h, w) pixels, j = channels
+        w = (m % W)[:, None]
+        h = ((m // W) % H)[:, None]
+        n = (m // (W * H))[:, None]
+        c = j[None, :]
+        ok = (n < N) & (c < C)  # n < N, not m < N * H * W: that product may pass 2^31
+    else:  # m = (n, c, h) rows, j = columns
+        h = (m % H)[:, None]
+        c = ((m // H) % C)[:, None]
+        n = (m // (H * C))[:, None]
+        w = j[None, :]
+        ok = (n < N) & (w < W)
+    return n, c, h, w, ok
+
+
+def _image_grid(N, C, H, W, channels_last: bool):
+    """The launch grid of _image_tile's tiles, for a kernel's BLOCK_M and BLOCK_N."""
+    rows, cols = (N * H * W, C) if channels_last else (N * C * H, W)
+    return lambda meta: (triton.cdiv(rows, meta["BLOCK_M"]), triton.cdiv(cols, meta["BLOCK_N"]))
+
+
+@triton.jit
+def _direct_fwd_kernel(
+    x_ptr, w_ptr, b_ptr, y_ptr,
+    N, C, H, W, K, Ho, Wo, R, S, SH, SW, PH, PW, DH, DW, Cg, Kg,
+    HAS_BIAS: tl.constexpr, CHANNELS_LAST: tl.constexpr, ACC: tl.constexpr,
+    TO_BF16: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):  # fmt: skip
+    # y[n, k, p, q] = bias[k] + sum over (cg, r, s) of w[k, cg, r, s]
+    #     * x[n, (k // Kg) * Cg + cg, p * SH - PH + r * DH, q * SW - PW + s * DW]
+    n, k, p, q, out_ok = _image_tile(
+        tl.program_id(0), tl.program_id(1), N, K, Ho, Wo, CHANNELS_LAST, BLOCK_M, BLOCK_N
+    )
+    k_ok = k < K
+    c0 = (k // Kg) * Cg
+    x_cs = _channel_stride(H, W, CHANNELS_LAST)
+    wk, wc, wr, ws = _weight_strides(Cg, R, S, CHANNELS_LAST)
+    acc = tl.zeros([BLOCK_M, BLOCK_N], ACC)
+    for t in range(0, Cg * R * S):
+        cg = t // (R * S)
+        r = (t // S) % R
+        s = t % S
+        h = p * SH - PH + r * DH
+        w = q * SW - PW + s * DW
+        ok = out_ok & (h >= 0) & (h < H) & (w >= 0) & (w < W)  # outside: zero padding
+        at = _pixel_offset(n, h, w, C, H, W, CHANNELS_LAST) + (c0 + cg) * x_cs
+        xv = tl.load(x_ptr + at, mask=ok, other=0.0)
+        wv = tl.load(w_ptr + k * wk + (cg * wc + r * wr + s * ws), mask=k_ok, other=0.0)
+        acc += xv.to(ACC) * wv.to(ACC)
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + k, mask=k_ok, other=0.0).to(ACC)
+    out = _pixel_offset(n, p, q, K, Ho, Wo, CHANNELS_LAST) + k * _channel_stride(
+        Ho, Wo, CHANNELS_LAST
+    )
+    tl.store(y_ptr + out, round_for_bfloat16(acc, TO_BF16), mask=out_ok)
+
+
+@jit_helper
+def _reader(i, PAD, T, DIL, STRIDE, OUT):
+    """(o, valid) of the output o whose tap T reads image position i: o * STRIDE = i + PAD
+    - T * DIL exactly, 0 <= o < OUT. The dividend is clamped first: no negative division."""
+    num = i + PAD - T * DIL
+    o = tl.maximum(num, 0) // STRIDE
+    return o, (num >= 0) & (o * STRIDE == num) & (o < OUT)
+
+
+@triton.jit
+def _direct_bwd_input_kernel(
+    dy_ptr, w_ptr, b_ptr, dx_ptr,
+    N, C, H, W, K, Ho, Wo, R, S, SH, SW, PH, PW, DH, DW, Cg, Kg,
+    HAS_BIAS: tl.constexpr, CHANNELS_LAST: tl.constexpr, ACC: tl.constexpr,
+    TO_BF16: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):  # fmt: skip
+    # dx[n, c, i, j] = bias[c] + sum over the Kg output channels k of c's group and the taps
+    # (r, s) whose output (ho, wo) reads (i, j) of dy[n, k, ho, wo] * w[k, c % Cg, r, s]: a
+    # gather, each dx element written once (no atomics).
+    n, c, i, j, in_ok = _image_tile(
+        tl.program_id(0), tl.program_id(1), N, C, H, W, CHANNELS_LAST, BLOCK_M, BLOCK_N
+    )
+    c_ok = c < C
+    k0 = (c // Cg) * Kg
+    cg = c % Cg
+    dy_cs = _channel_stride(Ho, Wo, CHANNELS_LAST)
+    wk, wc, wr, ws = _weight_strides(Cg, R, S, CHANNELS_LAST)
+    acc = tl.zeros([BLOCK_M, BLOCK_N], ACC)
+    for t in range(0, Kg * R * S):
+        k = k0 + t // (R * S)
+        r = (t // S) % R
+        s = t % S
+        ho, ho_ok = _reader(i, PH, r, DH, SH, Ho)
+        wo, wo_ok = _reader(j, PW, s, DW, SW, Wo)
+        ok = in_ok & ho_ok & wo_ok
+        at = _pixel_offset(n, ho, wo, K, Ho, Wo, CHANNELS_LAST) + k * dy_cs
+        dyv = tl.load(dy_ptr + at, mask=ok, other=0.0)
+        wv = tl.load(w_ptr + k * wk + cg * wc + (r * wr + s * ws), mask=c_ok, other=0.0)
+        acc += dyv.to(ACC) * wv.to(ACC)
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + c, mask=c_ok, other=0.0).to(ACC)
+    out = _pixel_offset(n, i, j, C, H, W, CHANNELS_LAST) + c * _channel_stride(H, W, CHANNELS_LAST)
+    tl.store(dx_ptr + out, round_for_bfloat16(acc, TO_BF16), mask=in_ok)
+
+
+@triton.jit
+def _direct_bwd_weight_kernel(
+    dy_ptr, x_ptr, dw_ptr,
+    N, C, H, W, K, Ho, Wo, R, S, SH, SW, PH, PW, DH, DW, Cg, Kg, ROWS, ROW_CHUNK,
+    CHANNELS_LAST: tl.constexpr, ACC: tl.constexpr, TO_BF16: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):  # fmt: skip
+    # dw[k, cg, r, s] = sum over (n, p, q) of dy[n, k, p, q]
+    #     * x[n, (k // Kg) * Cg + cg, p * SH - PH + r * DH, q * SW - PW + s * DW].
+    # One program per (tap, cg, output channels: BLOCK_N of them in NHWC, one in NCHW) and per
+    # piece of ROW_CHUNK of dy's ROWS rows (program_id(1)): NHWC rows are pixels (n, p, q),
+    # NCHW rows (n, p) of Wo columns. Its [BLOCK_M, BLOCK_N] products are summed elementwise
+    # over the piece, then reduced in the tile. With more than one piece it writes float
+    # partial sums to dw_ptr's piece, summed in order by _sum_pieces_kernel.
+    pid = tl.program_id(0)
+    piece = tl.program_id(1)
+    rs = pid % (R * S)
+    r = rs // S
+    s = rs % S
+    cg = (pid // (R * S)) % Cg
+    k_tile = (pid // (R * S * Cg)).to(tl.int64)
+    if CHANNELS_LAST:  # a tile's columns: BLOCK_N channels
+        col_tiles = 1
+    else:  # a tile's columns: q, of the one channel k_tile
+        col_tiles = tl.cdiv(Wo, BLOCK_N)
+    row0 = piece.to(tl.int64) * ROW_CHUNK
+    row_end = tl.minimum(row0 + ROW_CHUNK, ROWS)
+    dy_cs = _channel_stride(Ho, Wo, CHANNELS_LAST)
+    x_cs = _channel_stride(H, W, CHANNELS_LAST)
+    acc = tl.zeros([BLOCK_M, BLOCK_N], ACC)
+    for t in range(0, tl.cdiv(row_end - row0, BLOCK_M) * col_tiles):
+        m = row0 + (t // col_tiles) * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
+        j = (t % col_tiles) * BLOCK_N + tl.arange(0, BLOCK_N).to(tl.int64)
+        if CHANNELS_LAST:
+            q = (m % Wo)[:, None]
+            p = ((m // Wo) % Ho)[:, None]
+            n = (m // (Wo * Ho))[:, None]
+            k = k_tile * BLOCK_N + j[None, :]
+            ok = (m < row_end)[:, None] & (k < K)
+        else:
+            p = (m % Ho)[:, None]
+            n = (m // Ho)[:, None]
+            q = j[None, :]
+            k = k_tile
+            ok = (m < row_end)[:, None] & (q < Wo)
+        dyv = tl.load(
+            dy_ptr + _pixel_offset(n, p, q, K, Ho, Wo, CHANNELS_LAST) + k * dy_cs,
+            mask=ok,
+            other=0.0,
+        )
+        h = p * SH - PH + r * DH
+        w = q * SW - PW + s * DW
+        x_ok = ok & (h >= 0) & (h < H) & (w >= 0) & (w < W)
+        c = (k // Kg) * Cg + cg
+        xv = tl.load(
+            x_ptr + _pixel_offset(n, h, w, C, H, W, CHANNELS_LAST) + c * x_cs,
+            mask=x_ok,
+            other=0.0,
+        )
+        acc += dyv.to(ACC) * xv.to(ACC)
+    wk, wc, wr, ws = _weight_strides(Cg, R, S, CHANNELS_LAST)
+    at = cg * wc + r * wr + s * ws + piece.to(tl.int64) * K * Cg * R * S
+    if CHANNELS_LAST:
+        k = k_tile * BLOCK_N + tl.arange(0, BLOCK_N).to(tl.int64)
+        total = round_for_bfloat16(tl.sum(acc, axis=0), TO_BF16)
+        tl.store(dw_ptr + at + k * wk, total, mask=k < K)
+    else:
+        total = round_for_bfloat16(tl.sum(tl.sum(acc, axis=1), axis=0), TO_BF16)
+        tl.store(dw_ptr + at + k_tile * wk, total)
+
+
 # ---- Launchers --------------------------------------------------------------------------
 
 # (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages): wgmma tiles for 16-bit and TF32 operands
@@ -363,6 +560,100 @@ def _pieces_target(device: torch.device) -> int:
 _FWD_KEY = ("N", "C", "H", "W", "K", "R", "S", "SH", "SW", "Cg")
 _BWD_WEIGHT_KEY = ("N", "C", "H", "W", "K", "R", "S", "SH", "SW", "Cg", "P_CHUNK")
 
+# The direct kernels' tiles, (BLOCK_M, BLOCK_N, num_warps) per layout: NCHW [rows, columns],
+# NHWC [pixels, channels]; the interpreter's are larger (it pays per op, not per element).
+_DIRECT_TILES = {
+    False: ((8, 128, 4), (16, 64, 4), (32, 32, 4), (64, 16, 4), (32, 64, 8)),
+    True: ((8, 128, 4), (16, 64, 4), (32, 32, 4), (64, 16, 4), (128, 8, 4)),
+}
+_DIRECT_INTERP_TILE = {False: (32, 16), True: (64, 16)}
+_DIRECT_MAX_CG = 8  # Kg == 1 groups of up to this many input channels also run direct
+_DIRECT_BWD_WEIGHT_KEY = (*_FWD_KEY, "ROW_CHUNK")
+
+
+def _direct(Cg: int, Kg: int) -> bool:
+    """True when the direct kernels serve a conv: depthwise (Cg == 1, Kg = the multiplier),
+    and the ops of a depthwise conv_transpose2d (weight (C, m, R, S): Kg == 1, Cg = m)."""
+    return Cg == 1 or (Kg == 1 and Cg <= _DIRECT_MAX_CG)
+
+
+@functools.cache
+def _direct_launcher(kernel, channels_last: bool):
+    """`kernel` autotuned over its layout's tiles (a fixed tile under the interpreter)."""
+    configs = [
+        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=warps)
+        for bm, bn, warps in _DIRECT_TILES[channels_last]
+    ]
+    key = _DIRECT_BWD_WEIGHT_KEY if kernel is _direct_bwd_weight_kernel else _FWD_KEY
+    interp = dict(zip(("BLOCK_M", "BLOCK_N"), _DIRECT_INTERP_TILE[channels_last], strict=True))
+    return autotune(configs, list(key), interp)(kernel)
+
+
+def _direct_fwd(x, weight, bias, y, stride, padding, dilation, Cg, Kg, channels_last):
+    N, C, H, W = x.shape
+    K, _, R, S = weight.shape
+    _, _, Ho, Wo = y.shape
+    _direct_launcher(_direct_fwd_kernel, channels_last)[_image_grid(N, K, Ho, Wo, channels_last)](
+        _native(x, channels_last), _native(weight, channels_last),
+        bias.contiguous() if bias is not None else x, y,
+        N, C, H, W, K, Ho, Wo, R, S, *stride, *padding, *dilation, Cg, Kg,
+        HAS_BIAS=bias is not None, CHANNELS_LAST=channels_last,
+        ACC=_dtype_args(x.dtype)["ACC"], TO_BF16=x.dtype == torch.bfloat16,
+    )  # fmt: skip
+    return y
+
+
+def _direct_bwd_input(grad_y, weight, bias, dx, stride, padding, dilation, Cg, Kg, channels_last):
+    N, C, H, W = dx.shape
+    K, _, R, S = weight.shape
+    _, _, Ho, Wo = grad_y.shape
+    launch = _direct_launcher(_direct_bwd_input_kernel, channels_last)
+    launch[_image_grid(N, C, H, W, channels_last)](
+        _native(grad_y, channels_last), _native(weight, channels_last),
+        bias.contiguous() if bias is not None else grad_y, dx,
+        N, C, H, W, K, Ho, Wo, R, S, *stride, *padding, *dilation, Cg, Kg,
+        HAS_BIAS=bias is not None, CHANNELS_LAST=channels_last,
+        ACC=_dtype_args(dx.dtype)["ACC"], TO_BF16=dx.dtype == torch.bfloat16,
+    )  # fmt: skip
+    return dx
+
+
+def _direct_bwd_weight(grad_y, x, dw, stride, padding, dilation, Cg, Kg, channels_last):
+    """dw by _direct_bwd_weight_kernel; pieces of rows as conv2d_bwd_weight cuts pixels."""
+    N, K, Ho, Wo = grad_y.shape
+    _, C, H, W = x.shape
+    _, _, R, S = dw.shape
+    rows, row_pixels = (N * Ho * Wo, 1) if channels_last else (N * Ho, Wo)
+    programs = (triton.cdiv(K, 32) if channels_last else K) * Cg * R * S
+    # Direct programs are light (4 warps, no shared memory): several per SM fill a GPU.
+    target = _pieces_target(x.device) * (1 if interpreted() else 4)
+    min_rows = triton.cdiv(64 if interpreted() else 2048, row_pixels)
+    pieces = max(1, min(triton.cdiv(target, programs), triton.cdiv(rows, min_rows)))
+    chunk = triton.cdiv(rows, pieces)
+    pieces = triton.cdiv(rows, chunk)
+    to_bf16 = x.dtype == torch.bfloat16
+    acc = _dtype_args(x.dtype)["ACC"]
+    if pieces > 1:
+        acc_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+        out = torch.empty((pieces, dw.numel()), dtype=acc_dtype, device=x.device)
+    else:
+        out = dw
+    grid = lambda meta: (  # noqa: E731
+        (triton.cdiv(K, meta["BLOCK_N"]) if channels_last else K) * Cg * R * S,
+        pieces,
+    )
+    _direct_launcher(_direct_bwd_weight_kernel, channels_last)[grid](
+        _native(grad_y, channels_last), _native(x, channels_last), out,
+        N, C, H, W, K, Ho, Wo, R, S, *stride, *padding, *dilation, Cg, Kg, rows, chunk,
+        CHANNELS_LAST=channels_last, ACC=acc, TO_BF16=to_bf16 and pieces == 1,
+    )  # fmt: skip
+    if pieces > 1:
+        block = 1024
+        _sum_pieces_kernel[(triton.cdiv(dw.numel(), block),)](
+            out, dw, dw.numel(), pieces, TO_BF16=to_bf16, BLOCK=block
+        )
+    return dw
+
 
 def conv2d_fwd(x, weight, bias, stride, padding, dilation, groups, channels_last, workspace_bytes):
     """y (N, K, Ho, Wo) = conv2d(x, weight) + bias[k]; one program per (pixel tile, output
@@ -375,6 +666,8 @@ def conv2d_fwd(x, weight, bias, stride, padding, dilation, groups, channels_last
     y = _new_4d(N, K, Ho, Wo, x.dtype, x.device, channels_last)
     if y.numel() == 0:
         return y
+    if _direct(Cg, Kg):
+        return _direct_fwd(x, weight, bias, y, stride, padding, dilation, Cg, Kg, channels_last)
     M = N * Ho * Wo
     launch = _launcher(
         _conv2d_fwd_kernel, _FWD_KEY, channels_last, x.dtype == torch.float64, (M, Kg, Cg), True
@@ -406,6 +699,10 @@ def conv2d_bwd_input(
     dx = _new_4d(N, C, H, W, grad_y.dtype, grad_y.device, channels_last)
     if dx.numel() == 0:
         return dx
+    if _direct(Cg, Kg):
+        return _direct_bwd_input(
+            grad_y, weight, bias, dx, stride, padding, dilation, Cg, Kg, channels_last
+        )
     (sh, sw), (dh, dw) = stride, dilation
     gcd_h, gcd_w = math.gcd(dh, sh), math.gcd(dw, sw)
     # The inverse of d / gcd modulo s / gcd names the first tap of each phase (_phase_taps).
@@ -446,6 +743,8 @@ def conv2d_bwd_weight(
     P = N * Ho * Wo
     if P == 0:
         return dw.zero_()  # an empty sum
+    if _direct(Cg, Kg):
+        return _direct_bwd_weight(grad_y, x, dw, stride, padding, dilation, Cg, Kg, channels_last)
     args = _dtype_args(x.dtype)
     tiles = groups * triton.cdiv(Kg, 64) * triton.cdiv(Cg, 64) * R * S
     min_chunk = 64 if interpreted() else 2048  # enough pixels a piece to hide its launch

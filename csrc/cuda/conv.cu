@@ -16,6 +16,10 @@
 // one image per chunk); the buffer is allocated once per call and reused by every chunk.
 // col2im is a gather per input element, so dx is deterministic; bwd_weight accumulates the
 // chunks with GEMMs in chunk order (deterministic for a given cuBLAS algorithm).
+//
+// Depthwise convs (Cg == 1) and the ops of a depthwise conv_transpose2d (Kg == 1, Cg small)
+// skip columns and GEMMs: direct kernels (direct_conv) compute each element from the image, the
+// weight gradient as per-block partials over pieces of pixels summed in a fixed order.
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/core/grad_mode.h>
@@ -31,6 +35,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <optional>
+#include <type_traits>
 #include <vector>
 
 #include "common/checks.h"
@@ -163,6 +168,192 @@ __global__ void col2im_nhwc_kernel(const scalar_t* __restrict__ cols,
       }
     }
     dx[i] = static_cast<scalar_t>(sum);
+  }
+}
+
+// Direct kernels. A depthwise conv (Cg == 1, Kg = the multiplier m) and the three ops of a
+// depthwise conv_transpose2d (weight (C, m, R, S): Kg == 1, Cg = m) reduce over at most a few
+// channels, so their per-group GEMMs are slivers and the columns cost more than the math: these
+// kernels compute each element directly from the image, in either layout. A thread per output
+// element (consecutive threads along w in NCHW, along c in NHWC: coalesced); the weights, read
+// by many threads, through the read-only cache.
+
+// Offset of element (n, c, h, w) of an (N, C, H, W) image, NHWC in memory when kChannelsLast.
+template <bool kChannelsLast>
+__device__ __forceinline__ int64_t image_offset(int64_t n, int64_t c, int64_t h, int64_t w,
+                                                int64_t C, int64_t H, int64_t W) {
+  return kChannelsLast ? ((n * H + h) * W + w) * C + c : ((n * C + c) * H + h) * W + w;
+}
+
+struct ImageCoord {
+  int64_t n, c, h, w;
+};
+
+// The inverse of image_offset: (n, c, h, w) of element i.
+template <bool kChannelsLast>
+__device__ __forceinline__ ImageCoord image_coord(int64_t i, int64_t C, int64_t H, int64_t W) {
+  if (kChannelsLast) {
+    const DivMod a = divmod(i, C);    // a.r = c
+    const DivMod b = divmod(a.q, W);  // b.r = w
+    const DivMod d = divmod(b.q, H);  // d.r = h, d.q = n
+    return {d.q, a.r, d.r, b.r};
+  }
+  const DivMod a = divmod(i, W);    // a.r = w
+  const DivMod b = divmod(a.q, H);  // b.r = h
+  const DivMod d = divmod(b.q, C);  // d.r = c, d.q = n
+  return {d.q, d.r, b.r, a.r};
+}
+
+// Offset of w[k, cg, r, s] of a (K, Cg, R, S) weight, (K, R, S, Cg) in memory when kChannelsLast.
+template <bool kChannelsLast>
+__device__ __forceinline__ int64_t weight_offset(int64_t k, int64_t cg, int64_t r, int64_t s,
+                                                 const ConvGeom& g) {
+  return kChannelsLast ? ((k * g.R + r) * g.S + s) * g.Cg + cg
+                       : ((k * g.Cg + cg) * g.R + r) * g.S + s;
+}
+
+// *p through the read-only data cache (__ldg has no overload for c10's 16-bit types: load
+// their bits).
+template <typename scalar_t>
+__device__ __forceinline__ scalar_t load_readonly(const scalar_t* p) {
+  if constexpr (std::is_same_v<scalar_t, c10::Half> || std::is_same_v<scalar_t, c10::BFloat16>) {
+    return scalar_t(__ldg(reinterpret_cast<const unsigned short*>(p)), scalar_t::from_bits());
+  } else {
+    return __ldg(p);
+  }
+}
+
+// y[n, k, p, q] = bias[k] + sum over (cg, r, s) of w[k, cg, r, s]
+//     * x[n, (k / Kg) * Cg + cg, p * sh - ph + r * dh, q * sw - pw + s * dw]; taps in the padding
+// add nothing.
+template <typename scalar_t, bool kChannelsLast>
+__global__ void direct_fwd_kernel(const scalar_t* __restrict__ x, const scalar_t* __restrict__ w,
+                                  const scalar_t* __restrict__ bias, scalar_t* __restrict__ y,
+                                  int64_t total, ConvGeom g) {
+  using acc_t = at::opmath_type<scalar_t>;
+  PK_GRID_STRIDE_LOOP(i, total) {
+    const ImageCoord o = image_coord<kChannelsLast>(i, g.K, g.Ho, g.Wo);  // (n, k, p, q)
+    const int64_t c0 = (o.c / g.Kg) * g.Cg;
+    acc_t sum = bias != nullptr ? static_cast<acc_t>(load_readonly(bias + o.c)) : acc_t(0);
+    for (int64_t cg = 0; cg < g.Cg; ++cg) {
+      for (int64_t r = 0; r < g.R; ++r) {
+        const int64_t h = o.h * g.sh - g.ph + r * g.dh;
+        if (h < 0 || h >= g.H) continue;
+        for (int64_t s = 0; s < g.S; ++s) {
+          const int64_t col = o.w * g.sw - g.pw + s * g.dw;
+          if (col < 0 || col >= g.W) continue;
+          const acc_t xv = static_cast<acc_t>(
+              x[image_offset<kChannelsLast>(o.n, c0 + cg, h, col, g.C, g.H, g.W)]);
+          const acc_t wv =
+              static_cast<acc_t>(load_readonly(w + weight_offset<kChannelsLast>(o.c, cg, r, s, g)));
+          sum += xv * wv;
+        }
+      }
+    }
+    y[i] = static_cast<scalar_t>(sum);
+  }
+}
+
+// dx[n, c, i, j] = bias[c] + sum over the Kg output channels k of c's group and the taps (r, s)
+// whose output (ho, wo) reads (i, j) (reader_of) of dy[n, k, ho, wo] * w[k, c % Cg, r, s]: a
+// gather, every dx element written once by its own thread (no atomics).
+template <typename scalar_t, bool kChannelsLast>
+__global__ void direct_bwd_input_kernel(const scalar_t* __restrict__ dy,
+                                        const scalar_t* __restrict__ w,
+                                        const scalar_t* __restrict__ bias,
+                                        scalar_t* __restrict__ dx, int64_t total, ConvGeom g) {
+  using acc_t = at::opmath_type<scalar_t>;
+  PK_GRID_STRIDE_LOOP(i, total) {
+    const ImageCoord e = image_coord<kChannelsLast>(i, g.C, g.H, g.W);
+    const DivMod grp = divmod(e.c, g.Cg);  // grp.q = group, grp.r = cg
+    acc_t sum = bias != nullptr ? static_cast<acc_t>(load_readonly(bias + e.c)) : acc_t(0);
+    for (int64_t j = 0; j < g.Kg; ++j) {
+      const int64_t k = grp.q * g.Kg + j;
+      for (int64_t r = 0; r < g.R; ++r) {
+        const int64_t ho = reader_of(e.h, r, g.sh, g.ph, g.dh, g.Ho);
+        if (ho < 0) continue;
+        for (int64_t s = 0; s < g.S; ++s) {
+          const int64_t wo = reader_of(e.w, s, g.sw, g.pw, g.dw, g.Wo);
+          if (wo < 0) continue;
+          const acc_t dyv =
+              static_cast<acc_t>(dy[image_offset<kChannelsLast>(e.n, k, ho, wo, g.K, g.Ho, g.Wo)]);
+          const acc_t wv = static_cast<acc_t>(
+              load_readonly(w + weight_offset<kChannelsLast>(k, grp.r, r, s, g)));
+          sum += dyv * wv;
+        }
+      }
+    }
+    dx[i] = static_cast<scalar_t>(sum);
+  }
+}
+
+// Threads of a direct_bwd_weight_kernel block: kLanesK output channels (threadIdx.x) by
+// kLanesP pixel lanes (threadIdx.y). NHWC: 32 channels, contiguous in memory; NCHW: one channel,
+// whose pixels are contiguous.
+template <bool kChannelsLast>
+struct WeightGradLanes {
+  static constexpr int kLanesK = kChannelsLast ? 32 : 1;
+  static constexpr int kLanesP = kThreads / kLanesK;
+};
+
+// Partial weight gradients: part[piece][o] for element o (in dw's memory order) of
+// dw[k, cg, r, s] = sum over pixels (n, p, q) of dy[n, k, p, q]
+//     * x[n, (k / Kg) * Cg + cg, p * sh - ph + r * dh, q * sw - pw + s * dw],
+// over the pixels [piece * chunk, (piece + 1) * chunk) of all N * Ho * Wo (blockIdx.y = piece).
+// blockIdx.x = ((k tile * Cg + cg) * R + r) * S + s. Each thread sums its pixel lane in order,
+// then the block adds its lanes in a fixed tree: deterministic, no atomics.
+template <typename scalar_t, bool kChannelsLast>
+__global__ void direct_bwd_weight_kernel(const scalar_t* __restrict__ dy,
+                                         const scalar_t* __restrict__ x,
+                                         at::opmath_type<scalar_t>* __restrict__ part,
+                                         int64_t pixels, int64_t chunk, ConvGeom g) {
+  using acc_t = at::opmath_type<scalar_t>;
+  using Lanes = WeightGradLanes<kChannelsLast>;
+  __shared__ acc_t lanes[Lanes::kLanesP][Lanes::kLanesK];
+  const DivMod a = divmod(blockIdx.x, g.S);  // a.r = s
+  const DivMod b = divmod(a.q, g.R);         // b.r = r
+  const DivMod d = divmod(b.q, g.Cg);        // d.r = cg, d.q = k tile
+  const int64_t k = d.q * Lanes::kLanesK + threadIdx.x;
+  const int64_t c = (k / g.Kg) * g.Cg + d.r;
+  const int64_t begin = blockIdx.y * chunk;
+  const int64_t end = std::min(begin + chunk, pixels);
+  acc_t sum = 0;
+  if (k < g.K) {
+    for (int64_t pix = begin + threadIdx.y; pix < end; pix += Lanes::kLanesP) {
+      const DivMod u = divmod(pix, g.Wo);  // u.r = q
+      const DivMod v = divmod(u.q, g.Ho);  // v.r = p, v.q = n
+      const int64_t h = v.r * g.sh - g.ph + b.r * g.dh;
+      const int64_t col = u.r * g.sw - g.pw + a.r * g.dw;
+      if (h < 0 || h >= g.H || col < 0 || col >= g.W) continue;
+      const acc_t dyv =
+          static_cast<acc_t>(dy[image_offset<kChannelsLast>(v.q, k, v.r, u.r, g.K, g.Ho, g.Wo)]);
+      const acc_t xv =
+          static_cast<acc_t>(x[image_offset<kChannelsLast>(v.q, c, h, col, g.C, g.H, g.W)]);
+      sum += dyv * xv;
+    }
+  }
+  lanes[threadIdx.y][threadIdx.x] = sum;
+  __syncthreads();
+  for (int half = Lanes::kLanesP / 2; half > 0; half /= 2) {
+    if (threadIdx.y < half) {
+      lanes[threadIdx.y][threadIdx.x] += lanes[threadIdx.y + half][threadIdx.x];
+    }
+    __syncthreads();
+  }
+  if (threadIdx.y == 0 && k < g.K) {
+    part[blockIdx.y * g.K * g.CgRS + weight_offset<kChannelsLast>(k, d.r, b.r, a.r, g)] =
+        lanes[0][threadIdx.x];
+  }
+}
+
+// dw[o] = sum over pieces of part[piece][o], in piece order.
+template <typename scalar_t>
+__global__ void sum_pieces_kernel(const at::opmath_type<scalar_t>* __restrict__ part,
+                                  scalar_t* __restrict__ dw, int64_t total, int64_t pieces) {
+  PK_GRID_STRIDE_LOOP(i, total) {
+    at::opmath_type<scalar_t> sum = part[i];
+    for (int64_t piece = 1; piece < pieces; ++piece) sum += part[piece * total + i];
+    dw[i] = static_cast<scalar_t>(sum);
   }
 }
 
@@ -305,6 +496,95 @@ void launch_col2im(const at::Tensor& buffer, const std::optional<at::Tensor>& bi
   });
 }
 
+// The direct kernels serve a conv when its groups reduce over one channel, or over a few.
+constexpr int64_t kDirectMaxCg = 8;
+
+bool direct_conv(const ConvGeom& g) { return g.Cg == 1 || (g.Kg == 1 && g.Cg <= kDirectMaxCg); }
+
+void launch_direct_fwd(const at::Tensor& x, const at::Tensor& weight,
+                       const std::optional<at::Tensor>& bias, const at::Tensor& y,
+                       const ConvGeom& g, bool channels_last, cudaStream_t stream) {
+  const int64_t total = y.numel();
+  const int64_t blocks = blocks_for(total);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, y.scalar_type(), "conv2d direct",
+                                  [&] {
+    const auto* in = x.const_data_ptr<scalar_t>();
+    const auto* w = weight.const_data_ptr<scalar_t>();
+    const scalar_t* b = bias.has_value() ? bias->const_data_ptr<scalar_t>() : nullptr;
+    auto* out = y.data_ptr<scalar_t>();
+    if (channels_last) {
+      direct_fwd_kernel<scalar_t, true><<<blocks, kThreads, 0, stream>>>(in, w, b, out, total, g);
+    } else {
+      direct_fwd_kernel<scalar_t, false><<<blocks, kThreads, 0, stream>>>(in, w, b, out, total, g);
+    }
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+}
+
+void launch_direct_bwd_input(const at::Tensor& grad_y, const at::Tensor& weight,
+                             const std::optional<at::Tensor>& bias, const at::Tensor& dx,
+                             const ConvGeom& g, bool channels_last, cudaStream_t stream) {
+  const int64_t total = dx.numel();
+  const int64_t blocks = blocks_for(total);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dx.scalar_type(),
+                                  "conv2d direct bwd_input", [&] {
+    const auto* dy = grad_y.const_data_ptr<scalar_t>();
+    const auto* w = weight.const_data_ptr<scalar_t>();
+    const scalar_t* b = bias.has_value() ? bias->const_data_ptr<scalar_t>() : nullptr;
+    auto* out = dx.data_ptr<scalar_t>();
+    if (channels_last) {
+      direct_bwd_input_kernel<scalar_t, true><<<blocks, kThreads, 0, stream>>>(dy, w, b, out,
+                                                                               total, g);
+    } else {
+      direct_bwd_input_kernel<scalar_t, false><<<blocks, kThreads, 0, stream>>>(dy, w, b, out,
+                                                                                total, g);
+    }
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+}
+
+// dweight in pieces of pixels: as many blocks as fill the device (8 of kThreads per SM), each
+// piece at least kMinPiecePixels, then the pieces' float partials summed in order.
+void launch_direct_bwd_weight(const at::Tensor& grad_y, const at::Tensor& x,
+                              const at::Tensor& dweight, const ConvGeom& g, bool channels_last,
+                              cudaStream_t stream) {
+  constexpr int64_t kMinPiecePixels = 4096;
+  const int64_t pixels = x.size(0) * g.L;
+  const int lanes_k =
+      channels_last ? WeightGradLanes<true>::kLanesK : WeightGradLanes<false>::kLanesK;
+  const int64_t blocks = (g.K + lanes_k - 1) / lanes_k * g.CgRS;
+  int sms = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, x.get_device()));
+  const int64_t wanted = (8 * sms + blocks - 1) / blocks;
+  int64_t pieces = std::clamp<int64_t>(
+      std::min(wanted, (pixels + kMinPiecePixels - 1) / kMinPiecePixels), 1, 65535);
+  const int64_t chunk = (pixels + pieces - 1) / pieces;
+  pieces = (pixels + chunk - 1) / chunk;
+  const int64_t total = dweight.numel();
+  const at::Tensor part = at::empty({pieces * total},
+                                    x.options().dtype(at::toOpMathType(x.scalar_type())));
+  const dim3 grid(static_cast<unsigned>(blocks), static_cast<unsigned>(pieces));
+  const dim3 block(lanes_k, kThreads / lanes_k);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(),
+                                  "conv2d direct bwd_weight", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const auto* dy = grad_y.const_data_ptr<scalar_t>();
+    const auto* in = x.const_data_ptr<scalar_t>();
+    auto* partials = part.data_ptr<acc_t>();
+    if (channels_last) {
+      direct_bwd_weight_kernel<scalar_t, true><<<grid, block, 0, stream>>>(dy, in, partials,
+                                                                           pixels, chunk, g);
+    } else {
+      direct_bwd_weight_kernel<scalar_t, false><<<grid, block, 0, stream>>>(dy, in, partials,
+                                                                            pixels, chunk, g);
+    }
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    sum_pieces_kernel<scalar_t><<<blocks_for(total), kThreads, 0, stream>>>(
+        partials, dweight.data_ptr<scalar_t>(), total, pieces);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+}
+
 }  // namespace
 
 at::Tensor conv2d_fwd_cuda(const at::Tensor& x, const at::Tensor& weight,
@@ -331,6 +611,10 @@ at::Tensor conv2d_fwd_cuda(const at::Tensor& x, const at::Tensor& weight,
   if (y.numel() == 0) return y;
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   poison_output(y, stream);
+  if (direct_conv(g)) {
+    launch_direct_fwd(x, weight, bias, y, g, channels_last, stream);
+    return y;
+  }
 
   const bool direct = pointwise(g);
   const int64_t nb =
@@ -402,6 +686,10 @@ at::Tensor conv2d_bwd_input_cuda(const at::Tensor& grad_y, const at::Tensor& wei
   if (dx.numel() == 0) return dx;
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   poison_output(dx, stream);
+  if (direct_conv(g)) {
+    launch_direct_bwd_input(grad_y, weight, bias, dx, g, channels_last, stream);
+    return dx;
+  }
 
   // Pointwise: the GEMM writes dx itself (with the bias); else cols, then col2im.
   const bool direct = pointwise(g);
@@ -474,6 +762,10 @@ at::Tensor conv2d_bwd_weight_cuda(const at::Tensor& grad_y, const at::Tensor& x,
   if (N == 0) return dweight.zero_();  // a sum over no images
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   poison_output(dweight, stream);
+  if (direct_conv(g)) {
+    launch_direct_bwd_weight(grad_y, x, dweight, g, channels_last, stream);
+    return dweight;
+  }
 
   // dW_g (Kg, CgRS) = sum over images of dY_g @ cols_g^T: the first chunk's GEMM writes every
   // element, later chunks add theirs. NCHW: cols (CRS, nc * L) and dY copied to (K, nc * L),
