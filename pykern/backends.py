@@ -113,11 +113,17 @@ def table(family: str, op: str) -> dict[str, Callable]:
     def triton_impl(*args):
         return getattr(importlib.import_module(f"pykern.triton_kernels.{family}"), op)(*args)
 
-    return {
-        "cpu": lambda *args: getattr(_ext._C, f"{op}_cpu")(*args),
-        "cuda": lambda *args: getattr(_ext._C, f"{op}_cuda")(*args),
-        "triton": triton_impl,
-    }
+    def native(name: str) -> Callable:
+        found: list[Callable] = []  # the _C function, once looked up
+
+        def impl(*args):
+            if not found:
+                found.append(getattr(_ext._C, name))
+            return found[0](*args)
+
+        return impl
+
+    return {"cpu": native(f"{op}_cpu"), "cuda": native(f"{op}_cuda"), "triton": triton_impl}
 
 
 def _plain_eager(x: object) -> bool:
@@ -140,7 +146,7 @@ def caller(op_name: str, table: dict[str, Callable]) -> Callable:
 
     def call(x: torch.Tensor, *args):
         if _plain_eager(x):
-            return dispatch(table, x.device, op_name)(x, *args)
+            return table[pick(x.device, op_name)](x, *args)
         return getattr(torch.ops.pykern, op_name)(x, *args)
 
     call.__name__ = op_name

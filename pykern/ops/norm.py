@@ -32,6 +32,12 @@ def acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def _in_acc(t: Tensor | None, acc: torch.dtype) -> Tensor | None:
+    """t converted to the accumulation type (a no-op call skipped: it costs a microsecond or
+    two on every call of a small normalization)."""
+    return t if t is None or t.dtype == acc else t.to(acc)
+
+
 def _vector(x: Tensor, shape) -> Tensor:
     return x.new_empty(shape, dtype=acc_dtype(x.dtype))
 
@@ -247,8 +253,7 @@ def row_norm(
     """x, residual: contiguous (B, C, K) views; weight, bias: (C,) in any float dtype.
     Returns (y, x + residual or None)."""
     acc = acc_dtype(x.dtype)
-    weight = None if weight is None else weight.to(acc)
-    bias = None if bias is None else bias.to(acc)
+    weight, bias = _in_acc(weight, acc), _in_acc(bias, acc)
     if _needs_grad(x, residual, weight, bias):
         y, s = RowNormFunction.apply(x, residual, weight, bias, eps, rms)
     else:
@@ -328,12 +333,11 @@ def update_running_stats(
 ) -> None:
     """torch's rule: running = (1 - momentum) * running + momentum * batch, the variance
     unbiased (count / (count - 1))."""
-    with torch.no_grad():
+    with torch.no_grad():  # two in-place ops per tensor: this runs on every training call
         if running_mean is not None:
-            running_mean.mul_(1 - momentum).add_(mean.to(running_mean.dtype), alpha=momentum)
-        if running_var is not None:
-            unbiased = var * (count / (count - 1))
-            running_var.mul_(1 - momentum).add_(unbiased.to(running_var.dtype), alpha=momentum)
+            running_mean.mul_(1 - momentum).add_(mean, alpha=momentum)
+        if running_var is not None:  # the unbiasing factor folded into the scalar
+            running_var.mul_(1 - momentum).add_(var, alpha=momentum * count / (count - 1))
 
 
 def batch_norm(
@@ -352,8 +356,7 @@ def batch_norm(
     """x, residual: contiguous (B, C, K) views, already validated; training uses (and, when
     given, updates) the batch statistics, over all ranks of `group` when it is not None."""
     acc = acc_dtype(x.dtype)
-    weight = None if weight is None else weight.to(acc)
-    bias = None if bias is None else bias.to(acc)
+    weight, bias = _in_acc(weight, acc), _in_acc(bias, acc)
     if training:
         mean, var = _batch_norm_stats(x.detach())  # BatchNormFunction's backward covers them
         count = x.shape[0] * x.shape[2]
@@ -361,7 +364,7 @@ def batch_norm(
             mean, var, count = sync_stats(mean, var, count, group)
         update_running_stats(running_mean, running_var, mean, var, count, momentum)
     else:
-        mean, var, count = running_mean.to(acc), running_var.to(acc), 0
+        mean, var, count = _in_acc(running_mean, acc), _in_acc(running_var, acc), 0
     if _needs_grad(x, weight, bias, residual):
         return BatchNormFunction.apply(
             x, weight, bias, residual, mean, var, eps, relu, count, group
