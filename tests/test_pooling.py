@@ -76,6 +76,39 @@ def test_max_propagates_nan_and_keeps_first_of_ties(target, op, layout):
     torch.testing.assert_close(fn(x), ref_fn(x), equal_nan=True, rtol=0, atol=0)
 
 
+def _serial_max(run):
+    """torch's serial max rule over one run: a later value wins if greater or NaN."""
+    best, at = float("-inf"), 0
+    for i, v in enumerate(run.tolist()):
+        if v > best or v != v:
+            best, at = v, i
+    return at
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("R", [8, 64, 75, 300])  # short and long runs, with and without a tail
+def test_reduce_max_index_follows_the_serial_rule(target, R, dtype):
+    # Runs along dim 1 of (B, R, 1), as channel pooling of NHWC and global pooling of NCHW are.
+    x = torch.randn(9, R, 1, dtype=dtype, device=target.device)
+    x[1] = 2.0  # every element ties: the first
+    x[2, R // 3] = float("nan")  # NaNs: the last one, wherever the lanes put it
+    x[2, R // 2] = float("nan")
+    x[3] = float("-inf")  # all -inf: the first
+    x[4, 0], x[4, R - 1] = float("inf"), float("-inf")  # +inf and -inf, no NaN
+    x[5, R // 4 :: 3] = 5.0  # ties in different lanes: the first
+    x[6, R - 1] = float("nan")  # a NaN in the last element
+    x[7, 0] = float("nan")  # a NaN in the first element
+    x[8, 1::2] = -0.0  # -0.0 / +0.0 ties keep the first one's sign
+    x[8, 0::2] = 0.0
+    out, indices = torch.ops.pykern.pool_reduce_fwd(x, True)
+    expected = torch.tensor([[_serial_max(run)] for run in x[:, :, 0].float()])
+    assert torch.equal(indices.cpu(), expected)
+    picked = x.gather(1, expected.to(x.device)[:, :, None])[:, 0]
+    assert torch.equal(out.isnan(), picked.isnan())
+    assert torch.equal(torch.nan_to_num(out), torch.nan_to_num(picked))
+    assert torch.equal(out[8].signbit(), picked[8].signbit())
+
+
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("fill", ["ties", "all_minus_inf"])
 def test_max_gradient_goes_to_torchs_index(target, fill, layout):

@@ -10,6 +10,9 @@
 // strided view (B, R, K) is reduced over R into a contiguous (B, K). pykern/ops/pooling.py
 // builds the view so that no layout is copied: global pooling of NCHW is (N*C, H*W, 1), of
 // NHWC (N, H*W, C); channel pooling of NCHW is (N, C, H*W), of NHWC (N*H*W, C, 1).
+// The vector types travel only between always-inline functions (cpu_vec.h): no ABI involved.
+#pragma GCC diagnostic ignored "-Wpsabi"
+
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
@@ -25,6 +28,7 @@
 
 #include "common/checks.h"
 #include "common/cpu_hot_loop.h"
+#include "common/cpu_vec.h"
 #include "common/poison.h"
 #include "common/pool_window.h"
 #include "pykern.h"
@@ -33,19 +37,26 @@ namespace pykern {
 namespace {
 
 // Sums and maxima run in at::opmath_type (float for float, half and bfloat16, as torch's): sums
-// in kLanes independent partials, which keeps the float error chain short over long
-// reductions (112x112 planes) and vectorizes; maxima likewise in kLanes running maxima.
+// in kShortLanes independent partials, which keeps the float error chain short over long
+// reductions (112x112 planes) and vectorizes; maxima in vectors of running maxima.
 template <typename scalar_t>
 using max_t = at::opmath_type<scalar_t>;
 
 // Independent partials: one AVX2 register of floats for short runs, whose combining at the end
 // must stay cheap; four for long runs (kLongRun elements or more), so that their adds overlap
 // instead of waiting on one register's latency. Combined pairwise at the end.
-constexpr int kLanes = 8;
+constexpr int kShortLanes = 8;
 constexpr int kLongLanes = 32;
 constexpr int64_t kLongRun = 256;
 
 // Unit-stride runs (the common case) get a loop of their own, which the compiler vectorizes.
+// The loop is a lambda forced inline: out of line it would be compiled for the default target
+// only, not for the AVX2 clone of the function that holds it.
+#if defined(__GNUC__)
+#define PK_INLINE_LAMBDA __attribute__((always_inline))
+#else
+#define PK_INLINE_LAMBDA
+#endif
 #define PK_WITH_STRIDE(stride, ...)                                  \
   ((stride) == 1 ? __VA_ARGS__(std::integral_constant<int64_t, 1>{}) \
                  : __VA_ARGS__(stride))
@@ -60,7 +71,7 @@ PK_HOT_LOOP void run_means(const scalar_t* in, scalar_t* out, int64_t b0, int64_
                            int64_t sB, int64_t stride) {
   using acc_t = at::opmath_type<scalar_t>;
   const acc_t inv_n = acc_t(1) / static_cast<acc_t>(n);
-  PK_WITH_STRIDE(stride, [&](auto st) {
+  PK_WITH_STRIDE(stride, [&](auto st) PK_INLINE_LAMBDA {
     for (int64_t b = b0; b < b1; ++b) {
       const scalar_t* p = in + b * sB;
       acc_t lane[Lanes] = {};
@@ -84,53 +95,142 @@ PK_INLINE acc_t max_step(acc_t best, acc_t v) {
   return v > best || v != v ? v : best;
 }
 
-// K == 1 maxima of runs b0..b1, each in two passes over its run (the second from cache): the
-// value by Lanes running maxima that carry no index (cheap, vectorized), then its position as
-// the serial rule would pick it: the first element equal to it, or for a NaN the last NaN. The
-// output is the element found, so that a -0.0 / +0.0 tie keeps the first one's sign.
-template <int Lanes, typename scalar_t>
+// Lanes consecutive elements of a run as an opmath vector (float and double loaded as they are).
+template <typename scalar_t, typename St>
+PK_INLINE vec_t<max_t<scalar_t>> vload_run(const scalar_t* p, St st) {
+  using acc_t = max_t<scalar_t>;
+  if constexpr (std::is_same_v<scalar_t, acc_t> &&
+                std::is_same_v<St, std::integral_constant<int64_t, 1>>) {
+    return vload(p);
+  } else {
+    acc_t lane[kLanes<acc_t>];
+    for (int l = 0; l < kLanes<acc_t>; ++l) lane[l] = static_cast<acc_t>(p[l * st]);
+    return vload(lane);
+  }
+}
+
+// Whether candidate (v, i) beats (best, at) under torch's serial max rule, whichever of the two
+// comes first: a NaN beats any number and an earlier NaN; among numbers the greater wins, a tie
+// the earlier one (the tails of the runs).
+template <typename T, typename I>
+PK_INLINE auto beats(T v, I i, T best, I at) {
+  const auto v_nan = v != v, best_nan = best != best;
+  return (v_nan & ((best_nan == 0) | (i > at))) |
+         (((v_nan | best_nan) == 0) & ((v > best) | ((v == best) & (i < at))));
+}
+
+#if defined(__clang__)
+#define PK_SHUFFLE(M, v, ...) __builtin_shufflevector(v, v, __VA_ARGS__)
+#else
+#define PK_SHUFFLE(M, v, ...) __builtin_shuffle(v, M{__VA_ARGS__})
+#endif
+// (best, at) = the winner of it and (v, i), lane by lane, where neither holds a NaN: the greater,
+// or of equal values the earlier. (A function, not a lambda: a lambda may be left out of line,
+// and 32-byte vectors must not cross a call between the two clones.)
+template <typename V, typename M>
+PK_INLINE void step(V& best, M& at, V v, M i) {
+  const M take = (v > best) | ((v == best) & (i < at));
+  best = take ? v : best;
+  at = take ? i : at;
+}
+
+// The winner of all lanes of (best, at) by step(), in log2(lanes) shuffle steps, into lane 0.
+template <typename V, typename M>
+PK_INLINE void fold_lanes(V& best, M& at) {
+#define PK_FOLD(...) \
+  step(best, at, PK_SHUFFLE(M, best, __VA_ARGS__), PK_SHUFFLE(M, at, __VA_ARGS__))
+  if constexpr (sizeof(best[0]) == 4) {  // 8 lanes
+    PK_FOLD(4, 5, 6, 7, 0, 1, 2, 3);
+    PK_FOLD(2, 3, 0, 1, 6, 7, 4, 5);
+    PK_FOLD(1, 0, 3, 2, 5, 4, 7, 6);
+  } else {  // 4 lanes
+    PK_FOLD(2, 3, 0, 1);
+    PK_FOLD(1, 0, 3, 2);
+  }
+#undef PK_FOLD
+}
+
+// Whether any lane of mask m is set (the same shuffle steps).
+template <typename M>
+PK_INLINE bool any_lane(M m) {
+  if constexpr (sizeof(m[0]) == 4) {
+    m |= PK_SHUFFLE(M, m, 4, 5, 6, 7, 0, 1, 2, 3);
+    m |= PK_SHUFFLE(M, m, 2, 3, 0, 1, 6, 7, 4, 5);
+    m |= PK_SHUFFLE(M, m, 1, 0, 3, 2, 5, 4, 7, 6);
+  } else {
+    m |= PK_SHUFFLE(M, m, 2, 3, 0, 1);
+    m |= PK_SHUFFLE(M, m, 1, 0, 3, 2);
+  }
+  return m[0] != 0;
+}
+#undef PK_SHUFFLE
+
+// K == 1 maxima of runs b0..b1 in one pass: Vecs vector registers of running maxima, each lane
+// with the index it came from (a strict > keeps a lane's first of equal values), folded at the
+// end by step(). NaNs are only noted on the way (off the maxima's dependency chain); a run that
+// holds one takes its last NaN, found by a scan from the end. The output is the element found,
+// so that a -0.0 / +0.0 tie keeps the first one's sign.
+template <int Vecs, typename scalar_t>
 PK_HOT_LOOP void run_maxima(const scalar_t* in, scalar_t* out, int64_t* idx, int64_t b0,
                             int64_t b1, int64_t n, int64_t sB, int64_t stride) {
   using acc_t = max_t<scalar_t>;
-  PK_WITH_STRIDE(stride, [&](auto st) {
+  using V = vec_t<acc_t>;
+  using M = typename VecOf<acc_t>::mask;
+  using index_t = std::conditional_t<sizeof(acc_t) == 4, int32_t, int64_t>;  // M's lanes
+  constexpr int L = static_cast<int>(kLanes<acc_t>);
+  M first{};  // lane l's index within a block of L
+  for (int l = 0; l < L; ++l) first[l] = l;
+  PK_WITH_STRIDE(stride, [&](auto st) PK_INLINE_LAMBDA {
     for (int64_t b = b0; b < b1; ++b) {
       const scalar_t* p = in + b * sB;
-      acc_t best[Lanes];
-      for (int l = 0; l < Lanes; ++l) best[l] = -std::numeric_limits<acc_t>::infinity();
+      // Lane l of vector v keeps the block (of Vecs * L elements) its maximum came from, a
+      // broadcast per block; the index is rebuilt after the loop. NaNs are noted by a sum,
+      // which turns NaN with them (and, harmlessly, with +inf and -inf: the scan then finds none).
+      V best[Vecs], sum[2] = {};
+      M block[Vecs];
+      for (int v = 0; v < Vecs; ++v) {
+        best[v] = V{} - std::numeric_limits<acc_t>::infinity();
+        block[v] = M{};  // -inf runs keep each lane's first
+      }
       int64_t r = 0;
-      for (; r + Lanes <= n; r += Lanes) {
-        for (int l = 0; l < Lanes; ++l) {
-          best[l] = max_step(best[l], static_cast<acc_t>(p[(r + l) * st]));
+      M current{};
+      for (; r + Vecs * L <= n; r += Vecs * L, current += 1) {
+        for (int v = 0; v < Vecs; ++v) {
+          const V x = vload_run(p + (r + v * L) * st, st);
+          const M take = x > best[v];
+          best[v] = take ? x : best[v];
+          block[v] = take ? current : block[v];
+          sum[v % 2] += x;  // two sums: the registers run short with more
         }
       }
-      for (int l = 0; r < n; ++r, ++l) best[l] = max_step(best[l], static_cast<acc_t>(p[r * st]));
-      for (int width = Lanes / 2; width > 0; width /= 2) {
-        for (int l = 0; l < width; ++l) best[l] = max_step(best[l], best[l + width]);
-      }
-      // The search skips Lanes elements at a time while none matches (a vectorized test).
-      const acc_t m = best[0];
-      int64_t at = 0;
-      if (m != m) {  // the last NaN: blocks from the end
-        const auto is_nan = [&](int64_t q) { return std::isnan(static_cast<acc_t>(p[q * st])); };
-        int64_t end = n;
-        for (; end >= Lanes; end -= Lanes) {
-          int hits = 0;  // an int sum of tests: vectorizes, where a bool OR does not
-          for (int l = 0; l < Lanes; ++l) hits += is_nan(end - Lanes + l);
-          if (hits) break;
+      // (-inf, 0) is right when every element is -inf; anything else beats it.
+      acc_t m = -std::numeric_limits<acc_t>::infinity();
+      int64_t i = 0;
+      if (r > 0) {
+        sum[0] += sum[1];
+        const bool maybe_nan = any_lane(sum[0] != sum[0]);
+        i = r - 1;
+        if (maybe_nan) {  // the last NaN wins
+          while (i >= 0 && !std::isnan(static_cast<acc_t>(p[i * st]))) --i;
         }
-        at = end - 1;
-        while (!is_nan(at)) --at;
-      } else {
-        const auto is_max = [&](int64_t q) { return static_cast<acc_t>(p[q * st]) == m; };
-        for (; at + Lanes <= n; at += Lanes) {
-          int hits = 0;  // an int sum of tests: vectorizes, where a bool OR does not
-          for (int l = 0; l < Lanes; ++l) hits += is_max(at + l);
-          if (hits) break;
+        if (maybe_nan && i >= 0) {
+          m = static_cast<acc_t>(p[i * st]);
+        } else {
+          M at[Vecs];
+          for (int v = 0; v < Vecs; ++v) {
+            at[v] = block[v] * static_cast<index_t>(Vecs * L) + (first + v * L);
+          }
+          for (int v = 1; v < Vecs; ++v) step(best[0], at[0], best[v], at[v]);
+          fold_lanes(best[0], at[0]);
+          m = best[0][0], i = at[0][0];
         }
-        while (!is_max(at)) ++at;
       }
-      out[b] = p[at * st];
-      idx[b] = at;
+      for (; r < n; ++r) {  // the tail
+        const acc_t x = static_cast<acc_t>(p[r * st]);
+        if (beats(x, r, m, i)) m = x, i = r;
+      }
+      out[b] = p[i * st];
+      idx[b] = i;
     }
   });
 }
@@ -175,10 +275,10 @@ void reduce_fwd(const at::Tensor& x, at::Tensor& out, at::Tensor& indices, bool 
     const int64_t grain = std::max<int64_t>(1, kReduceGrain / R);
     at::parallel_for(0, B, grain, [&](int64_t b0, int64_t b1) {
       if (is_max) {
-        // (8 lanes of maxima compile to branches, not selects: 32 for every length)
-        run_maxima<kLongLanes>(in, o, idx, b0, b1, R, sB, sR);
+        (R >= kLongRun ? run_maxima<4, scalar_t> : run_maxima<2, scalar_t>)(in, o, idx, b0, b1,
+                                                                           R, sB, sR);
       } else {
-        (R >= kLongRun ? run_means<kLongLanes, scalar_t> : run_means<kLanes, scalar_t>)(
+        (R >= kLongRun ? run_means<kLongLanes, scalar_t> : run_means<kShortLanes, scalar_t>)(
             in, o, b0, b1, R, sB, sR);
       }
     });
