@@ -128,7 +128,7 @@ PK_INLINE auto beats(T v, I i, T best, I at) {
 // or of equal values the earlier. (A function, not a lambda: a lambda may be left out of line,
 // and 32-byte vectors must not cross a call between the two clones.)
 template <typename V, typename M>
-PK_INLINE void step(V& best, M& at, V v, M i) {
+PK_INLINE void step(V& best, M& at, const V& v, const M& i) {
   const M take = (v > best) | ((v == best) & (i < at));
   best = take ? v : best;
   at = take ? i : at;
@@ -152,7 +152,8 @@ PK_INLINE void fold_lanes(V& best, M& at) {
 
 // Whether any lane of mask m is set (the same shuffle steps).
 template <typename M>
-PK_INLINE bool any_lane(M m) {
+PK_INLINE bool any_lane(const M& mask) {  // by reference: no 32-byte by-value ABI note from gcc
+  M m = mask;
   if constexpr (sizeof(m[0]) == 4) {
     m |= PK_SHUFFLE(M, m, 4, 5, 6, 7, 0, 1, 2, 3);
     m |= PK_SHUFFLE(M, m, 2, 3, 0, 1, 6, 7, 4, 5);
