@@ -464,18 +464,19 @@ inline void store(scalar_t* out, int64_t* idx, const sum_t<scalar_t>* acc, const
 template <typename scalar_t, Reduce kReduce>
 PK_HOT_LOOP void pool_row_nchw(const scalar_t* plane, scalar_t* out, int64_t* idx,
                                const std::array<PoolAxis, 2>& ax, const AvgDivisors* divisors,
-                               int64_t oh, sum_t<scalar_t>* acc, int32_t* arg) {
+                               const Taps* w_taps, int64_t oh, sum_t<scalar_t>* acc,
+                               int32_t* arg) {
   using acc_t = sum_t<scalar_t>;
   const PoolAxis& aw = ax[1];
   const int64_t W = aw.in, s = aw.stride;
   const Taps th = taps_of(ax[0], oh);
   for (int64_t ow = 0; ow < aw.out; ++ow) {
     acc[ow] = start_value<acc_t, kReduce>();
-    arg[ow] = static_cast<int32_t>(th.first * W + taps_of(aw, ow).first);
+    arg[ow] = static_cast<int32_t>(th.first * W + w_taps[ow].first);
   }
   if (aw.adaptive) {
     for (int64_t ow = 0; ow < aw.out; ++ow) {
-      const Taps tw = taps_of(aw, ow);
+      const Taps tw = w_taps[ow];
       for (int64_t h = th.first; h < th.end; ++h) {
         for (int64_t w = tw.first; w < tw.end; ++w) {
           fold<kReduce>(acc[ow], arg[ow], static_cast<acc_t>(plane[h * W + w]),
@@ -546,6 +547,8 @@ void pool_fwd(const at::Tensor& x, at::Tensor& out, at::Tensor* indices,
   const int64_t planes = channels_last ? in.N : in.N * in.C;
   const int64_t row_size = channels_last ? o.W * in.C : o.W;  // elements of one output row
   const bool parallel = x.numel() + out.numel() > kPoolGrain;
+  std::vector<Taps> w_taps(o.W);  // every NCHW row reads the same columns: integer divisions once
+  for (int64_t ow = 0; ow < o.W; ++ow) w_taps[ow] = taps_of(ax[1], ow);
 #pragma omp parallel if (parallel)
   {
     std::vector<acc_t> acc(channels_last ? in.C : o.W);
@@ -560,8 +563,8 @@ void pool_fwd(const at::Tensor& x, at::Tensor& out, at::Tensor* indices,
           pool_row_nhwc<scalar_t, kReduce>(image, dst + at, idx_row, ax, divisors, oh, in.C,
                                            acc.data(), arg.data());
         } else {
-          pool_row_nchw<scalar_t, kReduce>(image, dst + at, idx_row, ax, divisors, oh, acc.data(),
-                                           arg.data());
+          pool_row_nchw<scalar_t, kReduce>(image, dst + at, idx_row, ax, divisors, w_taps.data(),
+                                           oh, acc.data(), arg.data());
         }
       }
     }
