@@ -710,33 +710,119 @@ PK_HOT_LOOP void direct_bwd_input_row_nhwc(const ConvGeometry& g, const scalar_t
   }
 }
 
-// NHWC bwd_weight of entries [e0, e0 + ne): per tap a vector of sums over every output pixel,
-// in pixel order.
+// NHWC bwd_weight works on blocks of kEntryVecs vectors of entries (16 floats: one cache line
+// of dy and of x per pixel) and holds the sums of up to kTapsPerPass taps of one weight row in
+// registers while it walks an output row.
+constexpr int kEntryVecs = 2;
+constexpr int kTapsPerPass = 4;
+
+// Vector b of a block's lanes at one pixel: lane l is channel (e0 + b * L + l) / div of the
+// pixel. kContiguous (div 1, a full block): a plain load; otherwise lanes past ne are 0.
+template <bool kContiguous, typename scalar_t>
+struct EntryLanes {
+  int64_t e0, ne, div;
+  PK_INLINE vec_t<scalar_t> operator()(const scalar_t* pixel, int b) const {
+    constexpr int64_t L = kLanes<scalar_t>;
+    if (kContiguous) return vload(pixel + e0 + b * L);
+    vec_t<scalar_t> v{};
+    for (int64_t l = 0; l < L && b * L + l < ne; ++l) v[l] = pixel[(e0 + b * L + l) / div];
+    return v;
+  }
+};
+
+// Adds tap s0 + t's products of output row dy_row with input row x_row to sums[t] for
+// t < NT. Each tap's q range is split at the q where every tap of the pass reads inside the
+// row: the taps alone before it, all NT together inside it, alone after it; per tap the
+// products are added in q order.
+template <int NT, bool kContiguous, typename scalar_t>
+PK_INLINE void bwd_weight_pass_nhwc(const ConvGeometry& g, const scalar_t* dy_row,
+                                    const scalar_t* x_row,
+                                    const EntryLanes<kContiguous, scalar_t>& dy_lanes,
+                                    const EntryLanes<kContiguous, scalar_t>& x_lanes,
+                                    const TapRange* rw, scalar_t* sums) {
+  using vec = vec_t<scalar_t>;
+  constexpr int64_t L = kLanes<scalar_t>;
+  constexpr int NB = kEntryVecs;
+  vec acc[NT][NB];
+  int64_t lo = 0, hi = g.Wo;
+  for (int t = 0; t < NT; ++t) {
+    for (int b = 0; b < NB; ++b) acc[t][b] = vload(sums + (t * NB + b) * L);
+    lo = std::max(lo, rw[t].lo), hi = std::min(hi, rw[t].hi);
+  }
+  hi = std::max(hi, lo);
+  for (int t = 0; t < NT; ++t) {
+    for (int64_t q = rw[t].lo; q < std::min(lo, rw[t].hi); ++q) {
+      const scalar_t* x_pix = x_row + (q * g.sw + rw[t].shift) * g.C;
+      for (int b = 0; b < NB; ++b) acc[t][b] += dy_lanes(dy_row + q * g.K, b) * x_lanes(x_pix, b);
+    }
+  }
+  for (int64_t q = lo; q < hi; ++q) {
+    vec d[NB];
+    for (int b = 0; b < NB; ++b) d[b] = dy_lanes(dy_row + q * g.K, b);
+    for (int t = 0; t < NT; ++t) {
+      const scalar_t* x_pix = x_row + (q * g.sw + rw[t].shift) * g.C;
+      for (int b = 0; b < NB; ++b) acc[t][b] += d[b] * x_lanes(x_pix, b);
+    }
+  }
+  for (int t = 0; t < NT; ++t) {
+    for (int64_t q = std::max(hi, rw[t].lo); q < rw[t].hi; ++q) {
+      const scalar_t* x_pix = x_row + (q * g.sw + rw[t].shift) * g.C;
+      for (int b = 0; b < NB; ++b) acc[t][b] += dy_lanes(dy_row + q * g.K, b) * x_lanes(x_pix, b);
+    }
+  }
+  for (int t = 0; t < NT; ++t) {
+    for (int b = 0; b < NB; ++b) vstore(sums + (t * NB + b) * L, acc[t][b]);
+  }
+}
+
+// The passes of weight row r over output row dy_row and input row x_row for one block:
+// sums (R, S, kEntryVecs * L).
+template <bool kContiguous, typename scalar_t>
+PK_INLINE void bwd_weight_row_nhwc(const ConvGeometry& g, const scalar_t* dy_row,
+                                   const scalar_t* x_row,
+                                   const EntryLanes<kContiguous, scalar_t>& dy_lanes,
+                                   const EntryLanes<kContiguous, scalar_t>& x_lanes,
+                                   const TapRange* rw, int64_t r, scalar_t* sums) {
+  const int64_t width = kEntryVecs * kLanes<scalar_t>;
+  for (int64_t s = 0; s < g.S; s += kTapsPerPass) {
+    scalar_t* at = sums + (r * g.S + s) * width;
+    switch (std::min<int64_t>(kTapsPerPass, g.S - s)) {
+      case 1: bwd_weight_pass_nhwc<1>(g, dy_row, x_row, dy_lanes, x_lanes, rw + s, at); break;
+      case 2: bwd_weight_pass_nhwc<2>(g, dy_row, x_row, dy_lanes, x_lanes, rw + s, at); break;
+      case 3: bwd_weight_pass_nhwc<3>(g, dy_row, x_row, dy_lanes, x_lanes, rw + s, at); break;
+      default: bwd_weight_pass_nhwc<4>(g, dy_row, x_row, dy_lanes, x_lanes, rw + s, at); break;
+    }
+  }
+}
+
+// NHWC bwd_weight of entry blocks [b0, b1): sums (b1 - b0, taps, kEntryVecs * L) over every
+// output pixel, in pixel order per tap and lane. Row by row, all the blocks of a row in turn:
+// a row's pixels are read whole while in cache, and each input row stays in cache for the R
+// output rows that read it. rw: the S taps' column ranges.
 template <typename scalar_t>
-PK_HOT_LOOP void direct_bwd_weight_block_nhwc(const ConvGeometry& g, const scalar_t* dy,
-                                              const scalar_t* x, int64_t e0, int64_t ne,
-                                              scalar_t* acc) {
-  std::fill(acc, acc + g.taps() * ne, scalar_t(0));
+PK_HOT_LOOP void direct_bwd_weight_blocks_nhwc(const ConvGeometry& g, const scalar_t* dy,
+                                               const scalar_t* x, int64_t b0, int64_t b1,
+                                               const TapRange* rw, scalar_t* sums) {
+  const int64_t width = kEntryVecs * kLanes<scalar_t>, entries = g.K * g.Cg;
   const bool same_channel = g.Cg == 1 && g.Kg == 1;
+  std::fill(sums, sums + (b1 - b0) * g.taps() * width, scalar_t(0));
   for (int64_t n = 0; n < g.N; ++n) {
     for (int64_t p = 0; p < g.Ho; ++p) {
-      for (int64_t q = 0; q < g.Wo; ++q) {
-        const scalar_t* dy_pix = dy + ((n * g.Ho + p) * g.Wo + q) * g.K;
-        for (int64_t r = 0; r < g.R; ++r) {
-          const int64_t h = p * g.sh - g.ph + r * g.dh;
-          if (h < 0 || h >= g.H) continue;
-          for (int64_t s = 0; s < g.S; ++s) {
-            const int64_t w = q * g.sw - g.pw + s * g.dw;
-            if (w < 0 || w >= g.W) continue;
-            const scalar_t* x_pix = x + ((n * g.H + h) * g.W + w) * g.C;
-            scalar_t* a = acc + (r * g.S + s) * ne;
-            if (same_channel) {
-              for (int64_t e = 0; e < ne; ++e) a[e] += dy_pix[e0 + e] * x_pix[e0 + e];
-            } else {
-              for (int64_t e = 0; e < ne; ++e) {
-                a[e] += dy_pix[(e0 + e) / g.Cg] * x_pix[(e0 + e) / g.Kg];
-              }
-            }
+      const scalar_t* dy_row = dy + (n * g.Ho + p) * g.Wo * g.K;
+      for (int64_t r = 0; r < g.R; ++r) {
+        const int64_t h = p * g.sh - g.ph + r * g.dh;
+        if (h < 0 || h >= g.H) continue;
+        const scalar_t* x_row = x + (n * g.H + h) * g.W * g.C;
+        for (int64_t b = b0; b < b1; ++b) {
+          const int64_t e0 = b * width, ne = std::min(width, entries - e0);
+          scalar_t* block_sums = sums + (b - b0) * g.taps() * width;
+          if (same_channel && ne == width) {
+            const EntryLanes<true, scalar_t> lanes{e0, ne, 1};
+            bwd_weight_row_nhwc(g, dy_row, x_row, lanes, lanes, rw, r, block_sums);
+          } else {
+            // lane l: dy channel (e0 + l) / Cg, x channel (e0 + l) / Kg
+            bwd_weight_row_nhwc(g, dy_row, x_row, EntryLanes<false, scalar_t>{e0, ne, g.Cg},
+                                EntryLanes<false, scalar_t>{e0, ne, g.Kg}, rw, r, block_sums);
           }
         }
       }
@@ -807,9 +893,6 @@ void direct_bwd_input(const ConvGeometry& g, const at::Tensor& grad_y, const at:
   });
 }
 
-// Entries per NHWC bwd_weight block: a fixed split (not by thread count), 64 bytes or more.
-constexpr int64_t kEntryBlockBytes = 256;
-
 template <typename scalar_t>
 void direct_bwd_weight(const ConvGeometry& g, const at::Tensor& grad_y, const at::Tensor& x,
                        bool channels_last, at::Tensor& dw) {
@@ -828,18 +911,19 @@ void direct_bwd_weight(const ConvGeometry& g, const at::Tensor& grad_y, const at
     return;
   }
   // dw is (K, R, S, Cg) in memory: entry e = k * Cg + i, tap t at (k * taps + t) * Cg + i.
-  const int64_t block = kEntryBlockBytes / static_cast<int64_t>(sizeof(scalar_t));
+  // Blocks of a fixed width (not split by thread count): each sum's order is fixed.
+  const int64_t block = kEntryVecs * kLanes<scalar_t>;
   const int64_t blocks = (entries + block - 1) / block;
+  std::vector<TapRange> rw(g.S);
+  for (int64_t s = 0; s < g.S; ++s) rw[s] = tap_range(g.W, g.Wo, g.sw, g.pw, g.dw, s);
   at::parallel_for(0, blocks, grain_for(work * block), [&](int64_t first, int64_t last) {
-    std::vector<scalar_t> acc(taps * block);
-    for (int64_t b = first; b < last; ++b) {
-      const int64_t e0 = b * block, ne = std::min(block, entries - e0);
-      direct_bwd_weight_block_nhwc(g, dyp, xp, e0, ne, acc.data());
-      for (int64_t e = e0; e < e0 + ne; ++e) {
-        const int64_t k = e / g.Cg, i = e % g.Cg;
-        for (int64_t t = 0; t < taps; ++t) {
-          dwp[(k * taps + t) * g.Cg + i] = acc[t * ne + (e - e0)];
-        }
+    std::vector<scalar_t> sums((last - first) * taps * block);
+    direct_bwd_weight_blocks_nhwc(g, dyp, xp, first, last, rw.data(), sums.data());
+    for (int64_t e = first * block; e < std::min(last * block, entries); ++e) {
+      const int64_t k = e / g.Cg, i = e % g.Cg;
+      const int64_t b = e / block, lane = e % block;
+      for (int64_t t = 0; t < taps; ++t) {
+        dwp[(k * taps + t) * g.Cg + i] = sums[((b - first) * taps + t) * block + lane];
       }
     }
   });
