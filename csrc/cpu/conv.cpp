@@ -13,7 +13,7 @@
 // NHWC: the columns are one row per output pixel, (Ho*Wo, C*R*S) per image, ordered
 // (g, r, s, c): group g's block of a row is (r, s, c) like the channels_last weight's rows, so
 // y_g (pixels, Kg) = cols_g @ W_g^T lands in NHWC directly. The products span a chunk of
-// output rows (fwd, bwd_weight) or of images (bwd_input) whose columns fit workspace_bytes.
+// images whose columns fit workspace_bytes.
 // When R = S = 1, stride 1 and no padding, im2col is the identity: the GEMMs read x itself
 // (NHWC: x seen as (N*H*W, C), a single GEMM for the batch when groups == 1).
 //
@@ -297,16 +297,14 @@ PK_HOT_LOOP void im2col_row_nhwc(const ConvGeometry& g, const scalar_t* x, int64
   }
 }
 
-// NHWC im2col of output rows [row0, row0 + rows) of the batch, rows (image, ho): cols
-// (rows*Wo, ld), each row (g, r, s, c).
+// NHWC im2col of images [n0, n0 + nb): cols (nb*Ho*Wo, ld), each row (g, r, s, c).
 template <typename scalar_t>
-void im2col_nhwc(const ConvGeometry& g, const scalar_t* x, int64_t row0, int64_t rows,
+void im2col_nhwc(const ConvGeometry& g, const scalar_t* x, int64_t n0, int64_t nb,
                  scalar_t* cols) {
   const int64_t ld = g.nhwc_ld();
-#pragma omp parallel for schedule(static) if (rows * g.Wo * ld > kParallelGrain)
-  for (int64_t i = 0; i < rows; ++i) {
-    const int64_t row = row0 + i;
-    im2col_row_nhwc(g, x, row / g.Ho, row % g.Ho, ld, cols + i * g.Wo * ld);
+#pragma omp parallel for schedule(static) if (nb * g.Ho * g.Wo * ld > kParallelGrain)
+  for (int64_t row = 0; row < nb * g.Ho; ++row) {  // (image, ho)
+    im2col_row_nhwc(g, x, n0 + row / g.Ho, row % g.Ho, ld, cols + row * g.Wo * ld);
   }
 }
 
@@ -369,24 +367,10 @@ void col2im_nhwc(const ConvGeometry& g, const scalar_t* cols, const scalar_t* bi
   }
 }
 
-// Images per NHWC chunk of bwd_input (col2im needs whole images): as many as the workspace
-// holds columns for, at least one, and no more
+// Images per NHWC chunk: as many as the workspace holds columns for, at least one, and no more
 // than kColumnBytes holds: columns written and read back from cache, and a buffer that the
 // allocator reuses instead of mapping (and faulting in) fresh pages on every call.
 constexpr int64_t kColumnBytes = 8 << 20;
-
-// Output rows (image, ho) per NHWC chunk of fwd and bwd_weight, whose columns are any range of
-// pixels: as many as the workspace and kCachedColumnBytes hold, at least one. About an L2: the
-// GEMM reads the columns while they are still in cache (the stem's fwd: 15% faster than with
-// image chunks of up to kColumnBytes).
-constexpr int64_t kCachedColumnBytes = 1 << 20;
-
-int64_t rows_per_chunk(const ConvGeometry& g, int64_t element_size, int64_t workspace_bytes) {
-  if (g.im2col_is_identity()) return g.N * g.Ho;  // no column buffer
-  const int64_t row_bytes = std::max<int64_t>(g.Wo * g.nhwc_ld() * element_size, 1);
-  return std::clamp<int64_t>(std::min(workspace_bytes, kCachedColumnBytes) / row_bytes, 1,
-                            g.N * g.Ho);
-}
 
 int64_t images_per_chunk(const ConvGeometry& g, int64_t element_size, int64_t workspace_bytes) {
   if (g.im2col_is_identity()) return g.N;  // no column buffer
@@ -423,11 +407,11 @@ int64_t image_slots(const ConvGeometry& g, int64_t element_size, int64_t workspa
   return std::max<int64_t>(slots, 1);
 }
 
-// The column buffer of one call, for `pixels` output pixels of `ld` entries each (none when
-// im2col is the identity).
-at::Tensor column_buffer(const ConvGeometry& g, int64_t pixels, int64_t ld,
+// The column buffer of one call, for `images` images of `ld` entries per output pixel (none
+// when im2col is the identity).
+at::Tensor column_buffer(const ConvGeometry& g, int64_t images, int64_t ld,
                          const at::TensorOptions& options) {
-  const int64_t numel = g.im2col_is_identity() ? 0 : pixels * ld;
+  const int64_t numel = g.im2col_is_identity() ? 0 : images * g.Ho * g.Wo * ld;
   return at::empty({numel}, options);
 }
 
@@ -1029,7 +1013,7 @@ at::Tensor fwd_impl(const at::Tensor& x, const at::Tensor& weight,
     const scalar_t* xp = x.const_data_ptr<scalar_t>();
     if (!channels_last) {
       const int64_t slots = image_slots(g, x.element_size(), workspace_bytes);
-      at::Tensor cols = column_buffer(g, slots * plane, g.col_width(), x.options());
+      at::Tensor cols = column_buffer(g, slots, g.col_width(), x.options());
       const int64_t image_cols = g.col_width() * plane;
       for_each_image(g, slots, [&](int64_t n, int64_t slot, bool parallel) {
         if (!g.im2col_is_identity()) {
@@ -1046,15 +1030,15 @@ at::Tensor fwd_impl(const at::Tensor& x, const at::Tensor& weight,
       });
       return;
     }
-    const int64_t chunk = rows_per_chunk(g, x.element_size(), workspace_bytes);
-    at::Tensor cols = column_buffer(g, chunk * g.Wo, g.nhwc_ld(), x.options());
-    for (int64_t row0 = 0; row0 < g.N * g.Ho; row0 += chunk) {
-      const int64_t nr = std::min(chunk, g.N * g.Ho - row0), rows = nr * g.Wo;
-      if (!g.im2col_is_identity()) im2col_nhwc(g, xp, row0, nr, cols.data_ptr<scalar_t>());
+    const int64_t chunk = images_per_chunk(g, x.element_size(), workspace_bytes);
+    at::Tensor cols = column_buffer(g, chunk, g.nhwc_ld(), x.options());
+    for (int64_t n0 = 0; n0 < g.N; n0 += chunk) {
+      const int64_t nb = std::min(chunk, g.N - n0), rows = nb * plane;
+      if (!g.im2col_is_identity()) im2col_nhwc(g, xp, n0, nb, cols.data_ptr<scalar_t>());
       const at::Tensor& src = g.im2col_is_identity() ? x : cols;
-      const int64_t base = g.im2col_is_identity() ? row0 * g.Wo * g.C : 0;
+      const int64_t base = g.im2col_is_identity() ? n0 * plane * g.C : 0;
       for (int64_t k = 0; k < g.groups; ++k) {
-        gemm(matrix(y, row0 * g.Wo * g.K + k * g.Kg, rows, g.Kg, g.K),
+        gemm(matrix(y, n0 * plane * g.K + k * g.Kg, rows, g.Kg, g.K),
              matrix(src, base + k * gw, rows, gw, g.nhwc_ld()),
              matrix(weight, k * g.Kg * gw, g.Kg, gw, gw).t(), bias_of(k, rows, g.Kg, false));
       }
@@ -1086,7 +1070,7 @@ at::Tensor bwd_input_impl(const at::Tensor& grad_y, const at::Tensor& weight,
     };
     if (!channels_last) {
       const int64_t slots = image_slots(g, grad_y.element_size(), workspace_bytes);
-      at::Tensor cols = column_buffer(g, slots * plane, g.col_width(), grad_y.options());
+      at::Tensor cols = column_buffer(g, slots, g.col_width(), grad_y.options());
       const int64_t image_cols = g.col_width() * plane;
       for_each_image(g, slots, [&](int64_t n, int64_t slot, bool parallel) {
         const int64_t base = slot * image_cols;
@@ -1106,7 +1090,7 @@ at::Tensor bwd_input_impl(const at::Tensor& grad_y, const at::Tensor& weight,
       return;
     }
     const int64_t chunk = images_per_chunk(g, grad_y.element_size(), workspace_bytes);
-    at::Tensor cols = column_buffer(g, chunk * plane, g.nhwc_ld(), grad_y.options());
+    at::Tensor cols = column_buffer(g, chunk, g.nhwc_ld(), grad_y.options());
     for (int64_t n0 = 0; n0 < g.N; n0 += chunk) {
       const int64_t nb = std::min(chunk, g.N - n0), rows = nb * plane;
       for (int64_t k = 0; k < g.groups; ++k) {
@@ -1147,7 +1131,7 @@ at::Tensor bwd_weight_impl(const at::Tensor& grad_y, const at::Tensor& x, const 
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "conv2d_bwd_weight_cpu", [&] {
     const scalar_t* xp = x.const_data_ptr<scalar_t>();
     if (!channels_last) {
-      at::Tensor cols = column_buffer(g, plane, g.col_width(), x.options());
+      at::Tensor cols = column_buffer(g, 1, g.col_width(), x.options());
       for (int64_t n = 0; n < g.N; ++n) {
         if (!g.im2col_is_identity()) im2col_nchw(g, xp, n, cols.data_ptr<scalar_t>(), true);
         const at::Tensor& src = g.im2col_is_identity() ? x : cols;
@@ -1160,17 +1144,17 @@ at::Tensor bwd_weight_impl(const at::Tensor& grad_y, const at::Tensor& x, const 
       }
       return;
     }
-    const int64_t chunk = rows_per_chunk(g, x.element_size(), workspace_bytes);
-    at::Tensor cols = column_buffer(g, chunk * g.Wo, g.nhwc_ld(), x.options());
-    for (int64_t row0 = 0; row0 < g.N * g.Ho; row0 += chunk) {
-      const int64_t nr = std::min(chunk, g.N * g.Ho - row0), rows = nr * g.Wo;
-      if (!g.im2col_is_identity()) im2col_nhwc(g, xp, row0, nr, cols.data_ptr<scalar_t>());
+    const int64_t chunk = images_per_chunk(g, x.element_size(), workspace_bytes);
+    at::Tensor cols = column_buffer(g, chunk, g.nhwc_ld(), x.options());
+    for (int64_t n0 = 0; n0 < g.N; n0 += chunk) {
+      const int64_t nb = std::min(chunk, g.N - n0), rows = nb * plane;
+      if (!g.im2col_is_identity()) im2col_nhwc(g, xp, n0, nb, cols.data_ptr<scalar_t>());
       const at::Tensor& src = g.im2col_is_identity() ? x : cols;
-      const int64_t base = g.im2col_is_identity() ? row0 * g.Wo * g.C : 0;
+      const int64_t base = g.im2col_is_identity() ? n0 * plane * g.C : 0;
       for (int64_t k = 0; k < g.groups; ++k) {
         accumulate(matrix(dw, k * g.Kg * gw, g.Kg, gw, gw),
-                   matrix(grad_y, row0 * g.Wo * g.K + k * g.Kg, rows, g.Kg, g.K).t(),
-                   matrix(src, base + k * gw, rows, gw, g.nhwc_ld()), row0 == 0);
+                   matrix(grad_y, n0 * plane * g.K + k * g.Kg, rows, g.Kg, g.K).t(),
+                   matrix(src, base + k * gw, rows, gw, g.nhwc_ld()), n0 == 0);
       }
     }
   });
