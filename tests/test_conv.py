@@ -284,10 +284,13 @@ def test_depthwise_gradcheck(target, layout):
     assert torch.autograd.gradcheck(transpose, (x, wt, b))
 
 
-def test_workspace_bound_gives_the_same_result(target):
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_workspace_bound_gives_the_same_result(target, layout):
     # A bound below one image's columns: one image per chunk; results must not change.
-    x, w, b = _operands(CONV_CASES[0], torch.float64, target.device, "nchw")
+    x, w, b = _operands(CONV_CASES[0], torch.float64, target.device, layout)
     x = torch.cat([x, x * 0.5, -x])
+    if layout == "nhwc":
+        x = x.contiguous(memory_format=torch.channels_last)
     before = conv_ops.get_workspace_bytes()
     try:
         conv_ops.set_workspace_bytes(1)
