@@ -53,6 +53,10 @@ DEPTHWISE_CASES = [
     ((1, 6, 11, 10), (6, 1, 5, 4), dict(padding="same", groups=6)),
     ((2, 3, 7, 19), (6, 1, 3, 3), dict(stride=(2, 1), padding=(0, 1), dilation=(2, 1), groups=3)),
     ((1, 2, 5, 37), (2, 1, 3, 3), dict(padding=1, groups=2)),
+    # NHWC weight gradient: 20 channels are a full 16-lane block and a partial one; 5 taps a
+    # row are a pass of 4 and a pass of 1
+    ((2, 20, 9, 13), (20, 1, 3, 3), dict(padding=1, groups=20)),
+    ((1, 16, 10, 11), (16, 1, 5, 5), dict(stride=2, padding=2, groups=16)),
 ]
 # Depthwise conv_transpose2d: weight (C, m, R, S) with groups == C (the ops see Kg == 1).
 DEPTHWISE_TRANSPOSE_CASES = [
@@ -280,10 +284,13 @@ def test_depthwise_gradcheck(target, layout):
     assert torch.autograd.gradcheck(transpose, (x, wt, b))
 
 
-def test_workspace_bound_gives_the_same_result(target):
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_workspace_bound_gives_the_same_result(target, layout):
     # A bound below one image's columns: one image per chunk; results must not change.
-    x, w, b = _operands(CONV_CASES[0], torch.float64, target.device, "nchw")
+    x, w, b = _operands(CONV_CASES[0], torch.float64, target.device, layout)
     x = torch.cat([x, x * 0.5, -x])
+    if layout == "nhwc":
+        x = x.contiguous(memory_format=torch.channels_last)
     before = conv_ops.get_workspace_bytes()
     try:
         conv_ops.set_workspace_bytes(1)

@@ -62,6 +62,10 @@ struct ConvGeometry {
 
   int64_t taps() const { return R * S; }
   int64_t col_width() const { return C * R * S; }  // column entries per output pixel
+  // NHWC column rows are col_width() entries padded to a multiple of 8: MKL's GEMM writing
+  // rows of an odd length (the stem's 147) runs 2-3x slower. The padding is never read. With
+  // an identity im2col the GEMMs read x, rows of C.
+  int64_t nhwc_ld() const { return im2col_is_identity() ? C : (col_width() + 7) / 8 * 8; }
   int64_t group_width() const { return Cg * R * S; }
   bool im2col_is_identity() const {
     return R == 1 && S == 1 && sh == 1 && sw == 1 && ph == 0 && pw == 0;
@@ -185,11 +189,6 @@ PK_HOT_LOOP void scatter_add_run(scalar_t* dst, const scalar_t* src, int64_t n, 
   }
 }
 
-template <typename scalar_t>
-PK_HOT_LOOP void add_run(scalar_t* dst, const scalar_t* src, int64_t n) {
-  for (int64_t i = 0; i < n; ++i) dst[i] += src[i];
-}
-
 // NCHW im2col of image n: cols (C*R*S, Ho*Wo), rows (c, r, s); out-of-input taps are 0.
 // Over the channels in parallel unless the caller runs images in parallel.
 template <typename scalar_t>
@@ -242,67 +241,129 @@ void col2im_nchw(const ConvGeometry& g, const scalar_t* cols, const scalar_t* bi
   }
 }
 
-// NHWC im2col of images [n0, n0 + nb): cols (nb*Ho*Wo, C*R*S), each row (g, r, s, c).
+// The taps s of an NHWC row that read inside it at output column wo, when dw == 1: s in
+// [lo, hi), reading input columns w0 + s, whose channels are one run of (hi - lo) * C.
+struct TapRun {
+  int64_t lo, hi, w0;
+};
+
+TapRun tap_run(const ConvGeometry& g, int64_t wo) {
+  const int64_t w0 = wo * g.sw - g.pw;
+  const int64_t lo = std::clamp<int64_t>(-w0, 0, g.S);
+  return {lo, std::clamp<int64_t>(g.W - w0, lo, g.S), w0};
+}
+
+// One group (groups == 1) and dw == 1: a row's taps (s, c) for one r are one run of x.
+bool nhwc_runs(const ConvGeometry& g) { return g.groups == 1 && g.dw == 1; }
+
+// NHWC im2col of one output row (image n, ho) into dst (Wo rows of ld), rows (g, r, s, c).
 template <typename scalar_t>
-void im2col_nhwc(const ConvGeometry& g, const scalar_t* x, int64_t n0, int64_t nb,
-                 scalar_t* cols) {
-  const int64_t width = g.col_width(), group_width = g.group_width();
-#pragma omp parallel for schedule(static) if (nb * g.Ho * g.Wo * width > kParallelGrain)
-  for (int64_t row = 0; row < nb * g.Ho; ++row) {  // (image, ho)
-    const int64_t n = n0 + row / g.Ho, ho = row % g.Ho;
-    for (int64_t wo = 0; wo < g.Wo; ++wo) {
-      scalar_t* dst = cols + (row * g.Wo + wo) * width;
-      for (int64_t r = 0; r < g.R; ++r) {
-        const int64_t h = ho * g.sh - g.ph + r * g.dh;
-        for (int64_t s = 0; s < g.S; ++s) {
-          const int64_t w = wo * g.sw - g.pw + s * g.dw;
-          scalar_t* tap = dst + (r * g.S + s) * g.Cg;
-          if (h < 0 || h >= g.H || w < 0 || w >= g.W) {
-            for (int64_t k = 0; k < g.groups; ++k) {
-              std::fill(tap + k * group_width, tap + k * group_width + g.Cg, scalar_t(0));
-            }
-            continue;
-          }
-          const scalar_t* src = x + ((n * g.H + h) * g.W + w) * g.C;
+PK_HOT_LOOP void im2col_row_nhwc(const ConvGeometry& g, const scalar_t* x, int64_t n, int64_t ho,
+                                 int64_t ld, scalar_t* dst) {
+  const int64_t group_width = g.group_width(), run = g.S * g.C;
+  for (int64_t wo = 0; wo < g.Wo; ++wo, dst += ld) {
+    const TapRun sr = tap_run(g, wo);
+    for (int64_t r = 0; r < g.R; ++r) {
+      const int64_t h = ho * g.sh - g.ph + r * g.dh;
+      const bool inside = h >= 0 && h < g.H;
+      if (nhwc_runs(g)) {  // C-element taps in one copy: the stem's are 3 long
+        scalar_t* tap = dst + r * run;
+        if (!inside) {
+          std::fill(tap, tap + run, scalar_t(0));
+          continue;
+        }
+        const scalar_t* src = x + ((n * g.H + h) * g.W + sr.w0 + sr.lo) * g.C;
+        std::fill(tap, tap + sr.lo * g.C, scalar_t(0));
+        scalar_t* taps = tap + sr.lo * g.C;
+        for (int64_t i = 0; i < (sr.hi - sr.lo) * g.C; ++i) taps[i] = src[i];
+        std::fill(tap + sr.hi * g.C, tap + run, scalar_t(0));
+        continue;
+      }
+      for (int64_t s = 0; s < g.S; ++s) {
+        const int64_t w = wo * g.sw - g.pw + s * g.dw;
+        scalar_t* tap = dst + (r * g.S + s) * g.Cg;
+        if (!inside || w < 0 || w >= g.W) {
           for (int64_t k = 0; k < g.groups; ++k) {
-            std::copy(src + k * g.Cg, src + (k + 1) * g.Cg, tap + k * group_width);
+            std::fill(tap + k * group_width, tap + k * group_width + g.Cg, scalar_t(0));
           }
+          continue;
+        }
+        const scalar_t* src = x + ((n * g.H + h) * g.W + w) * g.C;
+        for (int64_t k = 0; k < g.groups; ++k) {
+          std::copy(src + k * g.Cg, src + (k + 1) * g.Cg, tap + k * group_width);
         }
       }
     }
   }
 }
 
-// NHWC col2im of images [n0, n0 + nb), as a gather: each input pixel's C channels start at
-// bias (or 0) and add the column entries of every (output pixel, tap) that reads the pixel.
+// NHWC im2col of images [n0, n0 + nb): cols (nb*Ho*Wo, ld), each row (g, r, s, c).
 template <typename scalar_t>
-void col2im_nhwc(const ConvGeometry& g, const scalar_t* cols, const scalar_t* bias, int64_t n0,
-                 int64_t nb, scalar_t* dx) {
-  const int64_t width = g.col_width(), group_width = g.group_width();
-#pragma omp parallel for schedule(static) if (nb * g.H * g.W * g.C * g.taps() > kParallelGrain)
-  for (int64_t row = 0; row < nb * g.H; ++row) {  // (image, h)
-    const int64_t n = row / g.H, h = row % g.H;
-    for (int64_t w = 0; w < g.W; ++w) {
-      scalar_t* dst = dx + (((n0 + n) * g.H + h) * g.W + w) * g.C;
-      if (bias) {
-        std::copy(bias, bias + g.C, dst);
-      } else {
-        std::fill(dst, dst + g.C, scalar_t(0));
+void im2col_nhwc(const ConvGeometry& g, const scalar_t* x, int64_t n0, int64_t nb,
+                 scalar_t* cols) {
+  const int64_t ld = g.nhwc_ld();
+#pragma omp parallel for schedule(static) if (nb * g.Ho * g.Wo * ld > kParallelGrain)
+  for (int64_t row = 0; row < nb * g.Ho; ++row) {  // (image, ho)
+    im2col_row_nhwc(g, x, n0 + row / g.Ho, row % g.Ho, ld, cols + row * g.Wo * ld);
+  }
+}
+
+// NHWC col2im of input row (image n of the chunk, h) into dst (W pixels of C), as a gather:
+// each input pixel's C channels start at bias (or 0) and add the column entries of every
+// (output pixel, tap) that reads the pixel. With runs (nhwc_runs), in the order (r, wo, s):
+// each output pixel adds its run of taps for r to a run of the row; otherwise per pixel, in
+// the order (r, s).
+template <typename scalar_t>
+PK_HOT_LOOP void col2im_row_nhwc(const ConvGeometry& g, const scalar_t* cols, int64_t ld,
+                                 const scalar_t* bias, int64_t n, int64_t h, scalar_t* dst) {
+  const int64_t group_width = g.group_width();
+  for (int64_t w = 0; w < g.W; ++w) {
+    if (bias) {
+      std::copy(bias, bias + g.C, dst + w * g.C);
+    } else {
+      std::fill(dst + w * g.C, dst + (w + 1) * g.C, scalar_t(0));
+    }
+  }
+  if (nhwc_runs(g)) {
+    for (int64_t r = 0; r < g.R; ++r) {
+      const int64_t th = h + g.ph - r * g.dh;  // ho * sh
+      if (th < 0 || th % g.sh != 0 || th / g.sh >= g.Ho) continue;
+      const scalar_t* src = cols + (n * g.Ho + th / g.sh) * g.Wo * ld + r * g.S * g.C;
+      for (int64_t wo = 0; wo < g.Wo; ++wo, src += ld) {
+        const TapRun sr = tap_run(g, wo);
+        scalar_t* out = dst + (sr.w0 + sr.lo) * g.C;
+        const scalar_t* taps = src + sr.lo * g.C;
+        for (int64_t i = 0; i < (sr.hi - sr.lo) * g.C; ++i) out[i] += taps[i];
       }
-      for (int64_t r = 0; r < g.R; ++r) {
-        const int64_t th = h + g.ph - r * g.dh;  // ho * sh
-        if (th < 0 || th % g.sh != 0 || th / g.sh >= g.Ho) continue;
-        for (int64_t s = 0; s < g.S; ++s) {
-          const int64_t tw = w + g.pw - s * g.dw;  // wo * sw
-          if (tw < 0 || tw % g.sw != 0 || tw / g.sw >= g.Wo) continue;
-          const int64_t pixel = (n * g.Ho + th / g.sh) * g.Wo + tw / g.sw;
-          const scalar_t* src = cols + pixel * width + (r * g.S + s) * g.Cg;
-          for (int64_t k = 0; k < g.groups; ++k) {
-            add_run(dst + k * g.Cg, src + k * group_width, g.Cg);
-          }
+    }
+    return;
+  }
+  for (int64_t w = 0; w < g.W; ++w) {
+    scalar_t* pixel_dst = dst + w * g.C;
+    for (int64_t r = 0; r < g.R; ++r) {
+      const int64_t th = h + g.ph - r * g.dh;  // ho * sh
+      if (th < 0 || th % g.sh != 0 || th / g.sh >= g.Ho) continue;
+      for (int64_t s = 0; s < g.S; ++s) {
+        const int64_t tw = w + g.pw - s * g.dw;  // wo * sw
+        if (tw < 0 || tw % g.sw != 0 || tw / g.sw >= g.Wo) continue;
+        const int64_t pixel = (n * g.Ho + th / g.sh) * g.Wo + tw / g.sw;
+        const scalar_t* src = cols + pixel * ld + (r * g.S + s) * g.Cg;
+        for (int64_t k = 0; k < g.groups; ++k) {
+          for (int64_t c = 0; c < g.Cg; ++c) pixel_dst[k * g.Cg + c] += src[k * group_width + c];
         }
       }
     }
+  }
+}
+
+// NHWC col2im of images [n0, n0 + nb): a thread owns whole rows of dx.
+template <typename scalar_t>
+void col2im_nhwc(const ConvGeometry& g, const scalar_t* cols, const scalar_t* bias, int64_t n0,
+                 int64_t nb, scalar_t* dx) {
+  const int64_t ld = g.nhwc_ld();
+#pragma omp parallel for schedule(static) if (nb * g.H * g.W * g.C * g.taps() > kParallelGrain)
+  for (int64_t row = 0; row < nb * g.H; ++row) {  // (image, h)
+    col2im_row_nhwc(g, cols, ld, bias, row / g.H, row % g.H, dx + (n0 * g.H + row) * g.W * g.C);
   }
 }
 
@@ -313,7 +374,7 @@ constexpr int64_t kColumnBytes = 8 << 20;
 
 int64_t images_per_chunk(const ConvGeometry& g, int64_t element_size, int64_t workspace_bytes) {
   if (g.im2col_is_identity()) return g.N;  // no column buffer
-  const int64_t image_bytes = std::max<int64_t>(g.Ho * g.Wo * g.col_width() * element_size, 1);
+  const int64_t image_bytes = std::max<int64_t>(g.Ho * g.Wo * g.nhwc_ld() * element_size, 1);
   return std::clamp<int64_t>(std::min(workspace_bytes, kColumnBytes) / image_bytes, 1, g.N);
 }
 
@@ -346,9 +407,11 @@ int64_t image_slots(const ConvGeometry& g, int64_t element_size, int64_t workspa
   return std::max<int64_t>(slots, 1);
 }
 
-// The column buffer of one call, for `images` images (none when im2col is the identity).
-at::Tensor column_buffer(const ConvGeometry& g, int64_t images, const at::TensorOptions& options) {
-  const int64_t numel = g.im2col_is_identity() ? 0 : images * g.Ho * g.Wo * g.col_width();
+// The column buffer of one call, for `images` images of `ld` entries per output pixel (none
+// when im2col is the identity).
+at::Tensor column_buffer(const ConvGeometry& g, int64_t images, int64_t ld,
+                         const at::TensorOptions& options) {
+  const int64_t numel = g.im2col_is_identity() ? 0 : images * g.Ho * g.Wo * ld;
   return at::empty({numel}, options);
 }
 
@@ -710,33 +773,119 @@ PK_HOT_LOOP void direct_bwd_input_row_nhwc(const ConvGeometry& g, const scalar_t
   }
 }
 
-// NHWC bwd_weight of entries [e0, e0 + ne): per tap a vector of sums over every output pixel,
-// in pixel order.
+// NHWC bwd_weight works on blocks of kEntryVecs vectors of entries (16 floats: one cache line
+// of dy and of x per pixel) and holds the sums of up to kTapsPerPass taps of one weight row in
+// registers while it walks an output row.
+constexpr int kEntryVecs = 2;
+constexpr int kTapsPerPass = 4;
+
+// Vector b of a block's lanes at one pixel: lane l is channel (e0 + b * L + l) / div of the
+// pixel. kContiguous (div 1, a full block): a plain load; otherwise lanes past ne are 0.
+template <bool kContiguous, typename scalar_t>
+struct EntryLanes {
+  int64_t e0, ne, div;
+  PK_INLINE vec_t<scalar_t> operator()(const scalar_t* pixel, int b) const {
+    constexpr int64_t L = kLanes<scalar_t>;
+    if (kContiguous) return vload(pixel + e0 + b * L);
+    vec_t<scalar_t> v{};
+    for (int64_t l = 0; l < L && b * L + l < ne; ++l) v[l] = pixel[(e0 + b * L + l) / div];
+    return v;
+  }
+};
+
+// Adds tap s0 + t's products of output row dy_row with input row x_row to sums[t] for
+// t < NT. Each tap's q range is split at the q where every tap of the pass reads inside the
+// row: the taps alone before it, all NT together inside it, alone after it; per tap the
+// products are added in q order.
+template <int NT, bool kContiguous, typename scalar_t>
+PK_INLINE void bwd_weight_pass_nhwc(const ConvGeometry& g, const scalar_t* dy_row,
+                                    const scalar_t* x_row,
+                                    const EntryLanes<kContiguous, scalar_t>& dy_lanes,
+                                    const EntryLanes<kContiguous, scalar_t>& x_lanes,
+                                    const TapRange* rw, scalar_t* sums) {
+  using vec = vec_t<scalar_t>;
+  constexpr int64_t L = kLanes<scalar_t>;
+  constexpr int NB = kEntryVecs;
+  vec acc[NT][NB];
+  int64_t lo = 0, hi = g.Wo;
+  for (int t = 0; t < NT; ++t) {
+    for (int b = 0; b < NB; ++b) acc[t][b] = vload(sums + (t * NB + b) * L);
+    lo = std::max(lo, rw[t].lo), hi = std::min(hi, rw[t].hi);
+  }
+  hi = std::max(hi, lo);
+  for (int t = 0; t < NT; ++t) {
+    for (int64_t q = rw[t].lo; q < std::min(lo, rw[t].hi); ++q) {
+      const scalar_t* x_pix = x_row + (q * g.sw + rw[t].shift) * g.C;
+      for (int b = 0; b < NB; ++b) acc[t][b] += dy_lanes(dy_row + q * g.K, b) * x_lanes(x_pix, b);
+    }
+  }
+  for (int64_t q = lo; q < hi; ++q) {
+    vec d[NB];
+    for (int b = 0; b < NB; ++b) d[b] = dy_lanes(dy_row + q * g.K, b);
+    for (int t = 0; t < NT; ++t) {
+      const scalar_t* x_pix = x_row + (q * g.sw + rw[t].shift) * g.C;
+      for (int b = 0; b < NB; ++b) acc[t][b] += d[b] * x_lanes(x_pix, b);
+    }
+  }
+  for (int t = 0; t < NT; ++t) {
+    for (int64_t q = std::max(hi, rw[t].lo); q < rw[t].hi; ++q) {
+      const scalar_t* x_pix = x_row + (q * g.sw + rw[t].shift) * g.C;
+      for (int b = 0; b < NB; ++b) acc[t][b] += dy_lanes(dy_row + q * g.K, b) * x_lanes(x_pix, b);
+    }
+  }
+  for (int t = 0; t < NT; ++t) {
+    for (int b = 0; b < NB; ++b) vstore(sums + (t * NB + b) * L, acc[t][b]);
+  }
+}
+
+// The passes of weight row r over output row dy_row and input row x_row for one block:
+// sums (R, S, kEntryVecs * L).
+template <bool kContiguous, typename scalar_t>
+PK_INLINE void bwd_weight_row_nhwc(const ConvGeometry& g, const scalar_t* dy_row,
+                                   const scalar_t* x_row,
+                                   const EntryLanes<kContiguous, scalar_t>& dy_lanes,
+                                   const EntryLanes<kContiguous, scalar_t>& x_lanes,
+                                   const TapRange* rw, int64_t r, scalar_t* sums) {
+  const int64_t width = kEntryVecs * kLanes<scalar_t>;
+  for (int64_t s = 0; s < g.S; s += kTapsPerPass) {
+    scalar_t* at = sums + (r * g.S + s) * width;
+    switch (std::min<int64_t>(kTapsPerPass, g.S - s)) {
+      case 1: bwd_weight_pass_nhwc<1>(g, dy_row, x_row, dy_lanes, x_lanes, rw + s, at); break;
+      case 2: bwd_weight_pass_nhwc<2>(g, dy_row, x_row, dy_lanes, x_lanes, rw + s, at); break;
+      case 3: bwd_weight_pass_nhwc<3>(g, dy_row, x_row, dy_lanes, x_lanes, rw + s, at); break;
+      default: bwd_weight_pass_nhwc<4>(g, dy_row, x_row, dy_lanes, x_lanes, rw + s, at); break;
+    }
+  }
+}
+
+// NHWC bwd_weight of entry blocks [b0, b1): sums (b1 - b0, taps, kEntryVecs * L) over every
+// output pixel, in pixel order per tap and lane. Row by row, all the blocks of a row in turn:
+// a row's pixels are read whole while in cache, and each input row stays in cache for the R
+// output rows that read it. rw: the S taps' column ranges.
 template <typename scalar_t>
-PK_HOT_LOOP void direct_bwd_weight_block_nhwc(const ConvGeometry& g, const scalar_t* dy,
-                                              const scalar_t* x, int64_t e0, int64_t ne,
-                                              scalar_t* acc) {
-  std::fill(acc, acc + g.taps() * ne, scalar_t(0));
+PK_HOT_LOOP void direct_bwd_weight_blocks_nhwc(const ConvGeometry& g, const scalar_t* dy,
+                                               const scalar_t* x, int64_t b0, int64_t b1,
+                                               const TapRange* rw, scalar_t* sums) {
+  const int64_t width = kEntryVecs * kLanes<scalar_t>, entries = g.K * g.Cg;
   const bool same_channel = g.Cg == 1 && g.Kg == 1;
+  std::fill(sums, sums + (b1 - b0) * g.taps() * width, scalar_t(0));
   for (int64_t n = 0; n < g.N; ++n) {
     for (int64_t p = 0; p < g.Ho; ++p) {
-      for (int64_t q = 0; q < g.Wo; ++q) {
-        const scalar_t* dy_pix = dy + ((n * g.Ho + p) * g.Wo + q) * g.K;
-        for (int64_t r = 0; r < g.R; ++r) {
-          const int64_t h = p * g.sh - g.ph + r * g.dh;
-          if (h < 0 || h >= g.H) continue;
-          for (int64_t s = 0; s < g.S; ++s) {
-            const int64_t w = q * g.sw - g.pw + s * g.dw;
-            if (w < 0 || w >= g.W) continue;
-            const scalar_t* x_pix = x + ((n * g.H + h) * g.W + w) * g.C;
-            scalar_t* a = acc + (r * g.S + s) * ne;
-            if (same_channel) {
-              for (int64_t e = 0; e < ne; ++e) a[e] += dy_pix[e0 + e] * x_pix[e0 + e];
-            } else {
-              for (int64_t e = 0; e < ne; ++e) {
-                a[e] += dy_pix[(e0 + e) / g.Cg] * x_pix[(e0 + e) / g.Kg];
-              }
-            }
+      const scalar_t* dy_row = dy + (n * g.Ho + p) * g.Wo * g.K;
+      for (int64_t r = 0; r < g.R; ++r) {
+        const int64_t h = p * g.sh - g.ph + r * g.dh;
+        if (h < 0 || h >= g.H) continue;
+        const scalar_t* x_row = x + (n * g.H + h) * g.W * g.C;
+        for (int64_t b = b0; b < b1; ++b) {
+          const int64_t e0 = b * width, ne = std::min(width, entries - e0);
+          scalar_t* block_sums = sums + (b - b0) * g.taps() * width;
+          if (same_channel && ne == width) {
+            const EntryLanes<true, scalar_t> lanes{e0, ne, 1};
+            bwd_weight_row_nhwc(g, dy_row, x_row, lanes, lanes, rw, r, block_sums);
+          } else {
+            // lane l: dy channel (e0 + l) / Cg, x channel (e0 + l) / Kg
+            bwd_weight_row_nhwc(g, dy_row, x_row, EntryLanes<false, scalar_t>{e0, ne, g.Cg},
+                                EntryLanes<false, scalar_t>{e0, ne, g.Kg}, rw, r, block_sums);
           }
         }
       }
@@ -807,9 +956,6 @@ void direct_bwd_input(const ConvGeometry& g, const at::Tensor& grad_y, const at:
   });
 }
 
-// Entries per NHWC bwd_weight block: a fixed split (not by thread count), 64 bytes or more.
-constexpr int64_t kEntryBlockBytes = 256;
-
 template <typename scalar_t>
 void direct_bwd_weight(const ConvGeometry& g, const at::Tensor& grad_y, const at::Tensor& x,
                        bool channels_last, at::Tensor& dw) {
@@ -828,18 +974,19 @@ void direct_bwd_weight(const ConvGeometry& g, const at::Tensor& grad_y, const at
     return;
   }
   // dw is (K, R, S, Cg) in memory: entry e = k * Cg + i, tap t at (k * taps + t) * Cg + i.
-  const int64_t block = kEntryBlockBytes / static_cast<int64_t>(sizeof(scalar_t));
+  // Blocks of a fixed width (not split by thread count): each sum's order is fixed.
+  const int64_t block = kEntryVecs * kLanes<scalar_t>;
   const int64_t blocks = (entries + block - 1) / block;
+  std::vector<TapRange> rw(g.S);
+  for (int64_t s = 0; s < g.S; ++s) rw[s] = tap_range(g.W, g.Wo, g.sw, g.pw, g.dw, s);
   at::parallel_for(0, blocks, grain_for(work * block), [&](int64_t first, int64_t last) {
-    std::vector<scalar_t> acc(taps * block);
-    for (int64_t b = first; b < last; ++b) {
-      const int64_t e0 = b * block, ne = std::min(block, entries - e0);
-      direct_bwd_weight_block_nhwc(g, dyp, xp, e0, ne, acc.data());
-      for (int64_t e = e0; e < e0 + ne; ++e) {
-        const int64_t k = e / g.Cg, i = e % g.Cg;
-        for (int64_t t = 0; t < taps; ++t) {
-          dwp[(k * taps + t) * g.Cg + i] = acc[t * ne + (e - e0)];
-        }
+    std::vector<scalar_t> sums((last - first) * taps * block);
+    direct_bwd_weight_blocks_nhwc(g, dyp, xp, first, last, rw.data(), sums.data());
+    for (int64_t e = first * block; e < std::min(last * block, entries); ++e) {
+      const int64_t k = e / g.Cg, i = e % g.Cg;
+      const int64_t b = e / block, lane = e % block;
+      for (int64_t t = 0; t < taps; ++t) {
+        dwp[(k * taps + t) * g.Cg + i] = sums[((b - first) * taps + t) * block + lane];
       }
     }
   });
@@ -866,7 +1013,7 @@ at::Tensor fwd_impl(const at::Tensor& x, const at::Tensor& weight,
     const scalar_t* xp = x.const_data_ptr<scalar_t>();
     if (!channels_last) {
       const int64_t slots = image_slots(g, x.element_size(), workspace_bytes);
-      at::Tensor cols = column_buffer(g, slots, x.options());
+      at::Tensor cols = column_buffer(g, slots, g.col_width(), x.options());
       const int64_t image_cols = g.col_width() * plane;
       for_each_image(g, slots, [&](int64_t n, int64_t slot, bool parallel) {
         if (!g.im2col_is_identity()) {
@@ -884,7 +1031,7 @@ at::Tensor fwd_impl(const at::Tensor& x, const at::Tensor& weight,
       return;
     }
     const int64_t chunk = images_per_chunk(g, x.element_size(), workspace_bytes);
-    at::Tensor cols = column_buffer(g, chunk, x.options());
+    at::Tensor cols = column_buffer(g, chunk, g.nhwc_ld(), x.options());
     for (int64_t n0 = 0; n0 < g.N; n0 += chunk) {
       const int64_t nb = std::min(chunk, g.N - n0), rows = nb * plane;
       if (!g.im2col_is_identity()) im2col_nhwc(g, xp, n0, nb, cols.data_ptr<scalar_t>());
@@ -892,7 +1039,7 @@ at::Tensor fwd_impl(const at::Tensor& x, const at::Tensor& weight,
       const int64_t base = g.im2col_is_identity() ? n0 * plane * g.C : 0;
       for (int64_t k = 0; k < g.groups; ++k) {
         gemm(matrix(y, n0 * plane * g.K + k * g.Kg, rows, g.Kg, g.K),
-             matrix(src, base + k * gw, rows, gw, g.col_width()),
+             matrix(src, base + k * gw, rows, gw, g.nhwc_ld()),
              matrix(weight, k * g.Kg * gw, g.Kg, gw, gw).t(), bias_of(k, rows, g.Kg, false));
       }
     }
@@ -923,7 +1070,7 @@ at::Tensor bwd_input_impl(const at::Tensor& grad_y, const at::Tensor& weight,
     };
     if (!channels_last) {
       const int64_t slots = image_slots(g, grad_y.element_size(), workspace_bytes);
-      at::Tensor cols = column_buffer(g, slots, grad_y.options());
+      at::Tensor cols = column_buffer(g, slots, g.col_width(), grad_y.options());
       const int64_t image_cols = g.col_width() * plane;
       for_each_image(g, slots, [&](int64_t n, int64_t slot, bool parallel) {
         const int64_t base = slot * image_cols;
@@ -943,12 +1090,12 @@ at::Tensor bwd_input_impl(const at::Tensor& grad_y, const at::Tensor& weight,
       return;
     }
     const int64_t chunk = images_per_chunk(g, grad_y.element_size(), workspace_bytes);
-    at::Tensor cols = column_buffer(g, chunk, grad_y.options());
+    at::Tensor cols = column_buffer(g, chunk, g.nhwc_ld(), grad_y.options());
     for (int64_t n0 = 0; n0 < g.N; n0 += chunk) {
       const int64_t nb = std::min(chunk, g.N - n0), rows = nb * plane;
       for (int64_t k = 0; k < g.groups; ++k) {
         const at::Tensor out = identity ? matrix(dx, n0 * plane * g.C + k * g.Cg, rows, g.Cg, g.C)
-                                        : matrix(cols, k * gw, rows, gw, g.col_width());
+                                        : matrix(cols, k * gw, rows, gw, g.nhwc_ld());
         gemm(out, matrix(grad_y, n0 * plane * g.K + k * g.Kg, rows, g.Kg, g.K),
              matrix(weight, k * g.Kg * gw, g.Kg, gw, gw), bias_of(k, rows, g.Cg, false));
       }
@@ -984,7 +1131,7 @@ at::Tensor bwd_weight_impl(const at::Tensor& grad_y, const at::Tensor& x, const 
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "conv2d_bwd_weight_cpu", [&] {
     const scalar_t* xp = x.const_data_ptr<scalar_t>();
     if (!channels_last) {
-      at::Tensor cols = column_buffer(g, 1, x.options());
+      at::Tensor cols = column_buffer(g, 1, g.col_width(), x.options());
       for (int64_t n = 0; n < g.N; ++n) {
         if (!g.im2col_is_identity()) im2col_nchw(g, xp, n, cols.data_ptr<scalar_t>(), true);
         const at::Tensor& src = g.im2col_is_identity() ? x : cols;
@@ -998,7 +1145,7 @@ at::Tensor bwd_weight_impl(const at::Tensor& grad_y, const at::Tensor& x, const 
       return;
     }
     const int64_t chunk = images_per_chunk(g, x.element_size(), workspace_bytes);
-    at::Tensor cols = column_buffer(g, chunk, x.options());
+    at::Tensor cols = column_buffer(g, chunk, g.nhwc_ld(), x.options());
     for (int64_t n0 = 0; n0 < g.N; n0 += chunk) {
       const int64_t nb = std::min(chunk, g.N - n0), rows = nb * plane;
       if (!g.im2col_is_identity()) im2col_nhwc(g, xp, n0, nb, cols.data_ptr<scalar_t>());
@@ -1007,7 +1154,7 @@ at::Tensor bwd_weight_impl(const at::Tensor& grad_y, const at::Tensor& x, const 
       for (int64_t k = 0; k < g.groups; ++k) {
         accumulate(matrix(dw, k * g.Kg * gw, g.Kg, gw, gw),
                    matrix(grad_y, n0 * plane * g.K + k * g.Kg, rows, g.Kg, g.K).t(),
-                   matrix(src, base + k * gw, rows, gw, g.col_width()), n0 == 0);
+                   matrix(src, base + k * gw, rows, gw, g.nhwc_ld()), n0 == 0);
       }
     }
   });
