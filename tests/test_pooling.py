@@ -269,6 +269,9 @@ WINDOW_CASES = [
     ("adaptive_max_pool2d", (1, 4, 5, 3), dict(output_size=(7, 8))),
     ("adaptive_max_pool2d", (2, 3, 10, 10), dict(output_size=(3, None))),
     ("adaptive_max_pool2d", (2, 5, 6, 9), dict(output_size=1)),
+    # an input size a multiple of the output's: the CPU forward runs these as strided windows
+    ("adaptive_avg_pool2d", (2, 3, 12, 8), dict(output_size=(4, 2))),
+    ("adaptive_max_pool2d", (2, 3, 12, 7), dict(output_size=(4, 3))),
 ]  # fmt: skip
 
 
@@ -354,16 +357,20 @@ def test_window_noncontiguous_unbatched_and_empty_batch(target, case):
 @pytest.mark.parametrize("op", ["max_pool2d", "adaptive_max_pool2d"])
 def test_window_max_nan_ties_and_minus_inf(target, op, layout):
     fn, ref_fn = WINDOW_OPS[op]
-    kw = dict(kernel_size=3, stride=2, padding=1) if op == "max_pool2d" else dict(output_size=4)
     x = make_input((2, 3, 9, 9), torch.float32, target.device, layout=layout)
     x[0, 0, 2, 3] = float("nan")
     x[0, 0, 3, 3] = float("nan")  # two NaNs in a window: torch keeps the later index
     x[0, 1] = 1.0  # all ties: the first tap
     x[1, 2] = float("-inf")  # all -inf: the first valid tap
-    out, indices = fn(x, **kw)
-    expected, expected_indices = ref_fn(x, **kw)
-    torch.testing.assert_close(out, expected, equal_nan=True, rtol=0, atol=0)
-    assert torch.equal(indices, expected_indices)
+    if op == "max_pool2d":
+        kws = [dict(kernel_size=3, stride=2, padding=1)]
+    else:  # 9 -> 3: windows of 3 taps 3 apart, as the CPU forward runs them
+        kws = [dict(output_size=4), dict(output_size=3)]
+    for kw in kws:
+        out, indices = fn(x, **kw)
+        expected, expected_indices = ref_fn(x, **kw)
+        torch.testing.assert_close(out, expected, equal_nan=True, rtol=0, atol=0)
+        assert torch.equal(indices, expected_indices)
 
 
 # Gradients
