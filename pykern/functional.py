@@ -5,6 +5,7 @@ Each function validates its arguments (errors name the argument) and calls pyker
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -200,11 +201,32 @@ def _check_window_input(op: str, input: object, integers: tuple[torch.dtype, ...
 _INTEGER_DTYPES = (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
 
 
-def _strided_window(
-    op, input, kernel_size, stride, padding, dilation, ceil_mode, max_pad_of
-) -> _pooling.Window:
-    """The window of max_pool2d / avg_pool2d, validated; max_pad_of(kernel, dilation) is the
-    largest padding the op allows."""
+def _strided_window(op, input, kernel_size, stride, padding, dilation, ceil_mode):
+    """The validated window of max_pool2d / avg_pool2d for input. Eager calls reuse the result
+    for the same arguments (validating them costs more than a small pooling kernel); under
+    torch.compile it is computed as it is traced."""
+    args = (op, tuple(input.shape[-2:]), *map(_hashable, (kernel_size, stride, padding, dilation)))
+    if torch.compiler.is_compiling():
+        return _window_of.__wrapped__(*args, ceil_mode)
+    try:
+        return _window_of(*args, ceil_mode)
+    except TypeError as err:  # an unhashable argument: torch refuses those too, just not here
+        if "unhashable" not in str(err):
+            raise
+        return _window_of.__wrapped__(*args, ceil_mode)
+
+
+def _hashable(value):
+    return tuple(value) if isinstance(value, list) else value
+
+
+@functools.lru_cache(maxsize=256)
+def _window_of(op, in_hw, kernel_size, stride, padding, dilation, ceil_mode) -> _pooling.Window:
+    """The window of max_pool2d / avg_pool2d over an (H, W) input, validated."""
+    if op == "max_pool2d":  # the largest padding each op allows
+        max_pad_of = lambda k, d: (d * (k - 1) + 1) // 2  # noqa: E731
+    else:
+        max_pad_of = lambda k, d: k // 2  # noqa: E731
     kernel = _pair(op, "kernel_size", kernel_size)
     no_stride = stride is None or (isinstance(stride, (list, tuple)) and len(stride) == 0)
     stride = kernel if no_stride else _pair(op, "stride", stride)
@@ -222,7 +244,6 @@ def _strided_window(
                 + (f" dilated by {d}" if d > 1 else "")
                 + f", got padding={padding}, kernel_size={kernel}"
             )
-    in_hw = tuple(input.shape[-2:])
     out = tuple(
         _pooling.pool2d_out_size(*args, ceil_mode)
         for args in zip(in_hw, kernel, stride, padding, dilation, strict=True)
@@ -266,10 +287,7 @@ def max_pool2d(
         (N, C, H_out, W_out) in the input's memory format; with return_indices, (out, indices).
     """
     unbatched = _check_window_input("max_pool2d", input, _INTEGER_DTYPES)
-    win = _strided_window(
-        "max_pool2d", input, kernel_size, stride, padding, dilation, ceil_mode,
-        lambda k, d: (d * (k - 1) + 1) // 2,
-    )  # fmt: skip
+    win = _strided_window("max_pool2d", input, kernel_size, stride, padding, dilation, ceil_mode)
     return _max_pool(input, win, unbatched, return_indices)
 
 
@@ -302,9 +320,7 @@ def avg_pool2d(
         raise TypeError(f"avg_pool2d: divisor_override must be an int, got {divisor_override!r}")
     if divisor_override == 0:
         raise ValueError("avg_pool2d: divisor_override must be non-zero, got 0")
-    win = _strided_window(
-        "avg_pool2d", input, kernel_size, stride, padding, 1, ceil_mode, lambda k, d: k // 2
-    )
+    win = _strided_window("avg_pool2d", input, kernel_size, stride, padding, 1, ceil_mode)
     return _batched(
         lambda x: _pooling.avg_pool2d(x, win, bool(count_include_pad), divisor_override or 0),
         input,
