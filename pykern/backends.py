@@ -114,12 +114,13 @@ def table(family: str, op: str) -> dict[str, Callable]:
         return getattr(importlib.import_module(f"pykern.triton_kernels.{family}"), op)(*args)
 
     def native(name: str) -> Callable:
-        found: list[Callable] = []  # the _C function, once looked up
+        fn = None  # the _C function, looked up on the first call
 
         def impl(*args):
-            if not found:
-                found.append(getattr(_ext._C, name))
-            return found[0](*args)
+            nonlocal fn
+            if fn is None:
+                fn = getattr(_ext._C, name)
+            return fn(*args)
 
         return impl
 

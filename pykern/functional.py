@@ -206,18 +206,22 @@ def _strided_window(op, input, kernel_size, stride, padding, dilation, ceil_mode
     for the same arguments (validating them costs more than a small pooling kernel); under
     torch.compile it is computed as it is traced."""
     args = (op, tuple(input.shape[-2:]), *map(_hashable, (kernel_size, stride, padding, dilation)))
-    if torch.compiler.is_compiling():
-        return _window_of.__wrapped__(*args, ceil_mode)
-    try:
-        return _window_of(*args, ceil_mode)
-    except TypeError as err:  # an unhashable argument: torch refuses those too, just not here
-        if "unhashable" not in str(err):
-            raise
-        return _window_of.__wrapped__(*args, ceil_mode)
+    args += (ceil_mode,)
+    if torch.compiler.is_compiling() or not _can_hash(args):  # (an unhashable argument is
+        return _window_of.__wrapped__(*args)  # refused there, with the argument's name)
+    return _window_of(*args)
 
 
 def _hashable(value):
     return tuple(value) if isinstance(value, list) else value
+
+
+def _can_hash(value) -> bool:
+    try:
+        hash(value)
+    except TypeError:
+        return False
+    return True
 
 
 @functools.lru_cache(maxsize=256)

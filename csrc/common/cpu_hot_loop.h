@@ -10,9 +10,13 @@
 #define PK_HOT_LOOP
 #endif
 
-// Small helpers of the hot loops, forced inline so they vectorize inside them.
+// Small helpers of the hot loops, forced inline so they vectorize inside them. Lambdas too
+// (PK_INLINE_LAMBDA after the parameter list): out of line, a lambda is compiled for the default
+// target only, not for the AVX2 clone of the function that holds it.
 #if defined(__GNUC__)
 #define PK_INLINE inline __attribute__((always_inline))
+#define PK_INLINE_LAMBDA __attribute__((always_inline))
 #else
 #define PK_INLINE inline
+#define PK_INLINE_LAMBDA
 #endif

@@ -1,9 +1,10 @@
-// GCC vector types for the CPU hot loops (csrc/cpu/norm.cpp, attention.cpp): 32 bytes, one AVX2
+// GCC vector types for the CPU hot loops (csrc/cpu/norm.cpp, attention.cpp, pooling.cpp): 32 bytes, one AVX2
 // register (two SSE registers in the default clone, see cpu_hot_loop.h), with unaligned loads
 // and stores. They only travel between always-inline functions, so no ABI is involved.
 #pragma once
 
 #include <cstdint>
+#include <type_traits>
 
 #include "common/cpu_hot_loop.h"
 
@@ -36,6 +37,42 @@ PK_INLINE vec_t<acc_t> vload(const acc_t* p) {
 template <typename acc_t>
 PK_INLINE void vstore(acc_t* p, vec_t<acc_t> v) {
   __builtin_memcpy(p, &v, sizeof(v));
+}
+
+// v with lane i exchanged for lane i ^ D (D a power of two below the lane count): the step of
+// a horizontal reduction, which combines v with swap_lanes<half>, then <quarter>, ... <1>, so
+// that every lane (lane 0 included) ends up holding the result, in a fixed order.
+template <int D, typename V>
+PK_INLINE V swap_lanes(const V& v) {
+  constexpr int kCount = sizeof(V) / sizeof(v[0]);
+  static_assert(kCount == 4 || kCount == 8, "32-byte vectors of 4- or 8-byte lanes");
+  static_assert(D > 0 && D < kCount && (D & (D - 1)) == 0, "D: a power of two below the lanes");
+#if defined(__clang__)
+  if constexpr (kCount == 8) {
+    return __builtin_shufflevector(v, v, 0 ^ D, 1 ^ D, 2 ^ D, 3 ^ D, 4 ^ D, 5 ^ D, 6 ^ D, 7 ^ D);
+  } else {
+    return __builtin_shufflevector(v, v, 0 ^ D, 1 ^ D, 2 ^ D, 3 ^ D);
+  }
+#else
+  using M = typename VecOf<std::conditional_t<kCount == 8, float, double>>::mask;
+  if constexpr (kCount == 8) {
+    return __builtin_shuffle(v, M{0 ^ D, 1 ^ D, 2 ^ D, 3 ^ D, 4 ^ D, 5 ^ D, 6 ^ D, 7 ^ D});
+  } else {
+    return __builtin_shuffle(v, M{0 ^ D, 1 ^ D, 2 ^ D, 3 ^ D});
+  }
+#endif
+}
+
+// All lanes of v combined by combine(a, b) (in place into a) in log2(lanes) swap_lanes steps,
+// as lane 0's value. combine must be order-insensitive per pair (a sum, an or).
+template <typename V, typename Combine>
+PK_INLINE auto fold_all_lanes(const V& in, Combine combine) {
+  constexpr int kCount = sizeof(V) / sizeof(in[0]);
+  V v = in;
+  if constexpr (kCount == 8) combine(v, swap_lanes<4>(v));
+  combine(v, swap_lanes<2>(v));
+  combine(v, swap_lanes<1>(v));
+  return v[0];
 }
 
 }  // namespace pykern

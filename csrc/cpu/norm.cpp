@@ -197,26 +197,12 @@ constexpr bool kIsHalf = std::is_same_v<scalar_t, c10::Half>;
 constexpr int64_t kBlock = 1024;
 
 // Horizontal sums, pairwise in a fixed order.
-#if defined(__clang__)
-#define PK_SHUFFLE(M, v, ...) __builtin_shufflevector(v, v, __VA_ARGS__)
-#else
-#define PK_SHUFFLE(M, v, ...) __builtin_shuffle(v, M{__VA_ARGS__})
-#endif
-PK_INLINE float hsum(vec_t<float> v) {
-  using M = VecOf<float>::mask;
-  v += PK_SHUFFLE(M, v, 4, 5, 6, 7, 0, 1, 2, 3);
-  v += PK_SHUFFLE(M, v, 2, 3, 0, 1, 6, 7, 4, 5);
-  v += PK_SHUFFLE(M, v, 1, 0, 3, 2, 5, 4, 7, 6);
-  return v[0];
+template <typename V>
+PK_INLINE void add_into(V& a, const V& b) {
+  a += b;
 }
-
-PK_INLINE double hsum(vec_t<double> v) {
-  using M = VecOf<double>::mask;
-  v += PK_SHUFFLE(M, v, 2, 3, 0, 1);
-  v += PK_SHUFFLE(M, v, 1, 0, 3, 2);
-  return v[0];
-}
-#undef PK_SHUFFLE
+PK_INLINE float hsum(const vec_t<float>& v) { return fold_all_lanes(v, add_into<vec_t<float>>); }
+PK_INLINE double hsum(const vec_t<double>& v) { return fold_all_lanes(v, add_into<vec_t<double>>); }
 
 // kLanes<acc> elements of any input dtype as an acc vector: float16 and bfloat16 widened with
 // the same bit arithmetic as ld() (exact), in vector registers.

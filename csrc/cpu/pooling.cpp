@@ -49,14 +49,8 @@ constexpr int kShortLanes = 8;
 constexpr int kLongLanes = 32;
 constexpr int64_t kLongRun = 256;
 
-// Unit-stride runs (the common case) get a loop of their own, which the compiler vectorizes.
-// The loop is a lambda forced inline: out of line it would be compiled for the default target
-// only, not for the AVX2 clone of the function that holds it.
-#if defined(__GNUC__)
-#define PK_INLINE_LAMBDA __attribute__((always_inline))
-#else
-#define PK_INLINE_LAMBDA
-#endif
+// Unit-stride runs (the common case) get a loop of their own, which the compiler vectorizes
+// (a lambda forced inline with PK_INLINE_LAMBDA, see cpu_hot_loop.h).
 #define PK_WITH_STRIDE(stride, ...)                                  \
   ((stride) == 1 ? __VA_ARGS__(std::integral_constant<int64_t, 1>{}) \
                  : __VA_ARGS__(stride))
@@ -119,11 +113,6 @@ PK_INLINE auto beats(T v, I i, T best, I at) {
          (((v_nan | best_nan) == 0) & ((v > best) | ((v == best) & (i < at))));
 }
 
-#if defined(__clang__)
-#define PK_SHUFFLE(M, v, ...) __builtin_shufflevector(v, v, __VA_ARGS__)
-#else
-#define PK_SHUFFLE(M, v, ...) __builtin_shuffle(v, M{__VA_ARGS__})
-#endif
 // (best, at) = the winner of it and (v, i), lane by lane, where neither holds a NaN: the greater,
 // or of equal values the earlier. (A function, not a lambda: a lambda may be left out of line,
 // and 32-byte vectors must not cross a call between the two clones.)
@@ -134,37 +123,23 @@ PK_INLINE void step(V& best, M& at, const V& v, const M& i) {
   at = take ? i : at;
 }
 
-// The winner of all lanes of (best, at) by step(), in log2(lanes) shuffle steps, into lane 0.
-template <typename V, typename M>
-PK_INLINE void fold_lanes(V& best, M& at) {
-#define PK_FOLD(...) \
-  step(best, at, PK_SHUFFLE(M, best, __VA_ARGS__), PK_SHUFFLE(M, at, __VA_ARGS__))
-  if constexpr (sizeof(best[0]) == 4) {  // 8 lanes
-    PK_FOLD(4, 5, 6, 7, 0, 1, 2, 3);
-    PK_FOLD(2, 3, 0, 1, 6, 7, 4, 5);
-    PK_FOLD(1, 0, 3, 2, 5, 4, 7, 6);
-  } else {  // 4 lanes
-    PK_FOLD(2, 3, 0, 1);
-    PK_FOLD(1, 0, 3, 2);
-  }
-#undef PK_FOLD
+// The winner of all lanes of (best, at) by step(), in log2(lanes) swap_lanes steps, into lane 0.
+template <int D, typename V, typename M>
+PK_INLINE void fold_lanes_from(V& best, M& at) {
+  step(best, at, swap_lanes<D>(best), swap_lanes<D>(at));
+  if constexpr (D > 1) fold_lanes_from<D / 2>(best, at);
 }
 
-// Whether any lane of mask m is set (the same shuffle steps).
+template <typename V, typename M>
+PK_INLINE void fold_lanes(V& best, M& at) {
+  fold_lanes_from<sizeof(V) / sizeof(best[0]) / 2>(best, at);
+}
+
+// Whether any lane of mask m is set.
 template <typename M>
 PK_INLINE bool any_lane(const M& mask) {  // by reference: no 32-byte by-value ABI note from gcc
-  M m = mask;
-  if constexpr (sizeof(m[0]) == 4) {
-    m |= PK_SHUFFLE(M, m, 4, 5, 6, 7, 0, 1, 2, 3);
-    m |= PK_SHUFFLE(M, m, 2, 3, 0, 1, 6, 7, 4, 5);
-    m |= PK_SHUFFLE(M, m, 1, 0, 3, 2, 5, 4, 7, 6);
-  } else {
-    m |= PK_SHUFFLE(M, m, 2, 3, 0, 1);
-    m |= PK_SHUFFLE(M, m, 1, 0, 3, 2);
-  }
-  return m[0] != 0;
+  return fold_all_lanes(mask, [](M& a, const M& b) PK_INLINE_LAMBDA { a |= b; }) != 0;
 }
-#undef PK_SHUFFLE
 
 // K == 1 maxima of runs b0..b1 in one pass: Vecs vector registers of running maxima, each lane
 // with the index it came from (a strict > keeps a lane's first of equal values), folded at the
