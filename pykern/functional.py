@@ -190,7 +190,7 @@ def _check_window_input(op: str, input: object, integers: tuple[torch.dtype, ...
     if not (input.dtype.is_floating_point or input.dtype in integers):
         kinds = "floating-point" + (" or integer" if integers else "")
         raise TypeError(f"{op}: input must be a {kinds} tensor, got {input.dtype}")
-    if any(s == 0 for s in input.shape[-3:]):
+    if 0 in input.shape[-3:]:
         raise ValueError(
             f"{op}: input must have non-zero C, H and W (only the batch may be empty), got "
             f"shape {tuple(input.shape)}"
@@ -205,26 +205,34 @@ def _strided_window(op, input, kernel_size, stride, padding, dilation, ceil_mode
     """The validated window of max_pool2d / avg_pool2d for input. Eager calls reuse the result
     for the same arguments (validating them costs more than a small pooling kernel); under
     torch.compile it is computed as it is traced."""
-    args = (op, tuple(input.shape[-2:]), *map(_hashable, (kernel_size, stride, padding, dilation)))
-    args += (ceil_mode,)
-    if torch.compiler.is_compiling() or not _can_hash(args):  # (an unhashable argument is
-        return _window_of.__wrapped__(*args)  # refused there, with the argument's name)
-    return _window_of(*args)
+    args = (op, tuple(input.shape[-2:]), _hashable(kernel_size), _hashable(stride))
+    return _cached(_window_of, *args, _hashable(padding), _hashable(dilation), ceil_mode)
+
+
+def _cached(window_of, *args):
+    """window_of(*args), an lru_cache'd validation, from its cache in eager calls whose
+    arguments are all _exact; computed afresh under torch.compile (as it is traced) and for
+    any other argument (which it refuses, naming it, or takes as torch does)."""
+    if not torch.compiler.is_compiling() and all(map(_exact, args)):
+        return window_of(*args)
+    return window_of.__wrapped__(*args)
+
+
+def _exact(value) -> bool:
+    """True for an argument whose cache entry no value of another type can hit: a str, bool,
+    int or None (the caches are typed), or a tuple of ints and Nones (3.0 and True hash as 3
+    and 1 do: they must reach the validation, which refuses them)."""
+    kind = type(value)
+    if kind is tuple:
+        return all(v is None or type(v) is int for v in value)
+    return kind is int or kind is bool or kind is str or value is None
 
 
 def _hashable(value):
-    return tuple(value) if isinstance(value, list) else value
+    return tuple(value) if type(value) is list else value
 
 
-def _can_hash(value) -> bool:
-    try:
-        hash(value)
-    except TypeError:
-        return False
-    return True
-
-
-@functools.lru_cache(maxsize=256)
+@functools.lru_cache(maxsize=256, typed=True)
 def _window_of(op, in_hw, kernel_size, stride, padding, dilation, ceil_mode) -> _pooling.Window:
     """The window of max_pool2d / avg_pool2d over an (H, W) input, validated."""
     if op == "max_pool2d":  # the largest padding each op allows
@@ -333,8 +341,14 @@ def avg_pool2d(
 
 
 def _adaptive_window(op: str, input: torch.Tensor, output_size) -> _pooling.Window:
+    return _cached(_adaptive_window_of, op, tuple(input.shape[-2:]), _hashable(output_size))
+
+
+@functools.lru_cache(maxsize=256, typed=True)
+def _adaptive_window_of(op: str, in_hw: tuple[int, int], output_size) -> _pooling.Window:
+    """The window of adaptive_avg_pool2d / adaptive_max_pool2d over an (H, W) input, validated."""
     out = _pair(op, "output_size", output_size, allow_none=True)
-    out = tuple(s if o is None else o for o, s in zip(out, input.shape[-2:], strict=True))
+    out = tuple(s if o is None else o for o, s in zip(out, in_hw, strict=True))
     if min(out) < 0:
         raise ValueError(f"{op}: output_size must be >= 0, got {output_size!r}")
     return _pooling.Window(out_size=out, adaptive=True)
@@ -701,7 +715,7 @@ def _check_conv_operands(op: str, input: object, weight: object) -> None:
         raise TypeError(
             f"{op}: input must be float16, bfloat16, float32 or float64, got {input.dtype}"
         )
-    if any(s == 0 for s in input.shape[-3:]):
+    if 0 in input.shape[-3:]:
         raise ValueError(
             f"{op}: input must have non-zero C, H and W (only the batch may be empty), got "
             f"shape {tuple(input.shape)}"

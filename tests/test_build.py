@@ -89,6 +89,7 @@ def test_unsupported_device_names_the_argument():
 
     class OnXpu:  # stands in for a tensor on a device this build has no kernels for
         device = torch.device("xpu")
+        is_cpu = is_cuda = is_meta = False
 
     with pytest.raises(ValueError, match="to_channels_last: input is on device 'xpu'"):
         backends.check_device(OnXpu(), "to_channels_last")

@@ -538,6 +538,44 @@ def test_window_bad_arguments(fn, kw, error, match):
         fn(torch.randn(1, 2, 5, 5), **kw)
 
 
+def test_output_format_follows_torch_for_every_stride_order():
+    # Which memory format an output takes: torch's rule reads the strides of size-1 dims too,
+    # so sizes 1 and 2 in every position, each dim order, and views with gaps.
+    import itertools
+
+    from pykern.ops.pooling import suggest_memory_format
+
+    for shape in itertools.product((1, 2), (1, 2, 3), (1, 2), (1, 3)):
+        inputs = [torch.randn(2, *shape[1:]).contiguous(memory_format=torch.channels_last)[:1]]
+        inputs.append(torch.randn([s + 1 for s in shape])[: shape[0], :, 1:, : shape[3]])
+        for perm in itertools.permutations(range(4)):
+            x = torch.randn([shape[p] for p in perm]).permute([perm.index(d) for d in range(4)])
+            inputs.append(x)
+        for x in inputs:
+            expected = F.max_pool2d(x, 1)
+            channels_last = expected.is_contiguous(memory_format=torch.channels_last)
+            if channels_last == expected.is_contiguous():
+                continue  # both formats lay it out alike
+            want = torch.channels_last if channels_last else torch.contiguous_format
+            assert suggest_memory_format(x) == want, (x.shape, x.stride())
+
+
+def test_window_cache_keeps_argument_types_apart():
+    # The validated windows are cached per argument; 3.0 and True hash as 3 and 1 do, so a
+    # cached valid window must not answer for them.
+    x = torch.randn(1, 2, 5, 5)
+    for fn, good, bad, name in (
+        (PF.max_pool2d, 3, 3.0, "kernel_size"),
+        (PF.max_pool2d, (1, 3), (True, 3), "kernel_size"),
+        (PF.avg_pool2d, (3, 1), (3, 1.0), "kernel_size"),
+        (PF.adaptive_avg_pool2d, (2, None), (2.0, None), "output_size"),
+        (PF.adaptive_max_pool2d, 1, True, "output_size"),
+    ):
+        fn(x, good)
+        with pytest.raises(TypeError, match=f"{fn.__name__}: {name} must be an int"):
+            fn(x, bad)
+
+
 @pytest.mark.parametrize("op", ["max_pool2d", "avg_pool2d", "adaptive_avg_pool2d",
                                 "adaptive_max_pool2d"])  # fmt: skip
 def test_window_bad_input_tensor(op):

@@ -129,6 +129,13 @@ def suggest_memory_format(x: torch.Tensor) -> torch.memory_format:
     """torch's Tensor.suggest_memory_format() for a 4D tensor: channels_last when the strides
     order the dims N, H, W, C (size-1 dims resolved as torch resolves them), else contiguous.
     Pooling outputs take this format, as torch's do."""
+    # The common, unambiguous cases from two C++ flags. The flags ignore the strides of size-1
+    # dims, which this rule reads (a lone image's N stride decides, as in x[0] of a batch).
+    nchw, nhwc = x.is_contiguous(), x.is_contiguous(memory_format=torch.channels_last)
+    if nchw and not nhwc:
+        return torch.contiguous_format
+    if nhwc and not nchw and 1 not in x.shape:
+        return torch.channels_last
     sizes, strides = x.shape, x.stride()
     if strides[1] == 0:
         return torch.contiguous_format
