@@ -12,11 +12,7 @@
 
 #include <cstdint>
 
-#if defined(__CUDACC__)
-#define PK_HOST_DEVICE __host__ __device__ __forceinline__
-#else
-#define PK_HOST_DEVICE inline
-#endif
+#include "common/host_device.h"
 
 namespace pykern {
 

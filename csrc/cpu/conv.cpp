@@ -40,6 +40,7 @@
 #include <vector>
 
 #include "common/checks.h"
+#include "common/conv_geometry.h"
 // The vector types are only passed between always-inline functions: no ABI is involved (the
 // warning fires where templates are instantiated, at the end of the file: left off for all).
 #pragma GCC diagnostic ignored "-Wpsabi"
@@ -53,51 +54,11 @@ namespace {
 
 constexpr int64_t kParallelGrain = 1 << 15;  // below this many elements one thread is faster
 
-struct ConvGeometry {
-  int64_t N, C, H, W;  // input images
-  int64_t K, R, S;     // weight (K, C / groups, R, S)
-  int64_t Ho, Wo;      // output images
-  int64_t sh, sw, ph, pw, dh, dw;
-  int64_t groups, Cg, Kg;
-
-  int64_t taps() const { return R * S; }
-  int64_t col_width() const { return C * R * S; }  // column entries per output pixel
-  // NHWC column rows are col_width() entries padded to a multiple of 8: MKL's GEMM writing
-  // rows of an odd length (the stem's 147) runs 2-3x slower. The padding is never read. With
-  // an identity im2col the GEMMs read x, rows of C.
-  int64_t nhwc_ld() const { return im2col_is_identity() ? C : (col_width() + 7) / 8 * 8; }
-  int64_t group_width() const { return Cg * R * S; }
-  bool im2col_is_identity() const {
-    return R == 1 && S == 1 && sh == 1 && sw == 1 && ph == 0 && pw == 0;
-  }
-};
-
-void check_pair(const char* fn, const char* name, const std::vector<int64_t>& v, int64_t lo) {
-  PK_CHECK_VALUE(v.size() == 2, fn, ": ", name, " must be an (H, W) pair, got ", v.size(),
-                 " values");
-  PK_CHECK_VALUE(v[0] >= lo && v[1] >= lo, fn, ": ", name, " must be >= ", lo, ", got (", v[0],
-                 ", ", v[1], ")");
-}
-
-// Checks the window arguments and the shapes that must agree, and derives Ho, Wo.
-ConvGeometry make_geometry(const char* fn, int64_t N, int64_t C, int64_t H, int64_t W, int64_t K,
-                           int64_t R, int64_t S, const std::vector<int64_t>& stride,
-                           const std::vector<int64_t>& padding,
-                           const std::vector<int64_t>& dilation, int64_t groups) {
-  check_pair(fn, "stride", stride, 1);
-  check_pair(fn, "padding", padding, 0);
-  check_pair(fn, "dilation", dilation, 1);
-  PK_CHECK_VALUE(groups >= 1 && C % groups == 0 && K % groups == 0, fn, ": groups (", groups,
-                 ") must divide the input channels (", C, ") and the output channels (", K, ")");
-  PK_CHECK_VALUE(R >= 1 && S >= 1, fn, ": kernel size must be positive, got (", R, ", ", S, ")");
-  ConvGeometry g{N, C, H, W, K, R, S, 0, 0, stride[0], stride[1], padding[0], padding[1],
-                 dilation[0], dilation[1], groups, C / groups, K / groups};
-  g.Ho = (H + 2 * g.ph - g.dh * (R - 1) - 1) / g.sh + 1;
-  g.Wo = (W + 2 * g.pw - g.dw * (S - 1) - 1) / g.sw + 1;
-  PK_CHECK_VALUE(H + 2 * g.ph >= g.dh * (R - 1) + 1 && W + 2 * g.pw >= g.dw * (S - 1) + 1, fn,
-                 ": the dilated kernel (", g.dh * (R - 1) + 1, ", ", g.dw * (S - 1) + 1,
-                 ") is larger than the padded input (", H + 2 * g.ph, ", ", W + 2 * g.pw, ")");
-  return g;
+// NHWC column rows are CRS entries padded to a multiple of 8: MKL's GEMM writing rows of an odd
+// length (the stem's 147) runs 2-3x slower. The padding is never read. With an identity im2col
+// the GEMMs read x, rows of C.
+int64_t nhwc_ld(const ConvGeometry& g) {
+  return g.im2col_is_identity() ? g.C : (g.CRS + 7) / 8 * 8;
 }
 
 at::MemoryFormat format_of(bool channels_last) {
@@ -195,7 +156,7 @@ template <typename scalar_t>
 void im2col_nchw(const ConvGeometry& g, const scalar_t* x, int64_t n, scalar_t* cols,
                  bool parallel) {
   const int64_t plane = g.Ho * g.Wo;
-#pragma omp parallel for schedule(static) if (parallel && g.col_width() * plane > kParallelGrain)
+#pragma omp parallel for schedule(static) if (parallel && g.CRS * plane > kParallelGrain)
   for (int64_t c = 0; c < g.C; ++c) {
     const scalar_t* src = x + (n * g.C + c) * g.H * g.W;
     for (int64_t r = 0; r < g.R; ++r) {
@@ -223,7 +184,7 @@ template <typename scalar_t>
 void col2im_nchw(const ConvGeometry& g, const scalar_t* cols, const scalar_t* bias, int64_t n,
                  scalar_t* dx, bool parallel) {
   const int64_t plane = g.Ho * g.Wo;
-#pragma omp parallel for schedule(static) if (parallel && g.col_width() * plane > kParallelGrain)
+#pragma omp parallel for schedule(static) if (parallel && g.CRS * plane > kParallelGrain)
   for (int64_t c = 0; c < g.C; ++c) {
     scalar_t* dst = dx + (n * g.C + c) * g.H * g.W;
     std::fill(dst, dst + g.H * g.W, bias ? bias[c] : scalar_t(0));
@@ -260,7 +221,7 @@ bool nhwc_runs(const ConvGeometry& g) { return g.groups == 1 && g.dw == 1; }
 template <typename scalar_t>
 PK_HOT_LOOP void im2col_row_nhwc(const ConvGeometry& g, const scalar_t* x, int64_t n, int64_t ho,
                                  int64_t ld, scalar_t* dst) {
-  const int64_t group_width = g.group_width(), run = g.S * g.C;
+  const int64_t group_width = g.CgRS, run = g.S * g.C;
   for (int64_t wo = 0; wo < g.Wo; ++wo, dst += ld) {
     const TapRun sr = tap_run(g, wo);
     for (int64_t r = 0; r < g.R; ++r) {
@@ -301,7 +262,7 @@ PK_HOT_LOOP void im2col_row_nhwc(const ConvGeometry& g, const scalar_t* x, int64
 template <typename scalar_t>
 void im2col_nhwc(const ConvGeometry& g, const scalar_t* x, int64_t n0, int64_t nb,
                  scalar_t* cols) {
-  const int64_t ld = g.nhwc_ld();
+  const int64_t ld = nhwc_ld(g);
 #pragma omp parallel for schedule(static) if (nb * g.Ho * g.Wo * ld > kParallelGrain)
   for (int64_t row = 0; row < nb * g.Ho; ++row) {  // (image, ho)
     im2col_row_nhwc(g, x, n0 + row / g.Ho, row % g.Ho, ld, cols + row * g.Wo * ld);
@@ -316,7 +277,7 @@ void im2col_nhwc(const ConvGeometry& g, const scalar_t* x, int64_t n0, int64_t n
 template <typename scalar_t>
 PK_HOT_LOOP void col2im_row_nhwc(const ConvGeometry& g, const scalar_t* cols, int64_t ld,
                                  const scalar_t* bias, int64_t n, int64_t h, scalar_t* dst) {
-  const int64_t group_width = g.group_width();
+  const int64_t group_width = g.CgRS;
   for (int64_t w = 0; w < g.W; ++w) {
     if (bias) {
       std::copy(bias, bias + g.C, dst + w * g.C);
@@ -360,7 +321,7 @@ PK_HOT_LOOP void col2im_row_nhwc(const ConvGeometry& g, const scalar_t* cols, in
 template <typename scalar_t>
 void col2im_nhwc(const ConvGeometry& g, const scalar_t* cols, const scalar_t* bias, int64_t n0,
                  int64_t nb, scalar_t* dx) {
-  const int64_t ld = g.nhwc_ld();
+  const int64_t ld = nhwc_ld(g);
 #pragma omp parallel for schedule(static) if (nb * g.H * g.W * g.C * g.taps() > kParallelGrain)
   for (int64_t row = 0; row < nb * g.H; ++row) {  // (image, h)
     col2im_row_nhwc(g, cols, ld, bias, row / g.H, row % g.H, dx + (n0 * g.H + row) * g.W * g.C);
@@ -374,7 +335,7 @@ constexpr int64_t kColumnBytes = 8 << 20;
 
 int64_t images_per_chunk(const ConvGeometry& g, int64_t element_size, int64_t workspace_bytes) {
   if (g.im2col_is_identity()) return g.N;  // no column buffer
-  const int64_t image_bytes = std::max<int64_t>(g.Ho * g.Wo * g.nhwc_ld() * element_size, 1);
+  const int64_t image_bytes = std::max<int64_t>(g.Ho * g.Wo * nhwc_ld(g) * element_size, 1);
   return std::clamp<int64_t>(std::min(workspace_bytes, kColumnBytes) / image_bytes, 1, g.N);
 }
 
@@ -401,7 +362,7 @@ void for_each_image(const ConvGeometry& g, int64_t slots, const Body& run) {
 int64_t image_slots(const ConvGeometry& g, int64_t element_size, int64_t workspace_bytes) {
   int64_t slots = std::min<int64_t>(at::get_num_threads(), g.N);
   if (!g.im2col_is_identity()) {
-    const int64_t image_bytes = std::max<int64_t>(g.Ho * g.Wo * g.col_width() * element_size, 1);
+    const int64_t image_bytes = std::max<int64_t>(g.Ho * g.Wo * g.CRS * element_size, 1);
     slots = std::min(slots, workspace_bytes / image_bytes);
   }
   return std::max<int64_t>(slots, 1);
@@ -1003,7 +964,7 @@ at::Tensor fwd_impl(const at::Tensor& x, const at::Tensor& weight,
     });
     return y;
   }
-  const int64_t plane = g.Ho * g.Wo, gw = g.group_width();
+  const int64_t plane = g.Ho * g.Wo, gw = g.CgRS;
   const auto bias_of = [&](int64_t k, int64_t rows, int64_t cols, bool along_rows) {
     return bias ? std::optional<at::Tensor>(
                       bias_matrix(*bias, k * g.Kg, g.Kg, rows, cols, along_rows))
@@ -1013,8 +974,8 @@ at::Tensor fwd_impl(const at::Tensor& x, const at::Tensor& weight,
     const scalar_t* xp = x.const_data_ptr<scalar_t>();
     if (!channels_last) {
       const int64_t slots = image_slots(g, x.element_size(), workspace_bytes);
-      at::Tensor cols = column_buffer(g, slots, g.col_width(), x.options());
-      const int64_t image_cols = g.col_width() * plane;
+      at::Tensor cols = column_buffer(g, slots, g.CRS, x.options());
+      const int64_t image_cols = g.CRS * plane;
       for_each_image(g, slots, [&](int64_t n, int64_t slot, bool parallel) {
         if (!g.im2col_is_identity()) {
           im2col_nchw(g, xp, n, cols.data_ptr<scalar_t>() + slot * image_cols, parallel);
@@ -1031,7 +992,7 @@ at::Tensor fwd_impl(const at::Tensor& x, const at::Tensor& weight,
       return;
     }
     const int64_t chunk = images_per_chunk(g, x.element_size(), workspace_bytes);
-    at::Tensor cols = column_buffer(g, chunk, g.nhwc_ld(), x.options());
+    at::Tensor cols = column_buffer(g, chunk, nhwc_ld(g), x.options());
     for (int64_t n0 = 0; n0 < g.N; n0 += chunk) {
       const int64_t nb = std::min(chunk, g.N - n0), rows = nb * plane;
       if (!g.im2col_is_identity()) im2col_nhwc(g, xp, n0, nb, cols.data_ptr<scalar_t>());
@@ -1039,7 +1000,7 @@ at::Tensor fwd_impl(const at::Tensor& x, const at::Tensor& weight,
       const int64_t base = g.im2col_is_identity() ? n0 * plane * g.C : 0;
       for (int64_t k = 0; k < g.groups; ++k) {
         gemm(matrix(y, n0 * plane * g.K + k * g.Kg, rows, g.Kg, g.K),
-             matrix(src, base + k * gw, rows, gw, g.nhwc_ld()),
+             matrix(src, base + k * gw, rows, gw, nhwc_ld(g)),
              matrix(weight, k * g.Kg * gw, g.Kg, gw, gw).t(), bias_of(k, rows, g.Kg, false));
       }
     }
@@ -1058,7 +1019,7 @@ at::Tensor bwd_input_impl(const at::Tensor& grad_y, const at::Tensor& weight,
     });
     return dx;
   }
-  const int64_t plane = g.Ho * g.Wo, gw = g.group_width();
+  const int64_t plane = g.Ho * g.Wo, gw = g.CgRS;
   const bool identity = g.im2col_is_identity();
   AT_DISPATCH_FLOATING_TYPES(grad_y.scalar_type(), "conv2d_bwd_input_cpu", [&] {
     const scalar_t* bias_p = bias ? bias->const_data_ptr<scalar_t>() : nullptr;
@@ -1070,8 +1031,8 @@ at::Tensor bwd_input_impl(const at::Tensor& grad_y, const at::Tensor& weight,
     };
     if (!channels_last) {
       const int64_t slots = image_slots(g, grad_y.element_size(), workspace_bytes);
-      at::Tensor cols = column_buffer(g, slots, g.col_width(), grad_y.options());
-      const int64_t image_cols = g.col_width() * plane;
+      at::Tensor cols = column_buffer(g, slots, g.CRS, grad_y.options());
+      const int64_t image_cols = g.CRS * plane;
       for_each_image(g, slots, [&](int64_t n, int64_t slot, bool parallel) {
         const int64_t base = slot * image_cols;
         for (int64_t k = 0; k < g.groups; ++k) {
@@ -1090,12 +1051,12 @@ at::Tensor bwd_input_impl(const at::Tensor& grad_y, const at::Tensor& weight,
       return;
     }
     const int64_t chunk = images_per_chunk(g, grad_y.element_size(), workspace_bytes);
-    at::Tensor cols = column_buffer(g, chunk, g.nhwc_ld(), grad_y.options());
+    at::Tensor cols = column_buffer(g, chunk, nhwc_ld(g), grad_y.options());
     for (int64_t n0 = 0; n0 < g.N; n0 += chunk) {
       const int64_t nb = std::min(chunk, g.N - n0), rows = nb * plane;
       for (int64_t k = 0; k < g.groups; ++k) {
         const at::Tensor out = identity ? matrix(dx, n0 * plane * g.C + k * g.Cg, rows, g.Cg, g.C)
-                                        : matrix(cols, k * gw, rows, gw, g.nhwc_ld());
+                                        : matrix(cols, k * gw, rows, gw, nhwc_ld(g));
         gemm(out, matrix(grad_y, n0 * plane * g.K + k * g.Kg, rows, g.Kg, g.K),
              matrix(weight, k * g.Kg * gw, g.Kg, gw, gw), bias_of(k, rows, g.Cg, false));
       }
@@ -1118,7 +1079,7 @@ at::Tensor bwd_weight_impl(const at::Tensor& grad_y, const at::Tensor& x, const 
     });
     return dw;
   }
-  const int64_t plane = g.Ho * g.Wo, gw = g.group_width();
+  const int64_t plane = g.Ho * g.Wo, gw = g.CgRS;
   // The first product of each group writes dW_g, the later ones add to it.
   const auto accumulate = [](at::Tensor out, const at::Tensor& a, const at::Tensor& b,
                              bool first) {
@@ -1131,7 +1092,7 @@ at::Tensor bwd_weight_impl(const at::Tensor& grad_y, const at::Tensor& x, const 
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "conv2d_bwd_weight_cpu", [&] {
     const scalar_t* xp = x.const_data_ptr<scalar_t>();
     if (!channels_last) {
-      at::Tensor cols = column_buffer(g, 1, g.col_width(), x.options());
+      at::Tensor cols = column_buffer(g, 1, g.CRS, x.options());
       for (int64_t n = 0; n < g.N; ++n) {
         if (!g.im2col_is_identity()) im2col_nchw(g, xp, n, cols.data_ptr<scalar_t>(), true);
         const at::Tensor& src = g.im2col_is_identity() ? x : cols;
@@ -1145,7 +1106,7 @@ at::Tensor bwd_weight_impl(const at::Tensor& grad_y, const at::Tensor& x, const 
       return;
     }
     const int64_t chunk = images_per_chunk(g, x.element_size(), workspace_bytes);
-    at::Tensor cols = column_buffer(g, chunk, g.nhwc_ld(), x.options());
+    at::Tensor cols = column_buffer(g, chunk, nhwc_ld(g), x.options());
     for (int64_t n0 = 0; n0 < g.N; n0 += chunk) {
       const int64_t nb = std::min(chunk, g.N - n0), rows = nb * plane;
       if (!g.im2col_is_identity()) im2col_nhwc(g, xp, n0, nb, cols.data_ptr<scalar_t>());
@@ -1154,7 +1115,7 @@ at::Tensor bwd_weight_impl(const at::Tensor& grad_y, const at::Tensor& x, const 
       for (int64_t k = 0; k < g.groups; ++k) {
         accumulate(matrix(dw, k * g.Kg * gw, g.Kg, gw, gw),
                    matrix(grad_y, n0 * plane * g.K + k * g.Kg, rows, g.Kg, g.K).t(),
-                   matrix(src, base + k * gw, rows, gw, g.nhwc_ld()), n0 == 0);
+                   matrix(src, base + k * gw, rows, gw, nhwc_ld(g)), n0 == 0);
       }
     }
   });
@@ -1183,7 +1144,7 @@ at::Tensor conv2d_fwd_cpu(const at::Tensor& x, const at::Tensor& weight,
   check_same_dtype(fn, "weight", weight, x);
   check_bias(fn, bias, x, weight.size(0));
   PK_CHECK_VALUE(workspace_bytes > 0, fn, ": workspace_bytes must be positive");
-  const ConvGeometry g = make_geometry(fn, x.size(0), x.size(1), x.size(2), x.size(3),
+  const ConvGeometry g = make_conv_geometry(fn, x.size(0), x.size(1), x.size(2), x.size(3),
                                        weight.size(0), weight.size(2), weight.size(3), stride,
                                        padding, dilation, groups);
   PK_CHECK_VALUE(weight.size(1) == g.Cg, fn, ": weight must have C / groups = ", g.Cg,
@@ -1209,11 +1170,11 @@ at::Tensor conv2d_bwd_input_cpu(const at::Tensor& grad_y, const at::Tensor& weig
   check_input(fn, "grad_y", grad_y, channels_last);
   check_input(fn, "weight", weight, channels_last);
   check_same_dtype(fn, "weight", weight, grad_y);
-  check_pair(fn, "in_size", in_size, 0);
+  check_conv_pair(fn, "in_size", in_size, 0);
   PK_CHECK_VALUE(workspace_bytes > 0, fn, ": workspace_bytes must be positive");
   PK_CHECK_VALUE(weight.size(0) == grad_y.size(1), fn, ": grad_y must have ", weight.size(0),
                  " channels (the weight's K), got ", grad_y.size(1));
-  const ConvGeometry g = make_geometry(fn, grad_y.size(0), weight.size(1) * groups, in_size[0],
+  const ConvGeometry g = make_conv_geometry(fn, grad_y.size(0), weight.size(1) * groups, in_size[0],
                                        in_size[1], weight.size(0), weight.size(2),
                                        weight.size(3), stride, padding, dilation, groups);
   check_bias(fn, bias, grad_y, g.C);
@@ -1240,11 +1201,11 @@ at::Tensor conv2d_bwd_weight_cpu(const at::Tensor& grad_y, const at::Tensor& x,
   check_input(fn, "grad_y", grad_y, channels_last);
   check_input(fn, "x", x, channels_last);
   check_same_dtype(fn, "grad_y", grad_y, x);
-  check_pair(fn, "kernel_size", kernel_size, 1);
+  check_conv_pair(fn, "kernel_size", kernel_size, 1);
   PK_CHECK_VALUE(workspace_bytes > 0, fn, ": workspace_bytes must be positive");
   PK_CHECK_VALUE(grad_y.size(0) == x.size(0), fn, ": grad_y must have x's batch size ",
                  x.size(0), ", got ", grad_y.size(0));
-  const ConvGeometry g = make_geometry(fn, x.size(0), x.size(1), x.size(2), x.size(3),
+  const ConvGeometry g = make_conv_geometry(fn, x.size(0), x.size(1), x.size(2), x.size(3),
                                        grad_y.size(1), kernel_size[0], kernel_size[1], stride,
                                        padding, dilation, groups);
   PK_CHECK_VALUE(grad_y.size(2) == g.Ho && grad_y.size(3) == g.Wo, fn, ": grad_y must be ", g.Ho,

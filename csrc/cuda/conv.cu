@@ -39,6 +39,7 @@
 #include <vector>
 
 #include "common/checks.h"
+#include "common/conv_geometry.h"
 #include "common/cuda_divmod.h"
 #include "common/dispatch.h"
 #include "common/poison.h"
@@ -50,16 +51,6 @@ namespace {
 constexpr int kThreads = 256;
 constexpr int64_t kMaxBlocks = 1 << 20;
 
-// Everything the index math needs; built and checked once on the host.
-struct ConvGeom {
-  int64_t C, H, W;   // image: x, dx
-  int64_t K, Ho, Wo;  // output: y, dy
-  int64_t R, S;
-  int64_t sh, sw, ph, pw, dh, dw;
-  int64_t groups, Cg, Kg;
-  int64_t L, CRS, CgRS;  // Ho * Wo, C * R * S, Cg * R * S
-};
-
 #define PK_GRID_STRIDE_LOOP(i, total)                                                      \
   for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < (total); \
        i += static_cast<int64_t>(gridDim.x) * blockDim.x)
@@ -70,7 +61,7 @@ struct ConvGeom {
 // storage type of the element's width, whose zero is +0.0 in every float format.
 template <typename scalar_t>
 __global__ void im2col_nchw_kernel(const scalar_t* __restrict__ x, scalar_t* __restrict__ cols,
-                                   int64_t total, ConvGeom g, int64_t image_stride,
+                                   int64_t total, ConvGeometry g, int64_t image_stride,
                                    int64_t row_stride) {
   PK_GRID_STRIDE_LOOP(i, total) {  // i = ((n * CRS + row) * Ho + ho) * Wo + wo
     const DivMod a = divmod(i, g.Wo);     // a.r = wo
@@ -90,7 +81,7 @@ __global__ void im2col_nchw_kernel(const scalar_t* __restrict__ x, scalar_t* __r
 // A thread per column element, consecutive threads along cg (coalesced on both sides).
 template <typename scalar_t>
 __global__ void im2col_nhwc_kernel(const scalar_t* __restrict__ x, scalar_t* __restrict__ cols,
-                                   int64_t total, ConvGeom g) {
+                                   int64_t total, ConvGeometry g) {
   PK_GRID_STRIDE_LOOP(i, total) {  // i = ((n * Ho + ho) * Wo + wo) * CRS + col
     const DivMod a = divmod(i, g.CRS);   // a.r = col
     const DivMod b = divmod(a.q, g.Wo);  // b.r = wo
@@ -121,7 +112,7 @@ __device__ __forceinline__ int64_t reader_of(int64_t x, int64_t t, int64_t s, in
 template <typename scalar_t>
 __global__ void col2im_nchw_kernel(const scalar_t* __restrict__ cols,
                                    const scalar_t* __restrict__ bias, scalar_t* __restrict__ dx,
-                                   int64_t total, ConvGeom g) {
+                                   int64_t total, ConvGeometry g) {
   using acc_t = at::opmath_type<scalar_t>;
   PK_GRID_STRIDE_LOOP(i, total) {  // i = ((n * C + c) * H + h) * W + w
     const DivMod a = divmod(i, g.W);    // a.r = w
@@ -147,7 +138,7 @@ __global__ void col2im_nchw_kernel(const scalar_t* __restrict__ cols,
 template <typename scalar_t>
 __global__ void col2im_nhwc_kernel(const scalar_t* __restrict__ cols,
                                    const scalar_t* __restrict__ bias, scalar_t* __restrict__ dx,
-                                   int64_t total, ConvGeom g) {
+                                   int64_t total, ConvGeometry g) {
   using acc_t = at::opmath_type<scalar_t>;
   PK_GRID_STRIDE_LOOP(i, total) {  // i = ((n * H + h) * W + w) * C + c
     const DivMod a = divmod(i, g.C);     // a.r = c
@@ -207,7 +198,7 @@ __device__ __forceinline__ ImageCoord image_coord(int64_t i, int64_t C, int64_t 
 // Offset of w[k, cg, r, s] of a (K, Cg, R, S) weight, (K, R, S, Cg) in memory when kChannelsLast.
 template <bool kChannelsLast>
 __device__ __forceinline__ int64_t weight_offset(int64_t k, int64_t cg, int64_t r, int64_t s,
-                                                 const ConvGeom& g) {
+                                                 const ConvGeometry& g) {
   return kChannelsLast ? ((k * g.R + r) * g.S + s) * g.Cg + cg
                        : ((k * g.Cg + cg) * g.R + r) * g.S + s;
 }
@@ -229,7 +220,7 @@ __device__ __forceinline__ scalar_t load_readonly(const scalar_t* p) {
 template <typename scalar_t, bool kChannelsLast>
 __global__ void direct_fwd_kernel(const scalar_t* __restrict__ x, const scalar_t* __restrict__ w,
                                   const scalar_t* __restrict__ bias, scalar_t* __restrict__ y,
-                                  int64_t total, ConvGeom g) {
+                                  int64_t total, ConvGeometry g) {
   using acc_t = at::opmath_type<scalar_t>;
   PK_GRID_STRIDE_LOOP(i, total) {
     const ImageCoord o = image_coord<kChannelsLast>(i, g.K, g.Ho, g.Wo);  // (n, k, p, q)
@@ -261,7 +252,7 @@ template <typename scalar_t, bool kChannelsLast>
 __global__ void direct_bwd_input_kernel(const scalar_t* __restrict__ dy,
                                         const scalar_t* __restrict__ w,
                                         const scalar_t* __restrict__ bias,
-                                        scalar_t* __restrict__ dx, int64_t total, ConvGeom g) {
+                                        scalar_t* __restrict__ dx, int64_t total, ConvGeometry g) {
   using acc_t = at::opmath_type<scalar_t>;
   PK_GRID_STRIDE_LOOP(i, total) {
     const ImageCoord e = image_coord<kChannelsLast>(i, g.C, g.H, g.W);
@@ -306,7 +297,7 @@ template <typename scalar_t, bool kChannelsLast>
 __global__ void direct_bwd_weight_kernel(const scalar_t* __restrict__ dy,
                                          const scalar_t* __restrict__ x,
                                          at::opmath_type<scalar_t>* __restrict__ part,
-                                         int64_t pixels, int64_t chunk, ConvGeom g) {
+                                         int64_t pixels, int64_t chunk, ConvGeometry g) {
   using acc_t = at::opmath_type<scalar_t>;
   using Lanes = WeightGradLanes<kChannelsLast>;
   __shared__ acc_t lanes[Lanes::kLanesP][Lanes::kLanesK];
@@ -389,41 +380,6 @@ void check_bias(const char* fn, const std::optional<at::Tensor>& bias, const at:
                 ", got ", bias->scalar_type());
 }
 
-bool is_pair(const std::vector<int64_t>& v, int64_t min) {
-  return v.size() == 2 && v[0] >= min && v[1] >= min;
-}
-
-ConvGeom make_geom(const char* fn, int64_t C, int64_t H, int64_t W, int64_t K, int64_t R,
-                   int64_t S, const std::vector<int64_t>& stride,
-                   const std::vector<int64_t>& padding, const std::vector<int64_t>& dilation,
-                   int64_t groups) {
-  PK_CHECK_VALUE(is_pair(stride, 1) && is_pair(padding, 0) && is_pair(dilation, 1), fn,
-                 ": stride and dilation must be pairs >= 1, padding a pair >= 0");
-  PK_CHECK_VALUE(groups >= 1 && C % groups == 0 && K % groups == 0, fn, ": groups (", groups,
-                 ") must divide the channels (", C, ") and the filters (", K, ")");
-  PK_CHECK_VALUE(C >= 1 && K >= 1 && R >= 1 && S >= 1, fn,
-                 ": channels, filters and kernel size must be >= 1, got C = ", C, ", K = ", K,
-                 ", ", R, "x", S);
-  ConvGeom g{};
-  g.C = C, g.H = H, g.W = W, g.K = K, g.R = R, g.S = S;
-  g.sh = stride[0], g.sw = stride[1], g.ph = padding[0], g.pw = padding[1];
-  g.dh = dilation[0], g.dw = dilation[1];
-  g.groups = groups, g.Cg = C / groups, g.Kg = K / groups;
-  g.Ho = (H + 2 * g.ph - g.dh * (R - 1) - 1) / g.sh + 1;
-  g.Wo = (W + 2 * g.pw - g.dw * (S - 1) - 1) / g.sw + 1;
-  PK_CHECK_VALUE(H + 2 * g.ph - g.dh * (R - 1) - 1 >= 0 && W + 2 * g.pw - g.dw * (S - 1) - 1 >= 0,
-                 fn, ": the dilated kernel is larger than the padded input");
-  g.L = g.Ho * g.Wo;
-  g.CRS = C * R * S;
-  g.CgRS = g.Cg * R * S;
-  return g;
-}
-
-// 1x1, stride 1, no padding: the columns are the image itself.
-bool pointwise(const ConvGeom& g) {
-  return g.R == 1 && g.S == 1 && g.sh == 1 && g.sw == 1 && g.ph == 0 && g.pw == 0;
-}
-
 // Images per chunk: as many as fit the workspace, at least one.
 int64_t chunk_images(int64_t bytes_per_image, int64_t N, int64_t workspace_bytes) {
   return std::clamp<int64_t>(workspace_bytes / bytes_per_image, 1, N);
@@ -459,7 +415,7 @@ at::Tensor pixels(const at::Tensor& t) {
 // im2col of images [n0, n0 + nc) of x into buffer. NCHW columns are (nc, CRS, L) when
 // batch_major, else (CRS, nc, L); NHWC columns are always (nc * L, CRS).
 void launch_im2col(const at::Tensor& x, int64_t n0, int64_t nc, const at::Tensor& buffer,
-                   const ConvGeom& g, bool channels_last, bool batch_major, cudaStream_t stream) {
+                   const ConvGeometry& g, bool channels_last, bool batch_major, cudaStream_t stream) {
   const int64_t total = nc * g.CRS * g.L;
   const int64_t blocks = blocks_for(total);
   const int64_t image_stride = batch_major ? g.CRS * g.L : g.L;
@@ -478,7 +434,7 @@ void launch_im2col(const at::Tensor& x, int64_t n0, int64_t nc, const at::Tensor
 }
 
 void launch_col2im(const at::Tensor& buffer, const std::optional<at::Tensor>& bias,
-                   const at::Tensor& dx, int64_t n0, int64_t nc, const ConvGeom& g,
+                   const at::Tensor& dx, int64_t n0, int64_t nc, const ConvGeometry& g,
                    bool channels_last, cudaStream_t stream) {
   const int64_t total = nc * g.C * g.H * g.W;
   const int64_t blocks = blocks_for(total);
@@ -499,11 +455,11 @@ void launch_col2im(const at::Tensor& buffer, const std::optional<at::Tensor>& bi
 // The direct kernels serve a conv when its groups reduce over one channel, or over a few.
 constexpr int64_t kDirectMaxCg = 8;
 
-bool direct_conv(const ConvGeom& g) { return g.Cg == 1 || (g.Kg == 1 && g.Cg <= kDirectMaxCg); }
+bool direct_conv(const ConvGeometry& g) { return g.Cg == 1 || (g.Kg == 1 && g.Cg <= kDirectMaxCg); }
 
 void launch_direct_fwd(const at::Tensor& x, const at::Tensor& weight,
                        const std::optional<at::Tensor>& bias, const at::Tensor& y,
-                       const ConvGeom& g, bool channels_last, cudaStream_t stream) {
+                       const ConvGeometry& g, bool channels_last, cudaStream_t stream) {
   const int64_t total = y.numel();
   const int64_t blocks = blocks_for(total);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, y.scalar_type(), "conv2d direct",
@@ -523,7 +479,7 @@ void launch_direct_fwd(const at::Tensor& x, const at::Tensor& weight,
 
 void launch_direct_bwd_input(const at::Tensor& grad_y, const at::Tensor& weight,
                              const std::optional<at::Tensor>& bias, const at::Tensor& dx,
-                             const ConvGeom& g, bool channels_last, cudaStream_t stream) {
+                             const ConvGeometry& g, bool channels_last, cudaStream_t stream) {
   const int64_t total = dx.numel();
   const int64_t blocks = blocks_for(total);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dx.scalar_type(),
@@ -546,7 +502,7 @@ void launch_direct_bwd_input(const at::Tensor& grad_y, const at::Tensor& weight,
 // dweight in pieces of pixels: as many blocks as fill the device (8 of kThreads per SM), each
 // piece at least kMinPiecePixels, then the pieces' float partials summed in order.
 void launch_direct_bwd_weight(const at::Tensor& grad_y, const at::Tensor& x,
-                              const at::Tensor& dweight, const ConvGeom& g, bool channels_last,
+                              const at::Tensor& dweight, const ConvGeometry& g, bool channels_last,
                               cudaStream_t stream) {
   constexpr int64_t kMinPiecePixels = 4096;
   const int64_t pixels = x.size(0) * g.L;
@@ -597,8 +553,9 @@ at::Tensor conv2d_fwd_cuda(const at::Tensor& x, const at::Tensor& weight,
   check_operand(fn, "x", x, x, channels_last);
   check_operand(fn, "weight", weight, x, channels_last);
   PK_CHECK_VALUE(workspace_bytes > 0, fn, ": workspace_bytes must be > 0");
-  const ConvGeom g = make_geom(fn, x.size(1), x.size(2), x.size(3), weight.size(0),
-                               weight.size(2), weight.size(3), stride, padding, dilation, groups);
+  const ConvGeometry g =
+      make_conv_geometry(fn, x.size(0), x.size(1), x.size(2), x.size(3), weight.size(0),
+                         weight.size(2), weight.size(3), stride, padding, dilation, groups);
   PK_CHECK_VALUE(weight.size(1) == g.Cg, fn, ": weight must have C / groups = ", g.Cg,
                  " input channels, got ", weight.size(1));
   check_bias(fn, bias, x, g.K);
@@ -616,7 +573,7 @@ at::Tensor conv2d_fwd_cuda(const at::Tensor& x, const at::Tensor& weight,
     return y;
   }
 
-  const bool direct = pointwise(g);
+  const bool direct = g.im2col_is_identity();
   const int64_t nb =
       direct ? N : chunk_images(g.CRS * g.L * x.element_size(), N, workspace_bytes);
   const at::Tensor buffer = direct ? at::Tensor() : at::empty({nb * g.CRS * g.L}, x.options());
@@ -671,10 +628,11 @@ at::Tensor conv2d_bwd_input_cuda(const at::Tensor& grad_y, const at::Tensor& wei
   check_operand(fn, "grad_y", grad_y, grad_y, channels_last);
   check_operand(fn, "weight", weight, grad_y, channels_last);
   PK_CHECK_VALUE(workspace_bytes > 0, fn, ": workspace_bytes must be > 0");
-  PK_CHECK_VALUE(is_pair(in_size, 1), fn, ": in_size must be a pair >= 1");
+  check_conv_pair(fn, "in_size", in_size, 1);
   const int64_t C = weight.size(1) * groups;
-  const ConvGeom g = make_geom(fn, C, in_size[0], in_size[1], weight.size(0), weight.size(2),
-                               weight.size(3), stride, padding, dilation, groups);
+  const ConvGeometry g =
+      make_conv_geometry(fn, grad_y.size(0), C, in_size[0], in_size[1], weight.size(0),
+                         weight.size(2), weight.size(3), stride, padding, dilation, groups);
   PK_CHECK_VALUE(grad_y.size(1) == g.K && grad_y.size(2) == g.Ho && grad_y.size(3) == g.Wo, fn,
                  ": grad_y must be (N, ", g.K, ", ", g.Ho, ", ", g.Wo, "), got ", grad_y.sizes());
   check_bias(fn, bias, grad_y, C);
@@ -692,7 +650,7 @@ at::Tensor conv2d_bwd_input_cuda(const at::Tensor& grad_y, const at::Tensor& wei
   }
 
   // Pointwise: the GEMM writes dx itself (with the bias); else cols, then col2im.
-  const bool direct = pointwise(g);
+  const bool direct = g.im2col_is_identity();
   const int64_t nb =
       direct ? N : chunk_images(g.CRS * g.L * grad_y.element_size(), N, workspace_bytes);
   const at::Tensor buffer =
@@ -748,9 +706,10 @@ at::Tensor conv2d_bwd_weight_cuda(const at::Tensor& grad_y, const at::Tensor& x,
   check_operand(fn, "x", x, x, channels_last);
   check_operand(fn, "grad_y", grad_y, x, channels_last);
   PK_CHECK_VALUE(workspace_bytes > 0, fn, ": workspace_bytes must be > 0");
-  PK_CHECK_VALUE(is_pair(kernel_size, 1), fn, ": kernel_size must be a pair >= 1");
-  const ConvGeom g = make_geom(fn, x.size(1), x.size(2), x.size(3), grad_y.size(1),
-                               kernel_size[0], kernel_size[1], stride, padding, dilation, groups);
+  check_conv_pair(fn, "kernel_size", kernel_size, 1);
+  const ConvGeometry g =
+      make_conv_geometry(fn, x.size(0), x.size(1), x.size(2), x.size(3), grad_y.size(1),
+                         kernel_size[0], kernel_size[1], stride, padding, dilation, groups);
   PK_CHECK_VALUE(grad_y.size(0) == x.size(0) && grad_y.size(2) == g.Ho && grad_y.size(3) == g.Wo,
                  fn, ": grad_y must be (", x.size(0), ", K, ", g.Ho, ", ", g.Wo, "), got ",
                  grad_y.sizes());
@@ -771,7 +730,7 @@ at::Tensor conv2d_bwd_weight_cuda(const at::Tensor& grad_y, const at::Tensor& x,
   // element, later chunks add theirs. NCHW: cols (CRS, nc * L) and dY copied to (K, nc * L),
   // so one GEMM covers the chunk; that copy counts against the workspace too. NHWC: both are
   // already (nc * L, .) matrices; pointwise NHWC needs no columns.
-  const bool direct = channels_last && pointwise(g);
+  const bool direct = channels_last && g.im2col_is_identity();
   const int64_t per_image = (g.CRS + (channels_last ? 0 : g.K)) * g.L * x.element_size();
   const int64_t nb = direct ? N : chunk_images(per_image, N, workspace_bytes);
   const at::Tensor buffer = direct ? at::Tensor() : at::empty({nb * g.CRS * g.L}, x.options());
