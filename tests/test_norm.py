@@ -477,6 +477,42 @@ def test_batch_norm_low_precision_grads(target, dtype, layout):
     _check_grads(ours, ref, [x, w, b], lowp_fn=ref)
 
 
+BF16_WALK_SHAPES = [(2, 32, 3, 5), (2, 20, 3, 4), (2, 3, 2, 3), (2, 5, 7, 7)]
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("shape", BF16_WALK_SHAPES, ids=_sid)
+@pytest.mark.parametrize("layout", ["nchw", "nhwc"])
+@pytest.mark.parametrize("op", list(BN_OPS))
+def test_batch_norm_bf16_walks(target, op, layout, shape, training):
+    """bfloat16's elementwise walks, forward and backward: rows of C % 16 == 0 two vectors at a
+    time with reordered coefficients (NHWC C = 32), rows with a ragged end (C = 20) or shorter
+    than a vector, planes two vectors at a time with a ragged end (K = 15, 49), of one vector
+    and a ragged end (K = 12) or shorter (K = 6); a NaN stays NaN where torch's does."""
+    if target.backend == "triton" and target.device == "cpu":
+        pytest.skip("CPU kernels' walks; slow in the Triton interpreter")
+    _, relu, with_res = BN_OPS[op]
+    C = shape[1]
+    x = make_input(shape, torch.bfloat16, target.device, layout=layout)
+    res = make_input(shape, torch.bfloat16, target.device, layout=layout) if with_res else None
+    w, b = _params((C,), torch.float32, target.device)
+    rm, rv = _stats(C, torch.float32, target.device)
+
+    def ours(x, w, b, res):
+        return _bn_call(op, x, res, rm.clone(), rv.clone(), w, b, training, 0.1, 1e-5)
+
+    def ref(x, w, b, res):  # running stats in w's dtype (float32 for bfloat16 x, as torch wants)
+        return _bn_ref(x, rm.to(w.dtype, copy=True), rv.to(w.dtype, copy=True), w, b, training,
+                       0.1, 1e-5, res, relu)  # fmt: skip
+
+    out = ours(x, w, b, res)
+    assert_close_to_ref(out, ref(*_double(x, w, b), None if res is None else res.double()),
+                        ref(x, w, b, res))  # fmt: skip
+    _check_grads(ours, ref, [x, w, b, res], lowp_fn=ref)
+    x[-1, -1, -1, -1] = float("nan")
+    assert torch.equal(torch.isnan(ours(x, w, b, res)), torch.isnan(ref(x, w, b, res)))
+
+
 @pytest.mark.parametrize("op", list(BN_OPS))
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 def test_batch_norm_gradcheck(target, op, training):

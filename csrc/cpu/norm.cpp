@@ -233,6 +233,50 @@ PK_INLINE vec_t<acc_type<scalar_t>> vload_acc(const scalar_t* p) {
   }
 }
 
+// v's bits rounded to bfloat16 in the upper half of each lane: to nearest even, NaN as 0x7FC0
+// (c10's rule).
+PK_INLINE u32x8 bf16_round_bits(vec_t<float> v) {
+  const u32x8 u = (u32x8)v;
+  return v == v ? u + (((u >> 16) & 1u) + 0x7FFFu) : u32x8{} + 0x7FC00000u;
+}
+
+// kLanes<acc> acc values stored as scalar_t, each rounded as rnd() rounds it, in vector
+// registers. float16 never comes here (its kernels run on staged float copies).
+template <typename scalar_t>
+PK_INLINE void vstore_acc(scalar_t* p, vec_t<acc_type<scalar_t>> v) {
+  if constexpr (std::is_same_v<scalar_t, acc_type<scalar_t>>) {
+    vstore(p, v);
+  } else {
+    static_assert(std::is_same_v<scalar_t, c10::BFloat16>, "float16 is staged through float");
+    const u16x8 h = __builtin_convertvector(bf16_round_bits(v) >> 16, u16x8);
+    __builtin_memcpy(p, &h, sizeof(h));
+  }
+}
+
+// bfloat16 two vectors at a time: 16 elements widened by interleaving with zeros within each
+// 16-byte half (no lane crossing: half the instructions of vload_acc + vstore_acc), so that lo
+// holds elements 0-3 and 8-11 and hi 4-7 and 12-15 ("pair order"); vstore2_bf16 takes them back
+// in that order. Per-element coefficients must be in pair order too (in_pair_order).
+typedef uint16_t u16x16 __attribute__((vector_size(32)));
+constexpr int kPairOrder[16] = {0, 1, 2, 3, 8, 9, 10, 11, 4, 5, 6, 7, 12, 13, 14, 15};
+
+PK_INLINE void vload2_bf16(const c10::BFloat16* p, vec_t<float>& lo, vec_t<float>& hi) {
+  u16x16 h;
+  __builtin_memcpy(&h, p, sizeof(h));
+  const u16x16 z{};
+  lo = (vec_t<float>)__builtin_shuffle(
+      z, h, u16x16{0, 16, 1, 17, 2, 18, 3, 19, 8, 24, 9, 25, 10, 26, 11, 27});
+  hi = (vec_t<float>)__builtin_shuffle(
+      z, h, u16x16{4, 20, 5, 21, 6, 22, 7, 23, 12, 28, 13, 29, 14, 30, 15, 31});
+}
+
+PK_INLINE void vstore2_bf16(c10::BFloat16* p, vec_t<float> lo, vec_t<float> hi) {
+  const u16x16 a = (u16x16)bf16_round_bits(lo), b = (u16x16)bf16_round_bits(hi);
+  const u16x16 h =
+      __builtin_shuffle(a, b, u16x16{1, 3, 5, 7, 17, 19, 21, 23, 9, 11, 13, 15, 25, 27, 29, 31});
+  __builtin_memcpy(p, &h, sizeof(h));
+}
+
 // The sum over i in [0, n) of a term: vterm(i) gives the terms i..i+kLanes as a vector,
 // sterm(i) the term i alone (for the tail).
 template <typename acc_t, typename VTerm, typename STerm>
@@ -1105,32 +1149,131 @@ PK_INLINE acc_type<scalar_t> bn_fwd_value(scalar_t x, const scalar_t* res, int64
   return v;
 }
 
-// Planes p0..p1 of K elements each (plane p is channel p % C); K == 1 calls it with C-long
-// rows instead (rows == true), one coefficient per element.
-template <typename scalar_t, bool kRes, bool kRelu>
-PK_HOT_LOOP void bn_fwd_range(const scalar_t* __restrict x, const scalar_t* __restrict res,
-                              scalar_t* __restrict y, ChannelCoef<acc_type<scalar_t>> cf,
-                              int64_t C, int64_t K, int64_t p0, int64_t p1) {
-  using acc_t = acc_type<scalar_t>;
+// The walk of the elementwise kernels over planes p0..p1 of K elements each (plane p is channel
+// p % C), or for K == 1 over C-long rows p0..p1 (one channel per element), a vector at a time.
+// vec(i, at) handles the kLanes elements from i, at(coef) giving their channels' coefficients
+// as a vector; one(i, c) the element i alone, of channel c. A ragged end is one more vector
+// ending at the last element (elements written twice get the same value: outputs never alias
+// inputs); runs shorter than a vector go element by element.
+template <typename acc_t, typename Vec, typename One>
+PK_INLINE void bn_walk(int64_t C, int64_t K, int64_t p0, int64_t p1, const Vec& vec,
+                       const One& one) {
+  using V = vec_t<acc_t>;
+  constexpr int64_t W = kLanes<acc_t>;
   if (K == 1) {  // rows of C
-    const acc_t* __restrict m = cf.mean;
-    const acc_t* __restrict a = cf.a;
-    const acc_t* __restrict s = cf.b;
     for (int64_t r = p0; r < p1; ++r) {
       const int64_t o = r * C;
-      for (int64_t c = 0; c < C; ++c) {
-        y[o + c] = rnd<scalar_t>(bn_fwd_value<scalar_t, kRes, kRelu>(x[o + c], res, o + c, m[c],
-                                                                      a[c], s[c]));
+      if (C < W) {
+        for (int64_t c = 0; c < C; ++c) one(o + c, c);
+        continue;
+      }
+      int64_t c = 0;
+      const auto at = [&](const acc_t* coef) PK_INLINE_LAMBDA { return vload(coef + c); };
+      for (; c + W <= C; c += W) vec(o + c, at);
+      if (c < C) {
+        c = C - W;
+        vec(o + c, at);
       }
     }
     return;
   }
   for (int64_t p = p0, c = p0 % C; p < p1; ++p, c = c + 1 == C ? 0 : c + 1) {  // no division per plane
     const int64_t o = p * K;
-    const acc_t m = cf.mean[c], a = cf.a[c], s = cf.b[c];
-    for (int64_t k = 0; k < K; ++k) {
-      y[o + k] = rnd<scalar_t>(bn_fwd_value<scalar_t, kRes, kRelu>(x[o + k], res, o + k, m, a, s));
+    if (K < W) {
+      for (int64_t k = 0; k < K; ++k) one(o + k, c);
+      continue;
     }
+    const auto at = [&](const acc_t* coef) PK_INLINE_LAMBDA { return V{} + coef[c]; };
+    int64_t k = 0;
+    for (; k + W <= K; k += W) vec(o + k, at);
+    if (k < K) vec(o + K - W, at);
+  }
+}
+
+// bfloat16's walk: pairs of vectors (see vload2_bf16), pair(i, at) handling the 16 elements
+// from i, at(coef, h) giving the coefficients of half h (0: lo, 1: hi); what pairs do not cover
+// as bn_walk. Rows go by pairs when pair_rows(C, K), their coefficients in pair order.
+inline bool pair_rows(int64_t C, int64_t K) { return K == 1 && C % 16 == 0; }
+
+template <typename Pair, typename Vec, typename One>
+PK_INLINE void bn_walk_bf16(int64_t C, int64_t K, int64_t p0, int64_t p1, const Pair& pair,
+                            const Vec& vec, const One& one) {
+  using V = vec_t<float>;
+  constexpr int64_t W = kLanes<float>;
+  if (pair_rows(C, K)) {
+    for (int64_t r = p0; r < p1; ++r) {
+      for (int64_t c = 0; c < C; c += 2 * W) {
+        pair(r * C + c, [&](const float* coef, int h) PK_INLINE_LAMBDA {
+          return vload(coef + c + h * W);
+        });
+      }
+    }
+    return;
+  }
+  if (K < 2 * W) {
+    bn_walk<float>(C, K, p0, p1, vec, one);
+    return;
+  }
+  for (int64_t p = p0, c = p0 % C; p < p1; ++p, c = c + 1 == C ? 0 : c + 1) {
+    const int64_t o = p * K;
+    const auto at = [&](const float* coef, int) PK_INLINE_LAMBDA { return V{} + coef[c]; };
+    int64_t k = 0;
+    for (; k + 2 * W <= K; k += 2 * W) pair(o + k, at);
+    if (k < K) pair(o + K - 2 * W, at);  // the ragged end, as in bn_walk
+  }
+}
+
+// Per-channel coefficients as the kernels read them: in pair order for bfloat16 rows that go by
+// pairs (copies in `store`), else as they are.
+template <typename scalar_t, typename acc_t>
+ChannelCoef<acc_t> kernel_coef(const ChannelCoef<acc_t>& cf, int64_t C, int64_t K,
+                               std::vector<acc_t>& store) {
+  if (!std::is_same_v<scalar_t, c10::BFloat16> || !pair_rows(C, K)) return cf;
+  store.resize(4 * C);
+  const auto reorder = [&](const acc_t* v, int slot) -> const acc_t* {
+    if (v == nullptr) return nullptr;
+    acc_t* out = store.data() + slot * C;
+    for (int64_t c0 = 0; c0 < C; c0 += 16) {
+      for (int j = 0; j < 16; ++j) out[c0 + j] = v[c0 + kPairOrder[j]];
+    }
+    return out;
+  };
+  return {reorder(cf.mean, 0), reorder(cf.a, 1), reorder(cf.b, 2), reorder(cf.c, 3)};
+}
+
+// cf: kernel_coef's.
+template <typename scalar_t, bool kRes, bool kRelu>
+PK_HOT_LOOP void bn_fwd_range(const scalar_t* __restrict x, const scalar_t* __restrict res,
+                              scalar_t* __restrict y, ChannelCoef<acc_type<scalar_t>> cf,
+                              int64_t C, int64_t K, int64_t p0, int64_t p1) {
+  using acc_t = acc_type<scalar_t>;
+  using V = vec_t<acc_t>;
+  const auto vec = [&](int64_t i, const auto& at) PK_INLINE_LAMBDA {
+    V v = (vload_acc(x + i) - at(cf.mean)) * at(cf.a) + at(cf.b);
+    if constexpr (kRes) v += vload_acc(res + i);
+    if constexpr (kRelu) v = v < acc_t(0) ? V{} : v;  // as zero_where: keeps NaN and -0
+    vstore_acc(y + i, v);
+  };
+  const auto one = [&](int64_t i, int64_t c) PK_INLINE_LAMBDA {
+    y[i] = rnd<scalar_t>(
+        bn_fwd_value<scalar_t, kRes, kRelu>(x[i], res, i, cf.mean[c], cf.a[c], cf.b[c]));
+  };
+  if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
+    const auto pair = [&](int64_t i, const auto& at) PK_INLINE_LAMBDA {
+      V v[2];
+      vload2_bf16(x + i, v[0], v[1]);
+      V r[2];
+      if constexpr (kRes) vload2_bf16(res + i, r[0], r[1]);
+      for (int h = 0; h < 2; ++h) {
+        v[h] = (v[h] - at(cf.mean, h)) * at(cf.a, h) + at(cf.b, h);
+        if constexpr (kRes) v[h] += r[h];
+        if constexpr (kRelu) v[h] = v[h] < 0.f ? V{} : v[h];
+      }
+      vstore2_bf16(y + i, v[0], v[1]);
+    };
+    bn_walk_bf16(C, K, p0, p1, pair, vec, one);
+  } else {
+    bn_walk<acc_t>(C, K, p0, p1, vec, one);
   }
 }
 
@@ -1156,32 +1299,49 @@ PK_INLINE void bn_bwd_value(const scalar_t* dy, const scalar_t* x, const scalar_
   if constexpr (kRes) dres[i] = rnd<scalar_t>(d);
 }
 
+// cf: kernel_coef's.
 template <typename scalar_t, bool kMask, bool kTrain, bool kRes>
 PK_HOT_LOOP void bn_bwd_range(const scalar_t* __restrict dy, const scalar_t* __restrict x,
                               const scalar_t* __restrict y, scalar_t* __restrict dx,
                               scalar_t* __restrict dres, ChannelCoef<acc_type<scalar_t>> cf,
                               int64_t C, int64_t K, int64_t p0, int64_t p1) {
   using acc_t = acc_type<scalar_t>;
-  if (K == 1) {
-    const acc_t* __restrict m = cf.mean;
-    const acc_t* __restrict k = cf.a;
-    const acc_t* __restrict mdy = cf.b;
-    const acc_t* __restrict cx = cf.c;
-    for (int64_t r = p0; r < p1; ++r) {
-      const int64_t o = r * C;
-      for (int64_t c = 0; c < C; ++c) {
-        bn_bwd_value<scalar_t, kMask, kTrain, kRes>(dy, x, y, dx, dres, o + c, m[c], k[c], mdy[c],
-                                                    cx[c]);
+  using V = vec_t<acc_t>;
+  const auto vec = [&](int64_t i, const auto& at) PK_INLINE_LAMBDA {
+    V d = vload_acc(dy + i);
+    if constexpr (kMask) d = vload_acc(y + i) <= acc_t(0) ? V{} : d;
+    if constexpr (kTrain) {
+      vstore_acc(dx + i,
+                 at(cf.a) * ((d - at(cf.b)) - (vload_acc(x + i) - at(cf.mean)) * at(cf.c)));
+    } else {
+      vstore_acc(dx + i, at(cf.a) * d);
+    }
+    if constexpr (kRes) vstore_acc(dres + i, d);
+  };
+  const auto one = [&](int64_t i, int64_t c) PK_INLINE_LAMBDA {
+    bn_bwd_value<scalar_t, kMask, kTrain, kRes>(dy, x, y, dx, dres, i, cf.mean[c], cf.a[c],
+                                                cf.b[c], cf.c[c]);
+  };
+  if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
+    const auto pair = [&](int64_t i, const auto& at) PK_INLINE_LAMBDA {
+      V d[2], xv[2], yv[2], out[2];
+      vload2_bf16(dy + i, d[0], d[1]);
+      if constexpr (kMask) vload2_bf16(y + i, yv[0], yv[1]);
+      if constexpr (kTrain) vload2_bf16(x + i, xv[0], xv[1]);
+      for (int h = 0; h < 2; ++h) {
+        if constexpr (kMask) d[h] = yv[h] <= 0.f ? V{} : d[h];
+        if constexpr (kTrain) {
+          out[h] = at(cf.a, h) * ((d[h] - at(cf.b, h)) - (xv[h] - at(cf.mean, h)) * at(cf.c, h));
+        } else {
+          out[h] = at(cf.a, h) * d[h];
+        }
       }
-    }
-    return;
-  }
-  for (int64_t p = p0, c = p0 % C; p < p1; ++p, c = c + 1 == C ? 0 : c + 1) {
-    const int64_t o = p * K;
-    const acc_t m = cf.mean[c], k = cf.a[c], mdy = cf.b[c], cx = cf.c[c];
-    for (int64_t i = o; i < o + K; ++i) {
-      bn_bwd_value<scalar_t, kMask, kTrain, kRes>(dy, x, y, dx, dres, i, m, k, mdy, cx);
-    }
+      vstore2_bf16(dx + i, out[0], out[1]);
+      if constexpr (kRes) vstore2_bf16(dres + i, d[0], d[1]);
+    };
+    bn_walk_bf16(C, K, p0, p1, pair, vec, one);
+  } else {
+    bn_walk<acc_t>(C, K, p0, p1, vec, one);
   }
 }
 
@@ -1617,7 +1777,10 @@ at::Tensor batch_norm_fwd_cpu(const at::Tensor& x, const at::Tensor& mean, const
       if (w) scale[c] *= w[c];
       if (b) shift[c] = b[c];
     }
-    const ChannelCoef<acc_t> cf{mean.const_data_ptr<acc_t>(), scale.data(), shift.data(), nullptr};
+    std::vector<acc_t> reordered;
+    const ChannelCoef<acc_t> cf = kernel_coef<scalar_t>(
+        ChannelCoef<acc_t>{mean.const_data_ptr<acc_t>(), scale.data(), shift.data(), nullptr}, C, K,
+        reordered);
     const scalar_t* xp = x.const_data_ptr<scalar_t>();
     const scalar_t* rp = residual ? residual->const_data_ptr<scalar_t>() : nullptr;
     scalar_t* yp = y.data_ptr<scalar_t>();
@@ -1711,7 +1874,10 @@ std::tuple<at::Tensor, at::Tensor> batch_norm_bwd_cpu(
         cx[c] = sum_dy_xhat.const_data_ptr<acc_t>()[c] * inv_n * invstd[c];
       }
     }
-    const ChannelCoef<acc_t> cf{mean.const_data_ptr<acc_t>(), k.data(), mdy.data(), cx.data()};
+    std::vector<acc_t> reordered;
+    const ChannelCoef<acc_t> cf = kernel_coef<scalar_t>(
+        ChannelCoef<acc_t>{mean.const_data_ptr<acc_t>(), k.data(), mdy.data(), cx.data()}, C, K,
+        reordered);
     const scalar_t* dyp = grad_y.const_data_ptr<scalar_t>();
     const scalar_t* xp = x.const_data_ptr<scalar_t>();
     const scalar_t* yp = y ? y->const_data_ptr<scalar_t>() : nullptr;
