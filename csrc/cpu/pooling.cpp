@@ -441,12 +441,16 @@ struct FwdPlan {
   std::vector<Taps> h_taps, w_taps;  // per oh, per ow
   std::vector<OutRange> tap_outputs;  // strided W axis, per tap j: the outputs it falls inside
   std::vector<acc_t> divisor;         // kSum: per (oh, ow); 1 for a window with no tap
+  bool w_runs_of_8 = false;  // the W windows: whole runs of a multiple of 8, one after another
   FwdPlan(const std::array<PoolAxis, 2>& axes, const AvgDivisors* divisors)
       : ax(axes), h_taps(ax[0].out), w_taps(ax[1].out) {
     for (int64_t oh = 0; oh < ax[0].out; ++oh) h_taps[oh] = taps_of(ax[0], oh);
     for (int64_t ow = 0; ow < ax[1].out; ++ow) w_taps[ow] = taps_of(ax[1], ow);
     if (!ax[1].adaptive) {
       for (int64_t j = 0; j < ax[1].kernel; ++j) tap_outputs.push_back(outputs_with_tap(ax[1], j));
+      const PoolAxis& a = ax[1];
+      w_runs_of_8 = a.kernel == a.stride && a.kernel % 8 == 0 && a.pad == 0 && a.dilation == 1 &&
+                    a.out * a.kernel <= a.in;
     }
     if (divisors) {
       divisor.resize(ax[0].out * ax[1].out);
@@ -460,6 +464,43 @@ struct FwdPlan {
   }
 };
 
+// float and bfloat16 channels as 8-float vectors: bfloat16 is the top half of a float's bits;
+// float -> bfloat16 rounds to nearest even and makes NaNs quiet NaNs, as c10::BFloat16 does.
+typedef uint16_t bf16x8_t __attribute__((vector_size(16)));
+typedef uint32_t u32x8_t __attribute__((vector_size(32)));
+
+template <typename scalar_t>
+constexpr bool kVecChannels =
+    std::is_same_v<scalar_t, float> || std::is_same_v<scalar_t, c10::BFloat16>;
+
+template <typename scalar_t>
+PK_INLINE vec_t<float> load8(const scalar_t* p) {
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    return vload(p);
+  } else {
+    bf16x8_t half;
+    __builtin_memcpy(&half, p, sizeof(half));
+    const u32x8_t bits = __builtin_convertvector(half, u32x8_t) << 16;
+    vec_t<float> v;
+    __builtin_memcpy(&v, &bits, sizeof(v));
+    return v;
+  }
+}
+
+template <typename scalar_t>
+PK_INLINE void store8(scalar_t* p, const vec_t<float>& v) {
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    vstore(p, v);
+  } else {
+    u32x8_t bits;
+    __builtin_memcpy(&bits, &v, sizeof(bits));
+    const u32x8_t rounded = (bits + 0x7FFFu + ((bits >> 16) & 1u)) >> 16;
+    const u32x8_t quiet_nan = u32x8_t{} + 0x7FC0u;
+    const bf16x8_t half = __builtin_convertvector(v != v ? quiet_nan : rounded, bf16x8_t);
+    __builtin_memcpy(p, &half, sizeof(half));
+  }
+}
+
 // Output rows oh0..oh1 of one NCHW plane. A strided window goes tap by tap, each tap a strided
 // pass along the row (vectorized), so every output still sees its taps in order; an adaptive
 // window goes output by output.
@@ -471,6 +512,27 @@ PK_HOT_LOOP void pool_rows_nchw(const scalar_t* plane, scalar_t* out, int64_t* i
   const PoolAxis& aw = plan.ax[1];
   const int64_t W = aw.in, OW = aw.out;
   const Taps* w_taps = plan.w_taps.data();
+  if constexpr (kReduce == Reduce::kSum && kVecChannels<scalar_t>) {
+    // Windows of whole runs of 8k along W (112 -> 7): each output's taps summed in one vector,
+    // run by run, then across its lanes (a sum's order, not a max's, may change).
+    if (plan.w_runs_of_8) {
+      using V = vec_t<float>;
+      const int64_t k = aw.kernel;
+      for (int64_t oh = oh0; oh < oh1; ++oh) {
+        const Taps th = plan.h_taps[oh];
+        for (int64_t ow = 0; ow < OW; ++ow) {
+          V sum{};
+          for (int64_t h = th.first; h < th.end; h += th.step) {
+            const scalar_t* run = plane + h * W + ow * k;
+            for (int64_t j = 0; j < k; j += 8) sum += load8(run + j);
+          }
+          const float total = fold_all_lanes(sum, [](V& a, const V& b) PK_INLINE_LAMBDA { a += b; });
+          out[oh * OW + ow] = static_cast<scalar_t>(total / plan.divisor[oh * OW + ow]);
+        }
+      }
+      return;
+    }
+  }
   PK_WITH_STRIDE(aw.stride, [&](auto s) PK_INLINE_LAMBDA {
     for (int64_t oh = oh0; oh < oh1; ++oh) {
       const Taps th = plan.h_taps[oh];
@@ -543,43 +605,6 @@ PK_INLINE void pool_pixel_block(const scalar_t* image, scalar_t* out, int64_t* i
     }
   }
   store<scalar_t, kReduce>(out, idx, acc, arg, count, divisor);
-}
-
-// float and bfloat16 channels as 8-float vectors: bfloat16 is the top half of a float's bits;
-// float -> bfloat16 rounds to nearest even and makes NaNs quiet NaNs, as c10::BFloat16 does.
-typedef uint16_t bf16x8_t __attribute__((vector_size(16)));
-typedef uint32_t u32x8_t __attribute__((vector_size(32)));
-
-template <typename scalar_t>
-constexpr bool kVecChannels =
-    std::is_same_v<scalar_t, float> || std::is_same_v<scalar_t, c10::BFloat16>;
-
-template <typename scalar_t>
-PK_INLINE vec_t<float> load8(const scalar_t* p) {
-  if constexpr (std::is_same_v<scalar_t, float>) {
-    return vload(p);
-  } else {
-    bf16x8_t half;
-    __builtin_memcpy(&half, p, sizeof(half));
-    const u32x8_t bits = __builtin_convertvector(half, u32x8_t) << 16;
-    vec_t<float> v;
-    __builtin_memcpy(&v, &bits, sizeof(v));
-    return v;
-  }
-}
-
-template <typename scalar_t>
-PK_INLINE void store8(scalar_t* p, const vec_t<float>& v) {
-  if constexpr (std::is_same_v<scalar_t, float>) {
-    vstore(p, v);
-  } else {
-    u32x8_t bits;
-    __builtin_memcpy(&bits, &v, sizeof(bits));
-    const u32x8_t rounded = (bits + 0x7FFFu + ((bits >> 16) & 1u)) >> 16;
-    const u32x8_t quiet_nan = u32x8_t{} + 0x7FC0u;
-    const bf16x8_t half = __builtin_convertvector(v != v ? quiet_nan : rounded, bf16x8_t);
-    __builtin_memcpy(p, &half, sizeof(half));
-  }
 }
 
 // pool_pixel_block for kNhwcBlock float or bfloat16 channels without indices, in explicit
@@ -751,8 +776,9 @@ void pool_fwd(const at::Tensor& x, at::Tensor& out, at::Tensor* indices,
   const FwdPlan<acc_t> plan(ax, divisors);
   // NCHW output rows under a vector wide: kNhwcBlock planes at a time pooled as channels
   // (pool_planes_interleaved), the block within L2.
+  // (Sums of windows too tall for whole planes run faster by rows, see pool_rows_nchw.)
   const int64_t budget = kInterleaveBytes / static_cast<int64_t>(sizeof(scalar_t));
-  const bool whole = interleaved_size(plan, true) <= budget;
+  const bool whole = interleaved_size(plan, true) <= budget || kReduce == Reduce::kSum;
   const int64_t block_size = interleaved_size(plan, whole);
   if (!channels_last && o.W < 8 && block_size <= budget) {
     const int64_t planes = in.N * in.C, in_plane = in.H * in.W, out_plane = o.H * o.W;
