@@ -776,11 +776,13 @@ void pool_fwd(const at::Tensor& x, at::Tensor& out, at::Tensor* indices,
   const FwdPlan<acc_t> plan(ax, divisors);
   // NCHW output rows under a vector wide: kNhwcBlock planes at a time pooled as channels
   // (pool_planes_interleaved), the block within L2.
-  // (Sums of windows too tall for whole planes run faster by rows, see pool_rows_nchw.)
+  // Sums run faster by rows (pool_rows_nchw) where the windows are too tall for whole planes,
+  // or 4 or more columns apart (28 -> 7: 16 inputs an output, each interleaved at a cost).
   const int64_t budget = kInterleaveBytes / static_cast<int64_t>(sizeof(scalar_t));
   const bool whole = interleaved_size(plan, true) <= budget || kReduce == Reduce::kSum;
   const int64_t block_size = interleaved_size(plan, whole);
-  if (!channels_last && o.W < 8 && block_size <= budget) {
+  const bool sum_by_rows = kReduce == Reduce::kSum && !ax[1].adaptive && ax[1].stride >= 4;
+  if (!channels_last && o.W < 8 && block_size <= budget && !sum_by_rows) {
     const int64_t planes = in.N * in.C, in_plane = in.H * in.W, out_plane = o.H * o.W;
     const int64_t groups = (planes + kNhwcBlock - 1) / kNhwcBlock;
     at::parallel_for(0, groups, parallel ? 1 : groups, [&](int64_t g0, int64_t g1) {
