@@ -607,24 +607,33 @@ PK_INLINE void pool_pixel_block(const scalar_t* image, scalar_t* out, int64_t* i
   store<scalar_t, kReduce>(out, idx, acc, arg, count, divisor);
 }
 
-// pool_pixel_block for kNhwcBlock float or bfloat16 channels without indices, in explicit
-// vectors (the compiler leaves the generic block's bfloat16 conversions scalar).
+// pool_pixel_block for kNhwcBlock float or bfloat16 channels, in explicit vectors (the
+// compiler leaves the generic block's bfloat16 conversions scalar).
 template <typename scalar_t, Reduce kReduce>
-PK_INLINE void pool_pixel_vec(const scalar_t* image, scalar_t* out, const Window2d& win,
-                              int64_t h0, int64_t W, int64_t C, float divisor) {
+PK_INLINE void pool_pixel_vec(const scalar_t* image, scalar_t* out, int64_t* idx,
+                              const Window2d& win, int64_t h0, int64_t W, int64_t C,
+                              float divisor) {
   using V = vec_t<float>;
+  using M = VecOf<float>::mask;
   constexpr int kVecs = kNhwcBlock / 8;
   V acc[kVecs];
-  for (int v = 0; v < kVecs; ++v) acc[v] = V{} + start_value<float, kReduce>();
+  M arg[kVecs];
+  for (int v = 0; v < kVecs; ++v) {
+    acc[v] = V{} + start_value<float, kReduce>();
+    arg[v] = M{} + static_cast<int32_t>(win.h.first * W + win.w.first);
+  }
   for (int64_t h = win.h.first; h < win.h.end; h += win.h.step) {
     for (int64_t w = win.w.first; w < win.w.end; w += win.w.step) {
       const scalar_t* row = image + ((h - h0) * W + w) * C;
+      const int32_t here = static_cast<int32_t>(h * W + w);
       for (int v = 0; v < kVecs; ++v) {
         const V x = load8(row + 8 * v);
         if constexpr (kReduce == Reduce::kSum) {
           acc[v] += x;
         } else {  // torch's serial rule: a later value wins if greater or NaN
-          acc[v] = (x > acc[v]) | (x != x) ? x : acc[v];
+          const M take = (x > acc[v]) | (x != x);
+          acc[v] = take ? x : acc[v];
+          if constexpr (kReduce == Reduce::kArgMax) arg[v] = take ? M{} + here : arg[v];
         }
       }
     }
@@ -632,6 +641,9 @@ PK_INLINE void pool_pixel_vec(const scalar_t* image, scalar_t* out, const Window
   const float scale = 1.0f / divisor;  // as store(): one rounding more than a division
   for (int v = 0; v < kVecs; ++v) {
     store8(out + 8 * v, kReduce == Reduce::kSum ? acc[v] * scale : acc[v]);
+    if constexpr (kReduce == Reduce::kArgMax) {
+      for (int l = 0; l < 8; ++l) idx[8 * v + l] = arg[v][l];
+    }
   }
 }
 
@@ -650,8 +662,9 @@ PK_HOT_LOOP void pool_rows_nhwc(const scalar_t* image, scalar_t* out, int64_t* i
       const int64_t at = (oh * OW + ow) * C;
       int64_t c = 0;
       for (; c + kNhwcBlock <= C; c += kNhwcBlock) {
-        if constexpr (kVecChannels<scalar_t> && kReduce != Reduce::kArgMax) {
-          pool_pixel_vec<scalar_t, kReduce>(image + c, out + at + c, win, h0, W, C, divisor);
+        if constexpr (kVecChannels<scalar_t>) {
+          pool_pixel_vec<scalar_t, kReduce>(image + c, out + at + c, idx ? idx + at + c : nullptr,
+                                            win, h0, W, C, divisor);
           continue;
         }
         pool_pixel_block<true, scalar_t, kReduce>(image + c, out + at + c,
