@@ -518,6 +518,7 @@ PK_HOT_LOOP void pool_rows_nchw(const scalar_t* plane, scalar_t* out, int64_t* i
     if (plan.w_runs_of_8) {
       using V = vec_t<float>;
       const int64_t k = aw.kernel;
+      const auto add = [](V& a, const V& b) PK_INLINE_LAMBDA { a += b; };
       for (int64_t oh = oh0; oh < oh1; ++oh) {
         const Taps th = plan.h_taps[oh];
         for (int64_t ow = 0; ow < OW; ++ow) {
@@ -526,7 +527,7 @@ PK_HOT_LOOP void pool_rows_nchw(const scalar_t* plane, scalar_t* out, int64_t* i
             const scalar_t* run = plane + h * W + ow * k;
             for (int64_t j = 0; j < k; j += 8) sum += load8(run + j);
           }
-          const float total = fold_all_lanes(sum, [](V& a, const V& b) PK_INLINE_LAMBDA { a += b; });
+          const float total = fold_all_lanes(sum, add);
           out[oh * OW + ow] = static_cast<scalar_t>(total / plan.divisor[oh * OW + ow]);
         }
       }
