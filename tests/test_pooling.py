@@ -373,6 +373,34 @@ def test_window_max_nan_ties_and_minus_inf(target, op, layout):
         assert torch.equal(indices, expected_indices)
 
 
+# Forward paths the CPU kernel picks by shape: identity windows (a copy), NCHW outputs under 8
+# wide pooled 32 planes at a time (33 planes: a partial block too), row band by row band when
+# the planes are tall (200 x 13, 72 x 40), and sums over runs of 16 columns (48 -> 3).
+SHAPE_PATH_CASES = [
+    ("adaptive_max_pool2d", (3, 11, 7, 7), dict(output_size=7)),
+    ("adaptive_avg_pool2d", (3, 11, 7, 7), dict(output_size=7)),
+    ("max_pool2d", (1, 33, 9, 9), dict(kernel_size=1)),
+    ("max_pool2d", (1, 33, 200, 13), dict(kernel_size=3, stride=2, padding=1)),
+    ("max_pool2d", (1, 33, 200, 13), dict(kernel_size=(3, 2), stride=2, padding=1,
+                                         dilation=(2, 3), ceil_mode=True)),
+    ("adaptive_max_pool2d", (1, 33, 72, 40), dict(output_size=(7, 5))),
+    ("avg_pool2d", (1, 33, 200, 13), dict(kernel_size=3, stride=2, padding=1,
+                                         count_include_pad=False)),
+    ("adaptive_avg_pool2d", (1, 33, 32, 48), dict(output_size=(4, 3))),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.int32], ids=str)
+@pytest.mark.parametrize("case", SHAPE_PATH_CASES, ids=_case_id)
+def test_window_paths_by_shape(target, case, dtype, layout):
+    if target.backend == "triton":
+        pytest.skip("CPU and CUDA kernel paths; large for the Triton interpreter")
+    if dtype == torch.int32 and case[0] != "max_pool2d":
+        pytest.skip("integers: max_pool2d alone takes int32")
+    _check_window(target, *case, dtype, layout)
+
+
 # Gradients
 
 

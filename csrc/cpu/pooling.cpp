@@ -433,79 +433,308 @@ inline void store(scalar_t* out, int64_t* idx, const sum_t<scalar_t>* acc, const
   }
 }
 
-// One output row (plane p, row oh) over an NCHW plane. A strided window goes tap by tap, each
-// tap a strided pass along the row (vectorized), so every output still sees its taps in
-// order; an adaptive window goes output by output.
-template <typename scalar_t, Reduce kReduce>
-PK_HOT_LOOP void pool_row_nchw(const scalar_t* plane, scalar_t* out, int64_t* idx,
-                               const std::array<PoolAxis, 2>& ax, const AvgDivisors* divisors,
-                               const Taps* w_taps, int64_t oh, sum_t<scalar_t>* acc,
-                               int32_t* arg) {
-  using acc_t = sum_t<scalar_t>;
-  const PoolAxis& aw = ax[1];
-  const int64_t W = aw.in, s = aw.stride;
-  const Taps th = taps_of(ax[0], oh);
-  for (int64_t ow = 0; ow < aw.out; ++ow) {
-    acc[ow] = start_value<acc_t, kReduce>();
-    arg[ow] = static_cast<int32_t>(th.first * W + w_taps[ow].first);
-  }
-  if (aw.adaptive) {
-    for (int64_t ow = 0; ow < aw.out; ++ow) {
-      const Taps tw = w_taps[ow];
-      for (int64_t h = th.first; h < th.end; ++h) {
-        for (int64_t w = tw.first; w < tw.end; ++w) {
-          fold<kReduce>(acc[ow], arg[ow], static_cast<acc_t>(plane[h * W + w]),
-                        static_cast<int32_t>(h * W + w));
+// What a forward pass reads, per call: everything that depends only on oh, ow or the tap j
+// (integer divisions included), shared by every plane and image instead of redone per row.
+template <typename acc_t>
+struct FwdPlan {
+  std::array<PoolAxis, 2> ax;
+  std::vector<Taps> h_taps, w_taps;  // per oh, per ow
+  std::vector<OutRange> tap_outputs;  // strided W axis, per tap j: the outputs it falls inside
+  std::vector<acc_t> divisor;         // kSum: per (oh, ow); 1 for a window with no tap
+  bool w_runs_of_8 = false;  // the W windows: whole runs of a multiple of 8, one after another
+  FwdPlan(const std::array<PoolAxis, 2>& axes, const AvgDivisors* divisors)
+      : ax(axes), h_taps(ax[0].out), w_taps(ax[1].out) {
+    for (int64_t oh = 0; oh < ax[0].out; ++oh) h_taps[oh] = taps_of(ax[0], oh);
+    for (int64_t ow = 0; ow < ax[1].out; ++ow) w_taps[ow] = taps_of(ax[1], ow);
+    if (!ax[1].adaptive) {
+      for (int64_t j = 0; j < ax[1].kernel; ++j) tap_outputs.push_back(outputs_with_tap(ax[1], j));
+      const PoolAxis& a = ax[1];
+      w_runs_of_8 = a.kernel == a.stride && a.kernel % 8 == 0 && a.pad == 0 && a.dilation == 1 &&
+                    a.out * a.kernel <= a.in;
+    }
+    if (divisors) {
+      divisor.resize(ax[0].out * ax[1].out);
+      for (int64_t oh = 0; oh < ax[0].out; ++oh) {
+        for (int64_t ow = 0; ow < ax[1].out; ++ow) {
+          const int64_t d = divisors->get(oh, ow);
+          divisor[oh * ax[1].out + ow] = static_cast<acc_t>(d == 0 ? 1 : d);
         }
       }
     }
+  }
+};
+
+// float and bfloat16 channels as 8-float vectors: bfloat16 is the top half of a float's bits;
+// float -> bfloat16 rounds to nearest even and makes NaNs quiet NaNs, as c10::BFloat16 does.
+typedef uint16_t bf16x8_t __attribute__((vector_size(16)));
+typedef uint32_t u32x8_t __attribute__((vector_size(32)));
+
+template <typename scalar_t>
+constexpr bool kVecChannels =
+    std::is_same_v<scalar_t, float> || std::is_same_v<scalar_t, c10::BFloat16>;
+
+template <typename scalar_t>
+PK_INLINE vec_t<float> load8(const scalar_t* p) {
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    return vload(p);
   } else {
-    for (int64_t h = th.first; h < th.end; h += th.step) {
-      for (int64_t j = 0; j < aw.kernel; ++j) {
-        const OutRange r = outputs_with_tap(aw, j);
-        const int64_t shift = j * aw.dilation - aw.pad;
-        const scalar_t* row = plane + h * W + shift;
-        const int32_t here = static_cast<int32_t>(h * W + shift);
-        for (int64_t ow = r.lo; ow < r.hi; ++ow) {
-          fold<kReduce>(acc[ow], arg[ow], static_cast<acc_t>(row[ow * s]),
-                        here + static_cast<int32_t>(ow * s));
-        }
-      }
-    }
+    bf16x8_t half;
+    __builtin_memcpy(&half, p, sizeof(half));
+    const u32x8_t bits = __builtin_convertvector(half, u32x8_t) << 16;
+    vec_t<float> v;
+    __builtin_memcpy(&v, &bits, sizeof(v));
+    return v;
   }
-  if constexpr (kReduce == Reduce::kSum) {  // each output its own divisor
-    for (int64_t ow = 0; ow < aw.out; ++ow) {
-      acc[ow] /= divisor_of<kReduce, acc_t>(divisors, oh, ow);
-    }
-  }
-  store<scalar_t, kReduce>(out, idx, acc, arg, aw.out, acc_t(1));
 }
 
-// One output row (image n, row oh) over an NHWC image: per output pixel, C accumulators
-// updated from each tap's contiguous row of channels.
+template <typename scalar_t>
+PK_INLINE void store8(scalar_t* p, const vec_t<float>& v) {
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    vstore(p, v);
+  } else {
+    u32x8_t bits;
+    __builtin_memcpy(&bits, &v, sizeof(bits));
+    const u32x8_t rounded = (bits + 0x7FFFu + ((bits >> 16) & 1u)) >> 16;
+    const u32x8_t quiet_nan = u32x8_t{} + 0x7FC0u;
+    const bf16x8_t half = __builtin_convertvector(v != v ? quiet_nan : rounded, bf16x8_t);
+    __builtin_memcpy(p, &half, sizeof(half));
+  }
+}
+
+// Output rows oh0..oh1 of one NCHW plane. A strided window goes tap by tap, each tap a strided
+// pass along the row (vectorized), so every output still sees its taps in order; an adaptive
+// window goes output by output.
 template <typename scalar_t, Reduce kReduce>
-PK_HOT_LOOP void pool_row_nhwc(const scalar_t* image, scalar_t* out, int64_t* idx,
-                               const std::array<PoolAxis, 2>& ax, const AvgDivisors* divisors,
-                               int64_t oh, int64_t C, sum_t<scalar_t>* acc, int32_t* arg) {
+PK_HOT_LOOP void pool_rows_nchw(const scalar_t* plane, scalar_t* out, int64_t* idx,
+                                const FwdPlan<sum_t<scalar_t>>& plan, int64_t oh0, int64_t oh1,
+                                sum_t<scalar_t>* acc, int32_t* arg) {
   using acc_t = sum_t<scalar_t>;
-  const int64_t W = ax[1].in;
-  for (int64_t ow = 0; ow < ax[1].out; ++ow) {
-    const Window2d win = window_of(ax, oh, ow);
-    for (int64_t c = 0; c < C; ++c) {
-      acc[c] = start_value<acc_t, kReduce>();
-      arg[c] = static_cast<int32_t>(win.h.first * W + win.w.first);
+  const PoolAxis& aw = plan.ax[1];
+  const int64_t W = aw.in, OW = aw.out;
+  const Taps* w_taps = plan.w_taps.data();
+  if constexpr (kReduce == Reduce::kSum && kVecChannels<scalar_t>) {
+    // Windows of whole runs of 8k along W (112 -> 7): each output's taps summed in one vector,
+    // run by run, then across its lanes (a sum's order, not a max's, may change).
+    if (plan.w_runs_of_8) {
+      using V = vec_t<float>;
+      const int64_t k = aw.kernel;
+      const auto add = [](V& a, const V& b) PK_INLINE_LAMBDA { a += b; };
+      for (int64_t oh = oh0; oh < oh1; ++oh) {
+        const Taps th = plan.h_taps[oh];
+        for (int64_t ow = 0; ow < OW; ++ow) {
+          V sum{};
+          for (int64_t h = th.first; h < th.end; h += th.step) {
+            const scalar_t* run = plane + h * W + ow * k;
+            for (int64_t j = 0; j < k; j += 8) sum += load8(run + j);
+          }
+          const float total = fold_all_lanes(sum, add);
+          out[oh * OW + ow] = static_cast<scalar_t>(total / plan.divisor[oh * OW + ow]);
+        }
+      }
+      return;
     }
-    for (int64_t h = win.h.first; h < win.h.end; h += win.h.step) {
-      for (int64_t w = win.w.first; w < win.w.end; w += win.w.step) {
-        const scalar_t* row = image + (h * W + w) * C;
-        const int32_t here = static_cast<int32_t>(h * W + w);
-        for (int64_t c = 0; c < C; ++c) {
-          fold<kReduce>(acc[c], arg[c], static_cast<acc_t>(row[c]), here);
+  }
+  PK_WITH_STRIDE(aw.stride, [&](auto s) PK_INLINE_LAMBDA {
+    for (int64_t oh = oh0; oh < oh1; ++oh) {
+      const Taps th = plan.h_taps[oh];
+      for (int64_t ow = 0; ow < OW; ++ow) {
+        acc[ow] = start_value<acc_t, kReduce>();
+        if constexpr (kReduce == Reduce::kArgMax) {
+          arg[ow] = static_cast<int32_t>(th.first * W + w_taps[ow].first);
+        }
+      }
+      if (aw.adaptive) {
+        for (int64_t ow = 0; ow < OW; ++ow) {
+          const Taps tw = w_taps[ow];
+          for (int64_t h = th.first; h < th.end; ++h) {
+            for (int64_t w = tw.first; w < tw.end; ++w) {
+              fold<kReduce>(acc[ow], arg[ow], static_cast<acc_t>(plane[h * W + w]),
+                            static_cast<int32_t>(h * W + w));
+            }
+          }
+        }
+      } else {
+        for (int64_t h = th.first; h < th.end; h += th.step) {
+          for (int64_t j = 0; j < aw.kernel; ++j) {
+            const OutRange r = plan.tap_outputs[j];
+            const int64_t shift = j * aw.dilation - aw.pad;
+            const scalar_t* row = plane + h * W + shift;
+            const int32_t here = static_cast<int32_t>(h * W + shift);
+            for (int64_t ow = r.lo; ow < r.hi; ++ow) {
+              fold<kReduce>(acc[ow], arg[ow], static_cast<acc_t>(row[ow * s]),
+                            here + static_cast<int32_t>(ow * s));
+            }
+          }
+        }
+      }
+      scalar_t* o = out + oh * OW;
+      if constexpr (kReduce == Reduce::kSum) {  // each output its own divisor
+        const acc_t* d = plan.divisor.data() + oh * OW;
+        for (int64_t ow = 0; ow < OW; ++ow) o[ow] = static_cast<scalar_t>(acc[ow] / d[ow]);
+      } else {
+        store<scalar_t, kReduce>(o, idx ? idx + oh * OW : nullptr, acc, arg, OW, acc_t(1));
+      }
+    }
+  });
+}
+
+// The channels c0..c0 + n of one output pixel over an NHWC image, n <= kBlock (n == kBlock
+// when kFull): accumulators in a fixed-size local array, which stays in registers through all
+// the taps of the window, instead of C of them in memory updated tap by tap.
+constexpr int64_t kNhwcBlock = 32;
+
+template <bool kFull, typename scalar_t, Reduce kReduce>
+PK_INLINE void pool_pixel_block(const scalar_t* image, scalar_t* out, int64_t* idx,
+                                const Window2d& win, int64_t h0, int64_t W, int64_t C,
+                                int64_t n, sum_t<scalar_t> divisor) {
+  using acc_t = sum_t<scalar_t>;
+  const int64_t count = kFull ? kNhwcBlock : n;
+  acc_t acc[kNhwcBlock];
+  int32_t arg[kNhwcBlock];
+  const int32_t first = static_cast<int32_t>(win.h.first * W + win.w.first);
+  for (int64_t c = 0; c < count; ++c) {
+    acc[c] = start_value<acc_t, kReduce>();
+    arg[c] = first;
+  }
+  for (int64_t h = win.h.first; h < win.h.end; h += win.h.step) {
+    for (int64_t w = win.w.first; w < win.w.end; w += win.w.step) {
+      const scalar_t* row = image + ((h - h0) * W + w) * C;
+      const int32_t here = static_cast<int32_t>(h * W + w);
+      for (int64_t c = 0; c < count; ++c) {
+        fold<kReduce>(acc[c], arg[c], static_cast<acc_t>(row[c]), here);
+      }
+    }
+  }
+  store<scalar_t, kReduce>(out, idx, acc, arg, count, divisor);
+}
+
+// pool_pixel_block for kNhwcBlock float or bfloat16 channels, in explicit vectors (the
+// compiler leaves the generic block's bfloat16 conversions scalar).
+template <typename scalar_t, Reduce kReduce>
+PK_INLINE void pool_pixel_vec(const scalar_t* image, scalar_t* out, int64_t* idx,
+                              const Window2d& win, int64_t h0, int64_t W, int64_t C,
+                              float divisor) {
+  using V = vec_t<float>;
+  using M = VecOf<float>::mask;
+  constexpr int kVecs = kNhwcBlock / 8;
+  V acc[kVecs];
+  M arg[kVecs];
+  for (int v = 0; v < kVecs; ++v) {
+    acc[v] = V{} + start_value<float, kReduce>();
+    arg[v] = M{} + static_cast<int32_t>(win.h.first * W + win.w.first);
+  }
+  for (int64_t h = win.h.first; h < win.h.end; h += win.h.step) {
+    for (int64_t w = win.w.first; w < win.w.end; w += win.w.step) {
+      const scalar_t* row = image + ((h - h0) * W + w) * C;
+      const int32_t here = static_cast<int32_t>(h * W + w);
+      for (int v = 0; v < kVecs; ++v) {
+        const V x = load8(row + 8 * v);
+        if constexpr (kReduce == Reduce::kSum) {
+          acc[v] += x;
+        } else {  // torch's serial rule: a later value wins if greater or NaN
+          const M take = (x > acc[v]) | (x != x);
+          acc[v] = take ? x : acc[v];
+          if constexpr (kReduce == Reduce::kArgMax) arg[v] = take ? M{} + here : arg[v];
         }
       }
     }
-    store<scalar_t, kReduce>(out + ow * C, idx ? idx + ow * C : nullptr, acc, arg, C,
-                             divisor_of<kReduce, acc_t>(divisors, oh, ow));
+  }
+  const float scale = 1.0f / divisor;  // as store(): one rounding more than a division
+  for (int v = 0; v < kVecs; ++v) {
+    store8(out + 8 * v, kReduce == Reduce::kSum ? acc[v] * scale : acc[v]);
+    if constexpr (kReduce == Reduce::kArgMax) {
+      for (int l = 0; l < 8; ++l) idx[8 * v + l] = arg[v][l];
+    }
+  }
+}
+
+// Output rows oh0..oh1 of one NHWC image, pixel by pixel, channels in blocks of kNhwcBlock;
+// `image` holds the input rows from h0 on.
+template <typename scalar_t, Reduce kReduce>
+PK_HOT_LOOP void pool_rows_nhwc(const scalar_t* image, scalar_t* out, int64_t* idx,
+                                const FwdPlan<sum_t<scalar_t>>& plan, int64_t oh0, int64_t oh1,
+                                int64_t C, int64_t h0 = 0) {
+  using acc_t = sum_t<scalar_t>;
+  const int64_t W = plan.ax[1].in, OW = plan.ax[1].out;
+  for (int64_t oh = oh0; oh < oh1; ++oh) {
+    for (int64_t ow = 0; ow < OW; ++ow) {
+      const Window2d win = {plan.h_taps[oh], plan.w_taps[ow]};
+      const acc_t divisor = kReduce == Reduce::kSum ? plan.divisor[oh * OW + ow] : acc_t(1);
+      const int64_t at = (oh * OW + ow) * C;
+      int64_t c = 0;
+      for (; c + kNhwcBlock <= C; c += kNhwcBlock) {
+        if constexpr (kVecChannels<scalar_t>) {
+          pool_pixel_vec<scalar_t, kReduce>(image + c, out + at + c, idx ? idx + at + c : nullptr,
+                                            win, h0, W, C, divisor);
+          continue;
+        }
+        pool_pixel_block<true, scalar_t, kReduce>(image + c, out + at + c,
+                                                  idx ? idx + at + c : nullptr, win, h0, W,
+                                                  C, kNhwcBlock, divisor);
+      }
+      if (c < C) {
+        pool_pixel_block<false, scalar_t, kReduce>(image + c, out + at + c,
+                                                   idx ? idx + at + c : nullptr, win, h0, W,
+                                                   C, C - c, divisor);
+      }
+    }
+  }
+}
+
+// NCHW planes whose output rows are narrower than a vector (7 x 7): a pass per tap and row
+// costs more than its few outputs. `count` <= kNhwcBlock planes are interleaved into a
+// channels-last block instead, pooled by the NHWC kernel (the planes as its channels, every tap
+// in registers), and the results written back plane by plane. Same taps, same order. The block
+// holds the whole planes when they fit in kInterleaveBytes, else the input rows of one output
+// row at a time (112 -> 7).
+constexpr int64_t kInterleaveBytes = 256 << 10;
+
+// The elements of the block: whole planes, or the most input rows of one output row.
+template <typename acc_t>
+inline int64_t interleaved_size(const FwdPlan<acc_t>& plan, bool whole) {
+  int64_t rows = plan.ax[0].in;
+  if (!whole) {
+    rows = 0;
+    for (const Taps& t : plan.h_taps) rows = std::max(rows, t.end - t.first);
+  }
+  return rows * plan.ax[1].in * kNhwcBlock;
+}
+
+template <typename scalar_t, Reduce kReduce>
+void pool_planes_interleaved(const scalar_t* src, scalar_t* dst, int64_t* idx,
+                             const FwdPlan<sum_t<scalar_t>>& plan, bool whole, int64_t count,
+                             scalar_t* in_block, scalar_t* out_block, int64_t* idx_block) {
+  const int64_t W = plan.ax[1].in, plane = plan.ax[0].in * W;
+  const int64_t OH = plan.ax[0].out, out_plane = OH * plan.ax[1].out;
+  // Input rows h0..h1 of the planes into the block, in spans of 64 positions: each plane read
+  // in runs, the block written within L1.
+  const auto interleave = [&](int64_t h0, int64_t h1) {
+    for (int64_t i0 = h0 * W; i0 < h1 * W; i0 += 64) {
+      const int64_t i1 = std::min(h1 * W, i0 + 64);
+      for (int64_t c = 0; c < count; ++c) {
+        for (int64_t i = i0; i < i1; ++i) in_block[(i - h0 * W) * count + c] = src[c * plane + i];
+      }
+    }
+  };
+  int64_t* idx_out = idx ? idx_block : nullptr;
+  if (whole) {
+    interleave(0, plan.ax[0].in);
+    pool_rows_nhwc<scalar_t, kReduce>(in_block, out_block, idx_out, plan, 0, OH, count);
+  } else {
+    for (int64_t oh = 0; oh < OH; ++oh) {
+      const Taps t = plan.h_taps[oh];
+      if (t.end > t.first) interleave(t.first, t.end);
+      pool_rows_nhwc<scalar_t, kReduce>(in_block, out_block, idx_out, plan, oh, oh + 1, count,
+                                        t.first);
+    }
+  }
+  for (int64_t c = 0; c < count; ++c) {
+    for (int64_t o = 0; o < out_plane; ++o) dst[c * out_plane + o] = out_block[o * count + c];
+  }
+  if (idx) {
+    for (int64_t c = 0; c < count; ++c) {
+      for (int64_t o = 0; o < out_plane; ++o) idx[c * out_plane + o] = idx_block[o * count + c];
+    }
   }
 }
 
@@ -522,6 +751,12 @@ inline PoolAxis strided_if_uniform(PoolAxis a) {
   return a;
 }
 
+// Whether every window is the one input position under its output (kernel 1, stride 1, no
+// padding, or adaptive in == out): the output is the input.
+inline bool is_identity(const PoolAxis& a) {
+  return a.in == a.out && !a.adaptive && a.kernel == 1 && a.stride == 1 && a.pad == 0;
+}
+
 template <typename scalar_t, Reduce kReduce>
 void pool_fwd(const at::Tensor& x, at::Tensor& out, at::Tensor* indices,
               const std::array<PoolAxis, 2>& axes, const AvgDivisors* divisors,
@@ -532,32 +767,75 @@ void pool_fwd(const at::Tensor& x, at::Tensor& out, at::Tensor* indices,
   const scalar_t* src = x.const_data_ptr<scalar_t>();
   scalar_t* dst = out.data_ptr<scalar_t>();
   int64_t* idx = kReduce == Reduce::kArgMax ? indices->data_ptr<int64_t>() : nullptr;
-  // Work items are output rows: (plane, oh) for NCHW, (image, oh) for NHWC.
-  const int64_t planes = channels_last ? in.N : in.N * in.C;
-  const int64_t row_size = channels_last ? o.W * in.C : o.W;  // elements of one output row
   const bool parallel = x.numel() + out.numel() > kPoolGrain;
-  std::vector<Taps> w_taps(o.W);  // every NCHW row reads the same columns: integer divisions once
-  for (int64_t ow = 0; ow < o.W; ++ow) w_taps[ow] = taps_of(ax[1], ow);
-#pragma omp parallel if (parallel)
-  {
-    std::vector<acc_t> acc(channels_last ? in.C : o.W);
-    std::vector<int32_t> arg(acc.size());
-#pragma omp for collapse(2) schedule(static)
-    for (int64_t p = 0; p < planes; ++p) {
-      for (int64_t oh = 0; oh < o.H; ++oh) {
-        const scalar_t* image = src + p * in.H * in.W * (channels_last ? in.C : 1);
-        const int64_t at = (p * o.H + oh) * row_size;
-        int64_t* idx_row = idx ? idx + at : nullptr;
+  // Identity windows (adaptive 7 -> 7): a copy, and a max's indices are the positions.
+  if (is_identity(ax[0]) && is_identity(ax[1]) &&
+      (kReduce != Reduce::kSum || divisors->override_value == 0)) {
+    out.copy_(x);
+    if (idx) {
+      // NCHW: each plane's positions in order; NHWC: position i as the C channels of pixel i.
+      const int64_t plane = in.H * in.W, C = in.C;
+      const int64_t runs = channels_last ? in.N * plane : in.N * C;
+#pragma omp parallel for schedule(static) if (parallel)
+      for (int64_t r = 0; r < runs; ++r) {
         if (channels_last) {
-          pool_row_nhwc<scalar_t, kReduce>(image, dst + at, idx_row, ax, divisors, oh, in.C,
-                                           acc.data(), arg.data());
+          std::fill(idx + r * C, idx + (r + 1) * C, r % plane);
         } else {
-          pool_row_nchw<scalar_t, kReduce>(image, dst + at, idx_row, ax, divisors, w_taps.data(),
-                                           oh, acc.data(), arg.data());
+          for (int64_t i = 0; i < plane; ++i) idx[r * plane + i] = i;
         }
       }
     }
+    return;
   }
+  const FwdPlan<acc_t> plan(ax, divisors);
+  // NCHW output rows under a vector wide: kNhwcBlock planes at a time pooled as channels
+  // (pool_planes_interleaved), the block within L2.
+  // Sums run faster by rows (pool_rows_nchw) where the windows are too tall for whole planes,
+  // or 4 or more columns apart (28 -> 7: 16 inputs an output, each interleaved at a cost).
+  const int64_t budget = kInterleaveBytes / static_cast<int64_t>(sizeof(scalar_t));
+  const bool whole = interleaved_size(plan, true) <= budget || kReduce == Reduce::kSum;
+  const int64_t block_size = interleaved_size(plan, whole);
+  const bool sum_by_rows = kReduce == Reduce::kSum && !ax[1].adaptive && ax[1].stride >= 4;
+  if (!channels_last && o.W < 8 && block_size <= budget && !sum_by_rows) {
+    const int64_t planes = in.N * in.C, in_plane = in.H * in.W, out_plane = o.H * o.W;
+    const int64_t groups = (planes + kNhwcBlock - 1) / kNhwcBlock;
+    at::parallel_for(0, groups, parallel ? 1 : groups, [&](int64_t g0, int64_t g1) {
+      std::vector<scalar_t> in_block(block_size);
+      std::vector<scalar_t> out_block(out_plane * kNhwcBlock);
+      std::vector<int64_t> idx_block(idx ? out_plane * kNhwcBlock : 0);
+      for (int64_t g = g0; g < g1; ++g) {
+        const int64_t p = g * kNhwcBlock, count = std::min(kNhwcBlock, planes - p);
+        pool_planes_interleaved<scalar_t, kReduce>(
+            src + p * in_plane, dst + p * out_plane, idx ? idx + p * out_plane : nullptr, plan,
+            whole, count, in_block.data(), out_block.data(), idx_block.data());
+      }
+    });
+    return;
+  }
+  // Work items are output rows, (plane, oh) for NCHW, (image, oh) for NHWC, each thread a
+  // contiguous range of them, walked plane by plane: small planes (7 x 7) pay per plane.
+  const int64_t planes = channels_last ? in.N : in.N * in.C;
+  const int64_t in_plane = in.H * in.W * (channels_last ? in.C : 1);
+  const int64_t out_plane = o.H * o.W * (channels_last ? in.C : 1);
+  const int64_t rows = planes * o.H;
+  const auto run = [&](int64_t r0, int64_t r1) {
+    std::vector<acc_t> acc(channels_last ? 0 : o.W);
+    std::vector<int32_t> arg(acc.size());
+    for (int64_t r = r0; r < r1;) {
+      const int64_t p = r / o.H, oh0 = r % o.H, oh1 = std::min(o.H, oh0 + (r1 - r));
+      const scalar_t* image = src + p * in_plane;
+      int64_t* idx_plane = idx ? idx + p * out_plane : nullptr;
+      if (channels_last) {
+        pool_rows_nhwc<scalar_t, kReduce>(image, dst + p * out_plane, idx_plane, plan, oh0, oh1,
+                                          in.C);
+      } else {
+        pool_rows_nchw<scalar_t, kReduce>(image, dst + p * out_plane, idx_plane, plan, oh0, oh1,
+                                          acc.data(), arg.data());
+      }
+      r += oh1 - oh0;
+    }
+  };
+  at::parallel_for(0, rows, parallel ? 1 : rows, run);  // a contiguous share per thread
 }
 
 // Backward: dx = 0, then each output's gradient added into its window (max: at its index;
