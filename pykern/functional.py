@@ -411,11 +411,11 @@ def _check_companion(op: str, name: str, t: object, input: torch.Tensor, shape) 
         raise TypeError(f"{op}: {name} must be a torch.Tensor or None, got {type(t).__name__}")
     if t.device != input.device:
         raise ValueError(f"{op}: {name} is on {t.device} but input is on {input.device}")
-    allowed = (input.dtype, torch.float32) if input.dtype in _LOW_PRECISION else (input.dtype,)
-    if t.dtype not in allowed:
+    if t.dtype != input.dtype and not (t.dtype == torch.float32 and input.dtype in _LOW_PRECISION):
+        allowed = (input.dtype, torch.float32) if input.dtype in _LOW_PRECISION else (input.dtype,)
         names = " or ".join(str(d) for d in allowed)
         raise TypeError(f"{op}: {name} must have dtype {names} (input's), got {t.dtype}")
-    if tuple(t.shape) != tuple(shape):
+    if t.shape != tuple(shape):
         raise ValueError(f"{op}: {name} must have shape {tuple(shape)}, got {tuple(t.shape)}")
 
 

@@ -770,6 +770,28 @@ def test_refused_calls_leave_running_stats_untouched():
     assert torch.equal(rm, torch.zeros(3)) and torch.equal(rv, torch.ones(3))
 
 
+@pytest.mark.parametrize("stats_dtype", [torch.float32, torch.bfloat16])
+def test_running_stats_update_in_place_like_torch(stats_dtype):
+    # The running stats are updated in place (one C++ call on CPU): the same values as torch's
+    # update, strided running stats included, and autograd sees the in-place change.
+    x = make_input((4, 6, 3, 3), torch.bfloat16 if stats_dtype == torch.bfloat16 else torch.float32)
+    for stride in (1, 2):
+        rm = torch.randn(6 * stride, dtype=stats_dtype)[::stride]
+        rv = (torch.rand(6 * stride, dtype=stats_dtype) + 0.5)[::stride]
+        rm_ref, rv_ref = rm.clone(), rv.clone()
+        PF.batch_norm(x, rm, rv, training=True, momentum=0.3)
+        F.batch_norm(x, rm_ref, rv_ref, training=True, momentum=0.3)
+        tol = dict(rtol=0, atol=0.02) if stats_dtype == torch.bfloat16 else {}  # 1 bf16 ulp
+        torch.testing.assert_close(rm, rm_ref, **tol)
+        torch.testing.assert_close(rv, rv_ref, **tol)
+    w = torch.randn(6, requires_grad=True)
+    rm = torch.zeros(6)
+    loss = (w * rm).sum()  # saves rm for backward
+    PF.batch_norm(x, rm, None, training=True)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()
+
+
 def test_count_helper_is_consistent():
     # the unbiased running variance divides by count - 1 with count = N * spatial
     x = torch.randn(3, 2, 4, 5)

@@ -13,12 +13,7 @@
 #include <vector>
 
 #include "common/checks.h"
-
-#if defined(__CUDACC__)
-#define PK_HOST_DEVICE __host__ __device__ __forceinline__
-#else
-#define PK_HOST_DEVICE inline
-#endif
+#include "common/host_device.h"
 
 namespace pykern {
 

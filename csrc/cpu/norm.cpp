@@ -1753,6 +1753,42 @@ std::tuple<at::Tensor, at::Tensor> batch_norm_stats_cpu(const at::Tensor& x) {
   return {mean, var};
 }
 
+void batch_norm_update_running_cpu(const std::optional<at::Tensor>& running_mean,
+                                   const std::optional<at::Tensor>& running_var,
+                                   const at::Tensor& mean, const at::Tensor& var, double momentum,
+                                   double var_factor) {
+  constexpr const char* fn = "batch_norm_update_running_cpu";
+  // running = (1 - momentum) * running + momentum * batch, per channel, in the running stats'
+  // dtype (float math for 16-bit ones); the variance scaled by var_factor (unbiasing) first.
+  const auto update = [&](const at::Tensor& running, const at::Tensor& batch, double factor,
+                          const char* name) {
+    PK_CHECK_VALUE(running.device().is_cpu() && running.is_contiguous() &&
+                       running.numel() == batch.numel(),
+                   fn, ": ", name, " must be a contiguous CPU tensor of ", batch.numel(),
+                   " elements");
+    PK_CHECK_VALUE(batch.device().is_cpu() && batch.is_contiguous() &&
+                       batch.scalar_type() == (running.scalar_type() == at::kDouble ? at::kDouble
+                                                                                     : at::kFloat),
+                   fn, ": the batch statistics must be contiguous and in ", name,
+                   "'s accumulation type");
+    // An in-place update: autograd must see it, as it sees mul_ / add_ (and an inference
+    // tensor outside inference mode is refused here, before any write, as torch refuses it).
+    running.unsafeGetTensorImpl()->bump_version();
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, running.scalar_type(), fn, [&] {
+      using acc_t = at::opmath_type<scalar_t>;
+      scalar_t* r = running.data_ptr<scalar_t>();
+      const acc_t* b = batch.const_data_ptr<acc_t>();
+      const acc_t keep = static_cast<acc_t>(1 - momentum);
+      const acc_t take = static_cast<acc_t>(momentum * factor);
+      for (int64_t c = 0; c < running.numel(); ++c) {
+        r[c] = static_cast<scalar_t>(keep * static_cast<acc_t>(r[c]) + take * b[c]);
+      }
+    });
+  };
+  if (running_mean) update(*running_mean, mean, 1.0, "running_mean");
+  if (running_var) update(*running_var, var, var_factor, "running_var");
+}
+
 at::Tensor batch_norm_fwd_cpu(const at::Tensor& x, const at::Tensor& mean, const at::Tensor& var,
                               const std::optional<at::Tensor>& weight,
                               const std::optional<at::Tensor>& bias,

@@ -23,7 +23,7 @@ import math
 import torch
 import torch.distributed as dist
 
-from pykern import backends
+from pykern import _ext, backends
 
 Tensor = torch.Tensor
 
@@ -332,12 +332,22 @@ def update_running_stats(
     momentum: float,
 ) -> None:
     """torch's rule: running = (1 - momentum) * running + momentum * batch, the variance
-    unbiased (count / (count - 1))."""
-    with torch.no_grad():  # two in-place ops per tensor: this runs on every training call
+    unbiased (count / (count - 1)). This runs on every training call: on CPU in eager mode one
+    C++ call (four small in-place ops cost some 15-20 us there), else torch's in-place ops."""
+    unbias = count / (count - 1)
+    stats = (running_mean, running_var)
+    if mean.is_cpu and backends._plain_eager(mean) and all(map(_plain_contiguous, stats)):
+        _ext._C.batch_norm_update_running_cpu(*stats, mean, var, momentum, unbias)
+        return
+    with torch.no_grad():
         if running_mean is not None:
             running_mean.mul_(1 - momentum).add_(mean, alpha=momentum)
         if running_var is not None:  # the unbiasing factor folded into the scalar
-            running_var.mul_(1 - momentum).add_(var, alpha=momentum * count / (count - 1))
+            running_var.mul_(1 - momentum).add_(var, alpha=momentum * unbias)
+
+
+def _plain_contiguous(t: Tensor | None) -> bool:
+    return t is None or (type(t) is torch.Tensor and t.is_contiguous())
 
 
 def batch_norm(
