@@ -470,7 +470,7 @@ def _run_batch_norm(
         x, running_mean, running_var, weight, bias, res, bool(training), float(momentum),
         float(eps), relu, group,
     )  # fmt: skip
-    return _norm.from_channel_view(y, input.shape, channels_last)
+    return _norm.from_channel_view(y, input, channels_last)
 
 
 def _batch_norm(
@@ -701,7 +701,7 @@ def layer_norm_2d(
     channels_last = _layout.is_channels_last(input)
     x = _norm.channel_view(input, channels_last)
     y, _ = _norm.row_norm(x, None, weight, bias, float(eps), False)
-    return _norm.from_channel_view(y, input.shape, channels_last)
+    return _norm.from_channel_view(y, input, channels_last)
 
 
 # Convolution: conv2d and conv_transpose2d (pykern/ops/conv.py).

@@ -56,11 +56,12 @@ def channel_view(x: Tensor, channels_last: bool) -> Tensor:
     return x.contiguous().view(N, C, S)
 
 
-def from_channel_view(t: Tensor, shape, channels_last: bool) -> Tensor:
-    """A (B, C, K) result of channel_view back to (N, C, *spatial), in x's memory format."""
+def from_channel_view(t: Tensor, x: Tensor, channels_last: bool) -> Tensor:
+    """A (B, C, K) result of channel_view(x) back to x's shape, in x's memory format."""
     if channels_last:
+        shape = x.shape
         return t.view(shape[0], *shape[2:], shape[1]).movedim(-1, 1)
-    return t.view(shape)
+    return t.view_as(x)  # (a torch.Size argument to view costs 2 us more)
 
 
 ROW_NORM_FWD = backends.table("norm", "row_norm_fwd")
