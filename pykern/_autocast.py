@@ -38,6 +38,8 @@ def cast(op: str, *tensors):
     """The arguments of `op` in the dtype torch's autocast computes that op in (a tuple, same
     order); non-tensors and None pass through. A no-op outside torch.autocast."""
     policies = POLICIES[op]
+    if not any(torch.is_autocast_enabled(kind) for kind in policies):
+        return tensors  # (the common case, in a few hundred ns)
     out = []
     for t in tensors:
         if isinstance(t, torch.Tensor) and t.is_floating_point() and t.dtype != torch.float64:

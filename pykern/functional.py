@@ -595,13 +595,18 @@ def _row_norm(op, input, residual, normalized_shape, weight, bias, eps, rms):
     y, s = _norm.row_norm(
         x,
         res,
-        None if weight is None else weight.reshape(C),
-        None if bias is None else bias.reshape(C),
+        _flat(weight),
+        _flat(bias),
         float(eps),
         rms,
     )
     # Under autocast (float32 norms) the sum comes back in input's dtype, as input + residual.
-    return y.view(input.shape), (None if s is None else s.view(input.shape).to(in_dtype))
+    return y.view_as(input), (None if s is None else s.view_as(input).to(in_dtype))
+
+
+def _flat(t: torch.Tensor | None) -> torch.Tensor | None:
+    """A weight or bias of the normalized shape as one (C,) vector."""
+    return t if t is None or t.dim() == 1 else t.reshape(-1)
 
 
 def layer_norm(
