@@ -292,7 +292,8 @@ PK_HOT_LOOP void max_row(max_t<scalar_t>* best, int32_t* arg, const scalar_t* ro
     arg[k] = take ? r : arg[k];
   };
   int64_t k = 0;
-  if constexpr (kVecChannels<scalar_t>) {  // bfloat16 converted in vectors, not one by one
+  if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {  // converted in vectors (float's
+                                                             // loop vectorizes as it is)
     if (sK == 1) {
       using V = vec_t<float>;
       using M = VecOf<float>::mask;
@@ -320,8 +321,9 @@ PK_HOT_LOOP void max_row(max_t<scalar_t>* best, int32_t* arg, const scalar_t* ro
 // an accumulator array read and written for every row. The adds and the max rule are
 // add_row's and max_row's, in the same order: the same results. Returns the columns done.
 // Up to this many columns (NHWC global pooling of 64 channels) the register blocks of
-// reduce_columns_vec; wider rows go row by row, reading the input in order (column blocks
-// would read rows far apart, out of the prefetchers' reach).
+// reduce_columns_vec, half as many for maxima (one block: a second would read the input again);
+// wider rows go row by row, reading the input in order (column blocks would read rows far
+// apart, out of the prefetchers' reach).
 constexpr int64_t kRegisterColumns = 64;
 
 template <int kVecs, bool kMax, typename scalar_t>
@@ -409,7 +411,7 @@ void reduce_fwd(const at::Tensor& x, at::Tensor& out, at::Tensor& indices, bool 
       const scalar_t* base = in + b * sB + k0 * sK;
       scalar_t* o_row = o + b * K + k0;
       if constexpr (kVecChannels<scalar_t>) {
-        if (sK == 1 && K <= kRegisterColumns) {
+        if (sK == 1 && K <= (is_max ? kRegisterColumns / 2 : kRegisterColumns)) {
           int64_t* idx_row = is_max ? idx + b * K + k0 : nullptr;
           const int64_t done =
               is_max ? reduce_columns_vec<true>(base, o_row, idx_row, cols, R, sR)
