@@ -755,44 +755,6 @@ PK_INLINE void pool_pixel_vec(const scalar_t* image, scalar_t* out, int64_t* idx
   }
 }
 
-// Small windows (up to kListedTaps taps, 2x2 and 3x3): the taps of one output pixel listed once
-// (their rows and flat indices), then every block of kVecs * 8 channels walks the list, in the
-// window's order, instead of redoing the window's loops and addresses per block.
-constexpr int64_t kListedTaps = 16;
-
-template <int kVecs, typename scalar_t, Reduce kReduce>
-PK_INLINE void pool_listed_taps(const scalar_t* const* taps, const int32_t* here, int64_t n,
-                                int64_t c, scalar_t* out, int64_t* idx, float divisor) {
-  using V = vec_t<float>;
-  using M = VecOf<float>::mask;
-  V acc[kVecs];
-  M arg[kVecs];
-  for (int v = 0; v < kVecs; ++v) {
-    acc[v] = V{} + start_value<float, kReduce>();
-    arg[v] = M{} + here[0];
-  }
-  for (int64_t t = 0; t < n; ++t) {
-    const scalar_t* row = taps[t] + c;
-    for (int v = 0; v < kVecs; ++v) {
-      const V x = load8(row + 8 * v);
-      if constexpr (kReduce == Reduce::kSum) {
-        acc[v] += x;
-      } else {  // torch's serial rule: a later value wins if greater or NaN
-        const M take = (x > acc[v]) | (x != x);
-        acc[v] = take ? x : acc[v];
-        if constexpr (kReduce == Reduce::kArgMax) arg[v] = take ? M{} + here[t] : arg[v];
-      }
-    }
-  }
-  const float scale = 1.0f / divisor;  // as store(): one rounding more than a division
-  for (int v = 0; v < kVecs; ++v) {
-    store8(out + c + 8 * v, kReduce == Reduce::kSum ? acc[v] * scale : acc[v]);
-    if constexpr (kReduce == Reduce::kArgMax) {
-      for (int l = 0; l < 8; ++l) idx[c + 8 * v + l] = arg[v][l];
-    }
-  }
-}
-
 // Output rows oh0..oh1 of one NHWC image, pixel by pixel, channels in blocks of kNhwcBlock;
 // `image` holds the input rows from h0 on.
 template <typename scalar_t, Reduce kReduce>
@@ -807,36 +769,6 @@ PK_HOT_LOOP void pool_rows_nhwc(const scalar_t* image, scalar_t* out, int64_t* i
       const acc_t divisor = kReduce == Reduce::kSum ? plan.divisor[oh * OW + ow] : acc_t(1);
       const int64_t at = (oh * OW + ow) * C;
       int64_t c = 0;
-      if constexpr (kVecChannels<scalar_t>) {
-        const int64_t th = (win.h.end - win.h.first + win.h.step - 1) / win.h.step;
-        const int64_t tw = (win.w.end - win.w.first + win.w.step - 1) / win.w.step;
-        if (th > 0 && tw > 0 && th * tw <= kListedTaps && C >= 8) {
-          const scalar_t* taps[kListedTaps];
-          int32_t here[kListedTaps];
-          int64_t n = 0;
-          for (int64_t h = win.h.first; h < win.h.end; h += win.h.step) {
-            for (int64_t w = win.w.first; w < win.w.end; w += win.w.step, ++n) {
-              taps[n] = image + ((h - h0) * W + w) * C;
-              here[n] = static_cast<int32_t>(h * W + w);
-            }
-          }
-          // sums in blocks of 64 channels; maxima with indices in 32 (registers run short)
-          if constexpr (kReduce == Reduce::kSum) {
-            for (; c + 64 <= C; c += 64) {
-              pool_listed_taps<8, scalar_t, kReduce>(taps, here, n, c, out + at, nullptr,
-                                                     divisor);
-            }
-          }
-          for (; c + 32 <= C; c += 32) {
-            pool_listed_taps<4, scalar_t, kReduce>(taps, here, n, c, out + at,
-                                                   idx ? idx + at : nullptr, divisor);
-          }
-          for (; c + 8 <= C; c += 8) {
-            pool_listed_taps<1, scalar_t, kReduce>(taps, here, n, c, out + at,
-                                                   idx ? idx + at : nullptr, divisor);
-          }
-        }
-      }
       for (; c + kNhwcBlock <= C; c += kNhwcBlock) {
         if constexpr (kVecChannels<scalar_t>) {
           pool_pixel_vec<scalar_t, kReduce>(image + c, out + at + c, idx ? idx + at + c : nullptr,
