@@ -58,43 +58,6 @@ constexpr int64_t kLongRun = 256;
 // Below this many elements a reduction runs on one thread (a parallel region costs more).
 constexpr int64_t kReduceGrain = 1 << 15;
 
-// float and bfloat16 channels as 8-float vectors: bfloat16 is the top half of a float's bits;
-// float -> bfloat16 rounds to nearest even and makes NaNs quiet NaNs, as c10::BFloat16 does.
-typedef uint16_t bf16x8_t __attribute__((vector_size(16)));
-typedef uint32_t u32x8_t __attribute__((vector_size(32)));
-
-template <typename scalar_t>
-constexpr bool kVecChannels =
-    std::is_same_v<scalar_t, float> || std::is_same_v<scalar_t, c10::BFloat16>;
-
-template <typename scalar_t>
-PK_INLINE vec_t<float> load8(const scalar_t* p) {
-  if constexpr (std::is_same_v<scalar_t, float>) {
-    return vload(p);
-  } else {
-    bf16x8_t half;
-    __builtin_memcpy(&half, p, sizeof(half));
-    const u32x8_t bits = __builtin_convertvector(half, u32x8_t) << 16;
-    vec_t<float> v;
-    __builtin_memcpy(&v, &bits, sizeof(v));
-    return v;
-  }
-}
-
-template <typename scalar_t>
-PK_INLINE void store8(scalar_t* p, const vec_t<float>& v) {
-  if constexpr (std::is_same_v<scalar_t, float>) {
-    vstore(p, v);
-  } else {
-    u32x8_t bits;
-    __builtin_memcpy(&bits, &v, sizeof(bits));
-    const u32x8_t rounded = (bits + 0x7FFFu + ((bits >> 16) & 1u)) >> 16;
-    const u32x8_t quiet_nan = u32x8_t{} + 0x7FC0u;
-    const bf16x8_t half = __builtin_convertvector(v != v ? quiet_nan : rounded, bf16x8_t);
-    __builtin_memcpy(p, &half, sizeof(half));
-  }
-}
-
 // K == 1 (global pooling of NCHW, channel pooling of NHWC): the means of runs b0..b1 of n
 // elements each, one call per thread's share so that short runs (7x7 planes) pay no call each.
 template <int Lanes, typename scalar_t>
@@ -103,29 +66,7 @@ PK_HOT_LOOP void run_means(const scalar_t* in, scalar_t* out, int64_t b0, int64_
   using acc_t = at::opmath_type<scalar_t>;
   const acc_t inv_n = acc_t(1) / static_cast<acc_t>(n);
   PK_WITH_STRIDE(stride, [&](auto st) PK_INLINE_LAMBDA {
-    int64_t b = b0;
-    // Short unit-stride runs (channel pooling of NHWC, C = 64): 4 runs side by side, each one
-    // vector of the Lanes partials below, so that their add chains overlap. Same lanes, same
-    // fold: the same results.
-    constexpr bool kSideBySide = std::is_same_v<decltype(st), std::integral_constant<int64_t, 1>> &&
-                                 Lanes == 8 && kVecChannels<scalar_t>;
-    if constexpr (kSideBySide) {
-      using V = vec_t<float>;
-      const auto add = [](V& a, const V& b) PK_INLINE_LAMBDA { a += b; };
-      for (; b + 4 <= b1; b += 4) {
-        V lane[4] = {};
-        int64_t r = 0;
-        for (; r + 8 <= n; r += 8) {
-          for (int q = 0; q < 4; ++q) lane[q] += load8(in + (b + q) * sB + r);
-        }
-        for (int q = 0; q < 4; ++q) {
-          const scalar_t* p = in + (b + q) * sB;
-          for (int l = 0; r + l < n; ++l) lane[q][l] += static_cast<acc_t>(p[r + l]);
-          out[b + q] = static_cast<scalar_t>(fold_all_lanes(lane[q], add) * inv_n);
-        }
-      }
-    }
-    for (; b < b1; ++b) {
+    for (int64_t b = b0; b < b1; ++b) {
       const scalar_t* p = in + b * sB;
       acc_t lane[Lanes] = {};
       int64_t r = 0;
@@ -291,86 +232,11 @@ PK_HOT_LOOP void max_row(max_t<scalar_t>* best, int32_t* arg, const scalar_t* ro
     best[k] = take ? v : best[k];
     arg[k] = take ? r : arg[k];
   };
-  int64_t k = 0;
-  if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {  // converted in vectors (float's
-                                                             // loop vectorizes as it is)
-    if (sK == 1) {
-      using V = vec_t<float>;
-      using M = VecOf<float>::mask;
-      const M here = M{} + r;
-      for (; k + 8 <= K; k += 8) {
-        const V x = load8(row + k), b = vload(best + k);
-        M a;
-        __builtin_memcpy(&a, arg + k, sizeof(a));
-        const M take = (x > b) | (x != x);
-        vstore(best + k, take ? x : b);
-        a = take ? here : a;
-        __builtin_memcpy(arg + k, &a, sizeof(a));
-      }
-    }
-  }
   if (sK == 1) {
-    for (; k < K; ++k) step(k, static_cast<max_t<scalar_t>>(row[k]));
+    for (int64_t k = 0; k < K; ++k) step(k, static_cast<max_t<scalar_t>>(row[k]));
   } else {
     for (int64_t k = 0; k < K; ++k) step(k, static_cast<max_t<scalar_t>>(row[k * sK]));
   }
-}
-
-// K > 1, unit-stride float or bfloat16 columns: blocks of columns whose accumulators stay in
-// vector registers through all R rows (sums 64 columns, maxima 32 with their rows), instead of
-// an accumulator array read and written for every row. The adds and the max rule are
-// add_row's and max_row's, in the same order: the same results. Returns the columns done.
-// Up to this many columns (NHWC global pooling of 64 channels) the register blocks of
-// reduce_columns_vec, half as many for maxima (one block: a second would read the input again);
-// wider rows go row by row, reading the input in order (column blocks would read rows far
-// apart, out of the prefetchers' reach).
-constexpr int64_t kRegisterColumns = 64;
-
-template <int kVecs, bool kMax, typename scalar_t>
-PK_INLINE void reduce_column_block(const scalar_t* base, scalar_t* o, int64_t* idx, int64_t R,
-                                   int64_t sR) {
-  using V = vec_t<float>;
-  using M = VecOf<float>::mask;
-  V acc[kVecs];
-  M arg[kVecs];
-  for (int v = 0; v < kVecs; ++v) {
-    acc[v] = V{} + (kMax ? -std::numeric_limits<float>::infinity() : 0.0f);
-    arg[v] = M{};
-  }
-  for (int64_t r = 0; r < R; ++r) {
-    const scalar_t* row = base + r * sR;
-    for (int v = 0; v < kVecs; ++v) {
-      const V x = load8(row + 8 * v);
-      if constexpr (kMax) {
-        const M take = (x > acc[v]) | (x != x);
-        acc[v] = take ? x : acc[v];
-        arg[v] = take ? M{} + static_cast<int32_t>(r) : arg[v];
-      } else {
-        acc[v] += x;
-      }
-    }
-  }
-  const float inv_r = 1.0f / static_cast<float>(R);
-  for (int v = 0; v < kVecs; ++v) {
-    store8(o + 8 * v, kMax ? acc[v] : acc[v] * inv_r);
-    if constexpr (kMax) {
-      for (int l = 0; l < 8; ++l) idx[8 * v + l] = arg[v][l];
-    }
-  }
-}
-
-template <bool kMax, typename scalar_t>
-PK_HOT_LOOP int64_t reduce_columns_vec(const scalar_t* base, scalar_t* o, int64_t* idx,
-                                       int64_t cols, int64_t R, int64_t sR) {
-  constexpr int kVecs = kMax ? 4 : 8;  // 8 + 8 registers for maxima and rows would spill
-  int64_t k = 0;
-  for (; k + 8 * kVecs <= cols; k += 8 * kVecs) {
-    reduce_column_block<kVecs, kMax>(base + k, o + k, kMax ? idx + k : nullptr, R, sR);
-  }
-  for (; k + 8 <= cols; k += 8) {
-    reduce_column_block<1, kMax>(base + k, o + k, kMax ? idx + k : nullptr, R, sR);
-  }
-  return k;
 }
 
 template <typename scalar_t>
@@ -405,20 +271,10 @@ void reduce_fwd(const at::Tensor& x, at::Tensor& out, at::Tensor& indices, bool 
     std::vector<max_t<scalar_t>> acc(width);
     std::vector<int32_t> arg(is_max ? width : 0);
     for (int64_t g = g0; g < g1; ++g) {
-      const int64_t b = g / blocks;
-      int64_t k0 = g % blocks * kColumnBlock;
-      int64_t cols = std::min(kColumnBlock, K - k0);
+      const int64_t b = g / blocks, k0 = g % blocks * kColumnBlock;
+      const int64_t cols = std::min(kColumnBlock, K - k0);
       const scalar_t* base = in + b * sB + k0 * sK;
       scalar_t* o_row = o + b * K + k0;
-      if constexpr (kVecChannels<scalar_t>) {
-        if (sK == 1 && K <= (is_max ? kRegisterColumns / 2 : kRegisterColumns)) {
-          int64_t* idx_row = is_max ? idx + b * K + k0 : nullptr;
-          const int64_t done =
-              is_max ? reduce_columns_vec<true>(base, o_row, idx_row, cols, R, sR)
-                     : reduce_columns_vec<false>(base, o_row, idx_row, cols, R, sR);
-          base += done, o_row += done, k0 += done, cols -= done;  // the rest by the rows below
-        }
-      }
       if (is_max) {
         std::fill(acc.begin(), acc.end(), -std::numeric_limits<max_t<scalar_t>>::infinity());
         std::fill(arg.begin(), arg.end(), 0);
@@ -607,6 +463,43 @@ struct FwdPlan {
     }
   }
 };
+
+// float and bfloat16 channels as 8-float vectors: bfloat16 is the top half of a float's bits;
+// float -> bfloat16 rounds to nearest even and makes NaNs quiet NaNs, as c10::BFloat16 does.
+typedef uint16_t bf16x8_t __attribute__((vector_size(16)));
+typedef uint32_t u32x8_t __attribute__((vector_size(32)));
+
+template <typename scalar_t>
+constexpr bool kVecChannels =
+    std::is_same_v<scalar_t, float> || std::is_same_v<scalar_t, c10::BFloat16>;
+
+template <typename scalar_t>
+PK_INLINE vec_t<float> load8(const scalar_t* p) {
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    return vload(p);
+  } else {
+    bf16x8_t half;
+    __builtin_memcpy(&half, p, sizeof(half));
+    const u32x8_t bits = __builtin_convertvector(half, u32x8_t) << 16;
+    vec_t<float> v;
+    __builtin_memcpy(&v, &bits, sizeof(v));
+    return v;
+  }
+}
+
+template <typename scalar_t>
+PK_INLINE void store8(scalar_t* p, const vec_t<float>& v) {
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    vstore(p, v);
+  } else {
+    u32x8_t bits;
+    __builtin_memcpy(&bits, &v, sizeof(bits));
+    const u32x8_t rounded = (bits + 0x7FFFu + ((bits >> 16) & 1u)) >> 16;
+    const u32x8_t quiet_nan = u32x8_t{} + 0x7FC0u;
+    const bf16x8_t half = __builtin_convertvector(v != v ? quiet_nan : rounded, bf16x8_t);
+    __builtin_memcpy(p, &half, sizeof(half));
+  }
+}
 
 // Output rows oh0..oh1 of one NCHW plane. A strided window goes tap by tap, each tap a strided
 // pass along the row (vectorized), so every output still sees its taps in order; an adaptive
