@@ -58,6 +58,15 @@ def test_dtypes(target, op, dtype, layout):
     _check(target, op, (2, 37, 6, 11), dtype, layout)
 
 
+# 64 and 32 channels: the CPU's NHWC global pooling keeps them in vector registers (sums 64,
+# maxima 32); channel pooling takes 4 pixels' channels side by side.
+@pytest.mark.parametrize("channels", [32, 64])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("op", list(OPS))
+def test_register_blocks(target, op, dtype, channels):
+    _check(target, op, (2, channels, 3, 5), dtype, "nhwc")
+
+
 @pytest.mark.parametrize("op", list(OPS))
 def test_noncontiguous_and_unbatched(target, op):
     _check(target, op, (2, 6, 5, 7), torch.float32, "nchw", noncontig=True)
