@@ -3,6 +3,8 @@
 // and stores. They only travel between always-inline functions, so no ABI is involved.
 #pragma once
 
+#include <c10/util/BFloat16.h>
+
 #include <cstdint>
 #include <type_traits>
 
@@ -37,6 +39,28 @@ PK_INLINE vec_t<acc_t> vload(const acc_t* p) {
 template <typename acc_t>
 PK_INLINE void vstore(acc_t* p, vec_t<acc_t> v) {
   __builtin_memcpy(p, &v, sizeof(v));
+}
+
+// 8 bfloat16 <-> a float vector. bfloat16 is the top half of a float's bits (widening is
+// exact); narrowing rounds to nearest even and makes every NaN 0x7FC0, as c10::BFloat16 does.
+typedef uint16_t u16x8 __attribute__((vector_size(16)));
+typedef uint32_t u32x8 __attribute__((vector_size(32)));
+
+PK_INLINE vec_t<float> vload_bf16(const c10::BFloat16* p) {
+  u16x8 h;
+  __builtin_memcpy(&h, p, sizeof(h));
+  return (vec_t<float>)(__builtin_convertvector(h, u32x8) << 16);  // (a cast keeps the bits)
+}
+
+// v's bits rounded to bfloat16 in the upper half of each lane.
+PK_INLINE u32x8 bf16_round_bits(vec_t<float> v) {
+  const u32x8 u = (u32x8)v;
+  return v == v ? u + (((u >> 16) & 1u) + 0x7FFFu) : u32x8{} + 0x7FC00000u;
+}
+
+PK_INLINE void vstore_bf16(c10::BFloat16* p, vec_t<float> v) {
+  const u16x8 h = __builtin_convertvector(bf16_round_bits(v) >> 16, u16x8);
+  __builtin_memcpy(p, &h, sizeof(h));
 }
 
 // v with lane i exchanged for lane i ^ D (D a power of two below the lane count): the step of

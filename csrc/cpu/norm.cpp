@@ -206,38 +206,26 @@ PK_INLINE double hsum(const vec_t<double>& v) { return fold_all_lanes(v, add_int
 
 // kLanes<acc> elements of any input dtype as an acc vector: float16 and bfloat16 widened with
 // the same bit arithmetic as ld() (exact), in vector registers.
-typedef uint16_t u16x8 __attribute__((vector_size(16)));
-typedef uint32_t u32x8 __attribute__((vector_size(32)));
-
 template <typename scalar_t>
 PK_INLINE vec_t<acc_type<scalar_t>> vload_acc(const scalar_t* p) {
   if constexpr (std::is_same_v<scalar_t, acc_type<scalar_t>>) {
     return vload(p);
-  } else {
+  } else if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
+    return vload_bf16(p);
+  } else {  // float16: half_to_float, lane by lane
+    using VF = vec_t<float>;
     u16x8 h;
     __builtin_memcpy(&h, p, sizeof(h));
     const u32x8 w = __builtin_convertvector(h, u32x8) << 16;
-    if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
-      return (vec_t<float>)w;  // a vector cast keeps the bits
-    } else {  // half_to_float, lane by lane
-      using VF = vec_t<float>;
-      const u32x8 sign = w & 0x80000000u;
-      const u32x8 two_w = w + w;
-      const u32x8 nbits = (two_w >> 4) + (0xE0u << 23);
-      const VF normal = (VF)nbits * bits_to_float(15u << 23);
-      const u32x8 dbits = (two_w >> 17) | (126u << 23);
-      const VF denormal = (VF)dbits - 0.5f;
-      const u32x8 is_denormal = (u32x8)(two_w < (1u << 27));  // all ones where true
-      return (VF)(sign | ((u32x8)denormal & is_denormal) | ((u32x8)normal & ~is_denormal));
-    }
+    const u32x8 sign = w & 0x80000000u;
+    const u32x8 two_w = w + w;
+    const u32x8 nbits = (two_w >> 4) + (0xE0u << 23);
+    const VF normal = (VF)nbits * bits_to_float(15u << 23);
+    const u32x8 dbits = (two_w >> 17) | (126u << 23);
+    const VF denormal = (VF)dbits - 0.5f;
+    const u32x8 is_denormal = (u32x8)(two_w < (1u << 27));  // all ones where true
+    return (VF)(sign | ((u32x8)denormal & is_denormal) | ((u32x8)normal & ~is_denormal));
   }
-}
-
-// v's bits rounded to bfloat16 in the upper half of each lane: to nearest even, NaN as 0x7FC0
-// (c10's rule).
-PK_INLINE u32x8 bf16_round_bits(vec_t<float> v) {
-  const u32x8 u = (u32x8)v;
-  return v == v ? u + (((u >> 16) & 1u) + 0x7FFFu) : u32x8{} + 0x7FC00000u;
 }
 
 // kLanes<acc> acc values stored as scalar_t, each rounded as rnd() rounds it, in vector
@@ -248,8 +236,7 @@ PK_INLINE void vstore_acc(scalar_t* p, vec_t<acc_type<scalar_t>> v) {
     vstore(p, v);
   } else {
     static_assert(std::is_same_v<scalar_t, c10::BFloat16>, "float16 is staged through float");
-    const u16x8 h = __builtin_convertvector(bf16_round_bits(v) >> 16, u16x8);
-    __builtin_memcpy(p, &h, sizeof(h));
+    vstore_bf16(p, v);
   }
 }
 

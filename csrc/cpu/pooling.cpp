@@ -464,11 +464,7 @@ struct FwdPlan {
   }
 };
 
-// float and bfloat16 channels as 8-float vectors: bfloat16 is the top half of a float's bits;
-// float -> bfloat16 rounds to nearest even and makes NaNs quiet NaNs, as c10::BFloat16 does.
-typedef uint16_t bf16x8_t __attribute__((vector_size(16)));
-typedef uint32_t u32x8_t __attribute__((vector_size(32)));
-
+// float and bfloat16 channels as 8-float vectors (cpu_vec.h converts bfloat16 as c10 does).
 template <typename scalar_t>
 constexpr bool kVecChannels =
     std::is_same_v<scalar_t, float> || std::is_same_v<scalar_t, c10::BFloat16>;
@@ -478,12 +474,7 @@ PK_INLINE vec_t<float> load8(const scalar_t* p) {
   if constexpr (std::is_same_v<scalar_t, float>) {
     return vload(p);
   } else {
-    bf16x8_t half;
-    __builtin_memcpy(&half, p, sizeof(half));
-    const u32x8_t bits = __builtin_convertvector(half, u32x8_t) << 16;
-    vec_t<float> v;
-    __builtin_memcpy(&v, &bits, sizeof(v));
-    return v;
+    return vload_bf16(p);
   }
 }
 
@@ -492,12 +483,7 @@ PK_INLINE void store8(scalar_t* p, const vec_t<float>& v) {
   if constexpr (std::is_same_v<scalar_t, float>) {
     vstore(p, v);
   } else {
-    u32x8_t bits;
-    __builtin_memcpy(&bits, &v, sizeof(bits));
-    const u32x8_t rounded = (bits + 0x7FFFu + ((bits >> 16) & 1u)) >> 16;
-    const u32x8_t quiet_nan = u32x8_t{} + 0x7FC0u;
-    const bf16x8_t half = __builtin_convertvector(v != v ? quiet_nan : rounded, bf16x8_t);
-    __builtin_memcpy(p, &half, sizeof(half));
+    vstore_bf16(p, v);
   }
 }
 
