@@ -92,14 +92,7 @@ def pick(device: torch.device, op: str) -> str:
     """The implementation for one call: "cpu", "cuda" or "triton"."""
     backend = get_backend()
     if device.type == "cpu":
-        if backend == "triton" and triton_interpreted():
-            return "triton"
-        if backend == "triton":
-            raise RuntimeError(
-                f"{op}: backend 'triton' on a CPU tensor needs TRITON_INTERPRET=1 (set before "
-                "triton is imported); use backend 'auto' for the C++ CPU kernels"
-            )
-        return "cpu"
+        return _cpu_choice(backend, op)
     if device.type != "cuda":
         raise ValueError(f"{op}: device '{device}' is not supported (cpu and cuda only)")
     if backend == "auto":
@@ -107,6 +100,19 @@ def pick(device: torch.device, op: str) -> str:
     if backend == "cuda" and not _ext.has_cuda():
         raise RuntimeError(f"{op}: backend 'cuda' was chosen but {_ext.BUILD_CUDA_HINT}")
     return backend
+
+
+def _cpu_choice(backend: str, op: str) -> str:
+    """pick's answer for a CPU tensor under `backend`: the C++ reference, or Triton's
+    interpreter when backend "triton" is asked for and TRITON_INTERPRET=1."""
+    if backend != "triton":
+        return "cpu"
+    if triton_interpreted():
+        return "triton"
+    raise RuntimeError(
+        f"{op}: backend 'triton' on a CPU tensor needs TRITON_INTERPRET=1 (set before "
+        "triton is imported); use backend 'auto' for the C++ CPU kernels"
+    )
 
 
 def dispatch(table: dict[str, Callable], device: torch.device, op: str) -> Callable:
@@ -156,8 +162,9 @@ def caller(op_name: str, table: dict[str, Callable]) -> Callable:
 
     def call(x: torch.Tensor, *args):
         if _plain_eager(x):
-            cpu = x.is_cpu and get_backend() != "triton"  # (pick's answer, sooner)
-            return table["cpu" if cpu else pick(x.device, op_name)](x, *args)
+            # pick()'s choice; for a CPU tensor without building x.device (a microsecond)
+            choice = _cpu_choice(get_backend(), op_name) if x.is_cpu else pick(x.device, op_name)
+            return table[choice](x, *args)
         return getattr(torch.ops.pykern, op_name)(x, *args)
 
     call.__name__ = op_name

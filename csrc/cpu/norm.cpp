@@ -1747,8 +1747,7 @@ void batch_norm_update_running_cpu(const std::optional<at::Tensor>& running_mean
   constexpr const char* fn = "batch_norm_update_running_cpu";
   // running = (1 - momentum) * running + momentum * batch, per channel, in the running stats'
   // dtype (float math for 16-bit ones); the variance scaled by var_factor (unbiasing) first.
-  const auto update = [&](const at::Tensor& running, const at::Tensor& batch, double factor,
-                          const char* name) {
+  const auto check = [&](const at::Tensor& running, const at::Tensor& batch, const char* name) {
     PK_CHECK_VALUE(running.device().is_cpu() && running.is_contiguous() &&
                        running.numel() == batch.numel(),
                    fn, ": ", name, " must be a contiguous CPU tensor of ", batch.numel(),
@@ -1758,6 +1757,8 @@ void batch_norm_update_running_cpu(const std::optional<at::Tensor>& running_mean
                                                                                      : at::kFloat),
                    fn, ": the batch statistics must be contiguous and in ", name,
                    "'s accumulation type");
+  };
+  const auto update = [&](const at::Tensor& running, const at::Tensor& batch, double factor) {
     // An in-place update: autograd must see it, as it sees mul_ / add_ (and an inference
     // tensor outside inference mode is refused here, before any write, as torch refuses it).
     running.unsafeGetTensorImpl()->bump_version();
@@ -1772,8 +1773,11 @@ void batch_norm_update_running_cpu(const std::optional<at::Tensor>& running_mean
       }
     });
   };
-  if (running_mean) update(*running_mean, mean, 1.0, "running_mean");
-  if (running_var) update(*running_var, var, var_factor, "running_var");
+  // Both checked before either is written: a refused call leaves the running stats as they were.
+  if (running_mean) check(*running_mean, mean, "running_mean");
+  if (running_var) check(*running_var, var, "running_var");
+  if (running_mean) update(*running_mean, mean, 1.0);
+  if (running_var) update(*running_var, var, var_factor);
 }
 
 at::Tensor batch_norm_fwd_cpu(const at::Tensor& x, const at::Tensor& mean, const at::Tensor& var,

@@ -405,15 +405,6 @@ struct AvgDivisors {
   }
 };
 
-// The divisor of output (oh, ow): 1 for a max, and for an empty window (whose sum, 0, is
-// written as it is).
-template <Reduce kReduce, typename acc_t>
-inline acc_t divisor_of(const AvgDivisors* divisors, int64_t oh, int64_t ow) {
-  if (kReduce != Reduce::kSum) return acc_t(1);
-  const int64_t d = divisors->get(oh, ow);
-  return static_cast<acc_t>(d == 0 ? 1 : d);
-}
-
 // Writes n results: maxima (and their indices) as they are, sums scaled by 1 / divisor (one
 // rounding more than a division: under 1 ulp), integer sums divided (truncating, as torch).
 template <typename scalar_t, Reduce kReduce>
