@@ -428,6 +428,37 @@ def test_batch_norm_short_planes(target, shape, dtype):
     _check_grads(ours, torch_bn, [x, w, b], lowp_fn=torch_bn)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
+def test_batch_norm_nhwc_channel_blocks(target, dtype):
+    """NHWC statistics go chunk by chunk (up to 256 rows) in blocks of channels summed in one
+    pass around each channel's pivot: 43 channels are a block of four vectors, a vector and
+    single channels (in float32; other splits in float64 and bfloat16), 594 rows several chunks.
+    An outlying pivot in channel 5 sends its block through the exact second pass; a NaN in
+    channel 41 stays there."""
+    if target.backend == "triton" and target.device == "cpu":
+        pytest.skip("CPU kernels' walk; the interpreter takes minutes on these sizes")
+    shape = (6, 43, 9, 11)
+    x = 100 + torch.randn(shape, device=target.device)
+    x[0, 5, 0, 0] += 1000  # the pivot of channel 5: one pass would keep 1e-4 of its variance
+    x = x.to(dtype).contiguous(memory_format=torch.channels_last)
+    pdt = torch.float64 if dtype == torch.float64 else torch.float32
+    rm, rv = _stats(shape[1], pdt, target.device)
+    rm_t, rv_t, rm_nan, rv_nan = rm.clone(), rv.clone(), rm.clone(), rv.clone()
+    rm64, rv64 = _double(rm, rv)  # copies, also of float64
+    out = PF.batch_norm(x, rm, rv, None, None, True)
+    ref = F.batch_norm(x.double(), rm64, rv64, None, None, True)
+    expected = F.batch_norm(x, rm_t, rv_t, None, None, True)
+    assert_close_to_ref(out, ref, expected)
+    assert_close_to_ref(rm, rm64.to(pdt), fp32_tol=1e-5)
+    worst = ((rv.double() - rv64) / rv64).abs().max().item()  # per channel, not over all
+    assert worst <= (1e-12 if dtype == torch.float64 else 1e-5), worst
+    x[3, 41, 2, 2] = float("nan")
+    PF.batch_norm(x, rm_nan, rv_nan, None, None, True)
+    assert torch.isnan(rm_nan[41]) and torch.isnan(rv_nan[41])
+    others = [c for c in range(shape[1]) if c != 41]
+    assert torch.equal(rm_nan[others], rm[others]) and torch.equal(rv_nan[others], rv[others])
+
+
 def test_batch_norm_nan_stays_in_its_channel(target):
     x = make_input((4, 3, 5, 5), torch.float32, target.device)
     x[1, 1, 2, 3] = float("nan")

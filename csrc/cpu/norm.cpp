@@ -196,6 +196,13 @@ constexpr bool kIsHalf = std::is_same_v<scalar_t, c10::Half>;
 
 constexpr int64_t kBlock = 1024;
 
+// Variance from one pass around a pivot: s1 = sum d and s2 = sum d^2 (d = v - pivot) give
+// M2 = s2 - s1 * mean, which loses log2(s2 / M2) bits to cancellation. Up to kMaxCancel = 16
+// (4 bits: the pivot within about 3.9 standard deviations of the mean, nearly always so, as the
+// pivot is one of the values) the result is kept; past it, or on NaN, M2 is summed again
+// exactly in a second pass over the data while it is in cache.
+constexpr int kMaxCancel = 16;
+
 // Horizontal sums, pairwise in a fixed order.
 template <typename V>
 PK_INLINE void add_into(V& a, const V& b) {
@@ -538,9 +545,8 @@ PK_HOT_LOOP void row_fwd_rows(const RowFwd<scalar_t>& p, int64_t r0, int64_t r1,
     // LayerNorm: the mean as pivot + offset with pivot = v[0], so that sums and differences
     // stay at the scale of the spread (with a mean of 1e4 and spread 1 in float32 the variance
     // and y keep full accuracy; only the mean output is rounded to acc). One pass gives
-    // s1 = sum d and s2 = sum d^2 (d = v - pivot), M2 = s2 - s1 * off; that subtraction loses
-    // log2(s2 / M2) bits, so when s2 > 4 M2 (the pivot lies over 1.7 standard deviations from
-    // the mean) M2 is summed again exactly in a second pass over the row in cache.
+    // s1 = sum d and s2 = sum d^2 (d = v - pivot), M2 = s2 - s1 * off, summed again exactly
+    // when that lost too much (kMaxCancel).
     // RMSNorm: pivot = off = 0, M2 = the sum of squares.
     acc_t pivot = 0, off = 0, m2;
     if (p.rms) {
@@ -551,7 +557,7 @@ PK_HOT_LOOP void row_fwd_rows(const RowFwd<scalar_t>& p, int64_t r0, int64_t r1,
       dev_sums(v, C, pivot, s1, s2);
       off = s1 * inv_c;
       m2 = s2 - s1 * off;
-      if (!(m2 * 4 >= s2)) m2 = sq_dev_sum(v, C, pivot, off);  // (NaN goes this way too)
+      if (!(m2 * kMaxCancel >= s2)) m2 = sq_dev_sum(v, C, pivot, off);  // (NaN goes this way too)
     }
     const acc_t rstd = acc_t(1) / std::sqrt(m2 * inv_c + p.eps);
     if (p.mean) p.mean[r] = pivot + off;
@@ -895,8 +901,8 @@ void row_bwd(const RowBwd<scalar_t>& p, int64_t B, at::Tensor& dweight, at::Tens
 // K >= kBlock, else up to kBlock elements (a per-plane mean would cost more than a short plane).
 // Each segment's mean and M2 from one pass over it (read as it is stored, any dtype) as in
 // row_fwd_rows: sums of d = x - x0 and d^2 around the segment's first element x0, then an exact
-// second pass over the segment in cache when that loses over 2 bits. Segment results merged in
-// b order, their means as offsets from P.
+// second pass over the segment in cache when that lost too much (kMaxCancel). Segment results
+// merged in b order, their means as offsets from P.
 inline int64_t segment_planes(int64_t K) { return std::max<int64_t>(1, kBlock / K); }
 
 template <typename scalar_t>
@@ -945,7 +951,7 @@ PK_HOT_LOOP void bn_stats_planes(const scalar_t* x, int64_t C, int64_t K, int64_
     sums(acc_t(0), s1, s2);
     const acc_t off = s1 / static_cast<acc_t>(len);
     acc_t pm2 = s2 - s1 * off;
-    if (!(pm2 * 4 >= s2)) sums(off, s1, pm2);
+    if (!(pm2 * kMaxCancel >= s2)) sums(off, s1, pm2);
     chan_merge(n, mean, m2, len, (x0 - P) + off, pm2);
   }
   n_out = n;
@@ -969,34 +975,115 @@ PK_INLINE void chan_merge_vec(int64_t& n_a, acc_t* __restrict mean_a, acc_t* __r
   n_a = n;
 }
 
-// NHWC (K == 1): rows r0..r1 in chunks of R rows; each chunk's per-channel offset mean / M2
-// (two passes over the chunk in cache) merged into mean/m2 (C) in chunk order. Returns the
-// count.
+// Prefetches the kBytes at byte offset `at` from p. The NHWC channel blocks below walk rows with
+// stride C, which the hardware prefetcher follows poorly; they ask for the next chunk in order.
+template <int64_t kBytes>
+PK_INLINE void prefetch_span(const void* p, int64_t at) {
+  for (int64_t b = 0; b < kBytes; b += 64) __builtin_prefetch(static_cast<const char*>(p) + at + b);
+}
+
+// NHWC (K == 1), one chunk of nr rows (in cache), channels [0, NV * kLanes) of v, P, cm, cm2
+// (the caller offsets them): per channel the offset mean and M2 of d = x - P[c], from the sums
+// of d and d^2 in one pass with the block's accumulators in registers (rows walked with stride
+// C). Where s2 - s1 * mean lost too much (kMaxCancel) in any channel, the block takes an exact
+// second pass over the chunk. `ahead` >= 0: the byte offset (from v) of the block's share of the
+// next chunk, prefetched.
+template <int NV, typename scalar_t>
+PK_INLINE void bn_chunk_block(const scalar_t* __restrict v, int64_t C, int64_t nr,
+                              const acc_type<scalar_t>* __restrict P,
+                              acc_type<scalar_t>* __restrict cm,
+                              acc_type<scalar_t>* __restrict cm2, int64_t ahead) {
+  using acc_t = acc_type<scalar_t>;
+  using V = vec_t<acc_t>;
+  using M = typename VecOf<acc_t>::mask;
+  constexpr int64_t W = kLanes<acc_t>;
+  constexpr int64_t kRowBytes = NV * W * sizeof(scalar_t);
+  V p[NV], s1[NV], s2[NV];
+  for (int j = 0; j < NV; ++j) p[j] = vload(P + j * W), s1[j] = s2[j] = V{};
+  for (int64_t r = 0; r < nr; ++r) {
+    if (ahead >= 0) prefetch_span<kRowBytes>(v, ahead + r * kRowBytes);
+    for (int j = 0; j < NV; ++j) {
+      const V d = vload_acc(v + r * C + j * W) - p[j];
+      s1[j] += d;
+      s2[j] += d * d;
+    }
+  }
+  const acc_t n = static_cast<acc_t>(nr);
+  M lost{};
+  for (int j = 0; j < NV; ++j) {
+    const V mean = s1[j] / n;
+    const V m2 = s2[j] - s1[j] * mean;
+    lost |= ~(m2 * acc_t(kMaxCancel) >= s2[j]);  // NaN included
+    s1[j] = mean;
+    s2[j] = m2;
+  }
+  if (fold_all_lanes(lost, [](M& a, const M& b) PK_INLINE_LAMBDA { a |= b; }) != 0) {
+    for (int j = 0; j < NV; ++j) s2[j] = V{};
+    for (int64_t r = 0; r < nr; ++r) {
+      for (int j = 0; j < NV; ++j) {
+        const V d = (vload_acc(v + r * C + j * W) - p[j]) - s1[j];
+        s2[j] += d * d;
+      }
+    }
+  }
+  for (int j = 0; j < NV; ++j) {
+    vstore(cm + j * W, s1[j]);
+    vstore(cm2 + j * W, s2[j]);
+  }
+}
+
+// The same for one channel (the channels after the last whole vector).
+template <typename scalar_t>
+PK_INLINE void bn_chunk_channel(const scalar_t* __restrict v, int64_t C, int64_t nr,
+                                acc_type<scalar_t> P, acc_type<scalar_t>& cm,
+                                acc_type<scalar_t>& cm2) {
+  using acc_t = acc_type<scalar_t>;
+  acc_t s1 = 0, s2 = 0;
+  for (int64_t r = 0; r < nr; ++r) {
+    const acc_t d = ld(v[r * C]) - P;
+    s1 += d;
+    s2 += d * d;
+  }
+  const acc_t mean = s1 / static_cast<acc_t>(nr);
+  acc_t m2 = s2 - s1 * mean;
+  if (!(m2 * kMaxCancel >= s2)) {
+    m2 = 0;
+    for (int64_t r = 0; r < nr; ++r) {
+      const acc_t d = (ld(v[r * C]) - P) - mean;
+      m2 += d * d;
+    }
+  }
+  cm = mean;
+  cm2 = m2;
+}
+
+// NHWC (K == 1): rows r0..r1 (of `rows`) in chunks of R rows; each chunk's per-channel offset
+// mean and M2 (bn_chunk_block: blocks of 4 vectors of channels, then single vectors, then single
+// channels) merged into mean/m2 (C) in chunk order. Returns the count.
 template <typename scalar_t>
 PK_HOT_LOOP int64_t bn_stats_rows(const scalar_t* __restrict x, int64_t C, int64_t r0, int64_t r1,
-                                  int64_t R, const acc_type<scalar_t>* __restrict P,
+                                  int64_t rows, int64_t R,
+                                  const acc_type<scalar_t>* __restrict P,
                                   acc_type<scalar_t>* __restrict cm,
                                   acc_type<scalar_t>* __restrict cm2,
                                   acc_type<scalar_t>* __restrict mean,
                                   acc_type<scalar_t>* __restrict m2) {
   using acc_t = acc_type<scalar_t>;
+  constexpr int64_t W = kLanes<acc_t>;
   int64_t n = 0;
   for (int64_t c = 0; c < C; ++c) mean[c] = m2[c] = acc_t(0);
   for (int64_t q = r0; q < r1; q += R) {
     const int64_t nr = std::min(R, r1 - q);
-    const scalar_t* __restrict v = x + q * C;  // the chunk, in cache for the second pass
-    for (int64_t c = 0; c < C; ++c) cm[c] = cm2[c] = acc_t(0);
-    for (int64_t r = 0; r < nr; ++r) {
-      for (int64_t c = 0; c < C; ++c) cm[c] += ld(v[r * C + c]) - P[c];
+    const scalar_t* __restrict v = x + q * C;
+    const bool next = q + nr < rows;  // the next chunk (here or in the next group) to prefetch
+    int64_t c = 0;
+    for (; c + 4 * W <= C; c += 4 * W) {
+      // the block's share of the next chunk, from the block's start
+      const int64_t ahead = next ? (nr * C + c * (nr - 1)) * int64_t(sizeof(scalar_t)) : -1;
+      bn_chunk_block<4>(v + c, C, nr, P + c, cm + c, cm2 + c, ahead);
     }
-    const acc_t inv_n = acc_t(1) / static_cast<acc_t>(nr);
-    for (int64_t c = 0; c < C; ++c) cm[c] *= inv_n;
-    for (int64_t r = 0; r < nr; ++r) {
-      for (int64_t c = 0; c < C; ++c) {
-        const acc_t d = (ld(v[r * C + c]) - P[c]) - cm[c];
-        cm2[c] += d * d;
-      }
-    }
+    for (; c + W <= C; c += W) bn_chunk_block<1>(v + c, C, nr, P + c, cm + c, cm2 + c, -1);
+    for (; c < C; ++c) bn_chunk_channel(v + c, C, nr, P[c], cm[c], cm2[c]);
     chan_merge_vec(n, mean, m2, nr, cm, cm2, C);
   }
   return n;
@@ -1027,7 +1114,8 @@ void bn_stats_planes_any(const scalar_t* x, int64_t C, int64_t K, int64_t c, int
 }
 
 template <typename scalar_t>
-int64_t bn_stats_rows_any(const scalar_t* x, int64_t C, int64_t r0, int64_t r1, int64_t R,
+int64_t bn_stats_rows_any(const scalar_t* x, int64_t C, int64_t r0, int64_t r1, int64_t rows,
+                          int64_t R,
                           const acc_type<scalar_t>* P, acc_type<scalar_t>* cm,
                           acc_type<scalar_t>* cm2, acc_type<scalar_t>* mean,
                           acc_type<scalar_t>* m2) {
@@ -1040,13 +1128,13 @@ int64_t bn_stats_rows_any(const scalar_t* x, int64_t C, int64_t r0, int64_t r1, 
     const int64_t piece = std::min(R, std::max<int64_t>(1, 4 * kStage / C));
     for (int64_t q = r0; q < r1; q += piece) {
       const int64_t nr = std::min(piece, r1 - q);
-      const int64_t got = bn_stats_rows(staged(x + q * C, nr * C, 0), C, 0, nr, nr, P, cm, cm2,
+      const int64_t got = bn_stats_rows(staged(x + q * C, nr * C, 0), C, 0, nr, nr, nr, P, cm, cm2,
                                         tmean, tm2);
       chan_merge_vec(n, mean, m2, got, tmean, tm2, C);
     }
     return n;
   } else {
-    return bn_stats_rows(x, C, r0, r1, R, P, cm, cm2, mean, m2);
+    return bn_stats_rows(x, C, r0, r1, rows, R, P, cm, cm2, mean, m2);
   }
 }
 
@@ -1092,7 +1180,7 @@ void bn_stats(const at::Tensor& xt, at::Tensor& mean_t, at::Tensor& var_t) {
     std::vector<acc_t> cm(C), cm2(C);
 #pragma omp for schedule(static)
     for (int64_t g = 0; g < groups; ++g) {
-      gn[g] = bn_stats_rows_any(x, C, part_begin(B, groups, g), part_begin(B, groups, g + 1), R,
+      gn[g] = bn_stats_rows_any(x, C, part_begin(B, groups, g), part_begin(B, groups, g + 1), B, R,
                                 P.data(), cm.data(), cm2.data(), gmean.data() + g * C,
                                 gm2.data() + g * C);
     }
@@ -1458,32 +1546,76 @@ PK_HOT_LOOP void bn_reduce_planes(const scalar_t* __restrict dy, const scalar_t*
   sdxm = s2;
 }
 
-// bwd_reduce, NHWC: rows r0..r1 in chunks of R rows, each chunk summed apart (a short error
-// chain) and added into sdy/sdxm (C).
+// bwd_reduce, NHWC, one chunk of nr rows, channels [0, NV * kLanes) of dy, x, y, mean, sdy and
+// sdxm (the caller offsets them): the sums of dy (masked when kMask) and dy * (x - mean) over
+// the rows in registers (rows walked with stride C, channel by channel in row order as a
+// scalar loop would), added into sdy/sdxm. `ahead`: as bn_chunk_block's, for each tensor.
+template <int NV, typename scalar_t, bool kMask>
+PK_INLINE void bn_reduce_block(const scalar_t* __restrict dy, const scalar_t* __restrict x,
+                               const scalar_t* __restrict y, int64_t C, int64_t nr,
+                               const acc_type<scalar_t>* __restrict mean,
+                               acc_type<scalar_t>* __restrict sdy,
+                               acc_type<scalar_t>* __restrict sdxm, int64_t ahead) {
+  using acc_t = acc_type<scalar_t>;
+  using V = vec_t<acc_t>;
+  constexpr int64_t W = kLanes<acc_t>;
+  constexpr int64_t kRowBytes = NV * W * sizeof(scalar_t);
+  V m[NV], s1[NV], s2[NV];
+  for (int j = 0; j < NV; ++j) m[j] = vload(mean + j * W), s1[j] = s2[j] = V{};
+  for (int64_t r = 0; r < nr; ++r) {
+    if (ahead >= 0) {
+      prefetch_span<kRowBytes>(dy, ahead + r * kRowBytes);
+      prefetch_span<kRowBytes>(x, ahead + r * kRowBytes);
+      if constexpr (kMask) prefetch_span<kRowBytes>(y, ahead + r * kRowBytes);
+    }
+    for (int j = 0; j < NV; ++j) {
+      const int64_t o = r * C + j * W;
+      V d = vload_acc(dy + o);
+      if constexpr (kMask) d = vload_acc(y + o) <= acc_t(0) ? V{} : d;
+      s1[j] += d;
+      s2[j] += d * (vload_acc(x + o) - m[j]);
+    }
+  }
+  for (int j = 0; j < NV; ++j) {
+    vstore(sdy + j * W, vload(sdy + j * W) + s1[j]);
+    vstore(sdxm + j * W, vload(sdxm + j * W) + s2[j]);
+  }
+}
+
+// bwd_reduce, NHWC: rows r0..r1 (of `rows`) in chunks of R rows, each chunk summed apart (a
+// short error chain; bn_reduce_block, then channel by channel) and added into sdy/sdxm (C).
 template <typename scalar_t, bool kMask>
 PK_HOT_LOOP void bn_reduce_rows(const scalar_t* __restrict dy, const scalar_t* __restrict x,
                                 const scalar_t* __restrict y, int64_t C, int64_t r0, int64_t r1,
-                                int64_t R, const acc_type<scalar_t>* __restrict mean,
-                                acc_type<scalar_t>* __restrict c1,
-                                acc_type<scalar_t>* __restrict c2,
+                                int64_t rows, int64_t R,
+                                const acc_type<scalar_t>* __restrict mean,
                                 acc_type<scalar_t>* __restrict sdy,
                                 acc_type<scalar_t>* __restrict sdxm) {
   using acc_t = acc_type<scalar_t>;
+  constexpr int64_t W = kLanes<acc_t>;
   for (int64_t c = 0; c < C; ++c) sdy[c] = sdxm[c] = acc_t(0);
   for (int64_t q = r0; q < r1; q += R) {
-    const int64_t q1 = std::min(r1, q + R);
-    for (int64_t c = 0; c < C; ++c) c1[c] = c2[c] = acc_t(0);
-    for (int64_t r = q; r < q1; ++r) {
-      const int64_t o = r * C;
-      for (int64_t c = 0; c < C; ++c) {
-        const acc_t d = masked_dy<scalar_t, kMask>(dy, y, o + c);
-        c1[c] += d;
-        c2[c] += d * (ld(x[o + c]) - mean[c]);
-      }
+    const int64_t nr = std::min(R, r1 - q), o = q * C;
+    const bool next = q + nr < rows;
+    int64_t c = 0;
+    for (; c + 4 * W <= C; c += 4 * W) {
+      const int64_t ahead = next ? (nr * C + c * (nr - 1)) * int64_t(sizeof(scalar_t)) : -1;
+      bn_reduce_block<4, scalar_t, kMask>(dy + o + c, x + o + c, kMask ? y + o + c : nullptr, C,
+                                          nr, mean + c, sdy + c, sdxm + c, ahead);
     }
-    for (int64_t c = 0; c < C; ++c) {
-      sdy[c] += c1[c];
-      sdxm[c] += c2[c];
+    for (; c + W <= C; c += W) {
+      bn_reduce_block<1, scalar_t, kMask>(dy + o + c, x + o + c, kMask ? y + o + c : nullptr, C,
+                                          nr, mean + c, sdy + c, sdxm + c, -1);
+    }
+    for (; c < C; ++c) {
+      acc_t c1 = 0, c2 = 0;
+      for (int64_t r = 0; r < nr; ++r) {
+        const acc_t d = masked_dy<scalar_t, kMask>(dy, y, o + r * C + c);
+        c1 += d;
+        c2 += d * (ld(x[o + r * C + c]) - mean[c]);
+      }
+      sdy[c] += c1;
+      sdxm[c] += c2;
     }
   }
 }
@@ -1514,8 +1646,8 @@ void bn_reduce_planes_any(const scalar_t* dy, const scalar_t* x, const scalar_t*
 
 template <typename scalar_t, bool kMask>
 void bn_reduce_rows_any(const scalar_t* dy, const scalar_t* x, const scalar_t* y, int64_t C,
-                        int64_t r0, int64_t r1, int64_t R, const acc_type<scalar_t>* mean,
-                        acc_type<scalar_t>* c1, acc_type<scalar_t>* c2, acc_type<scalar_t>* sdy,
+                        int64_t r0, int64_t r1, int64_t rows, int64_t R,
+                        const acc_type<scalar_t>* mean, acc_type<scalar_t>* sdy,
                         acc_type<scalar_t>* sdxm) {
   if constexpr (kIsHalf<scalar_t>) {  // in pieces of kStage elements, summed in order
     std::fill(sdy, sdy + C, 0.f);
@@ -1526,15 +1658,15 @@ void bn_reduce_rows_any(const scalar_t* dy, const scalar_t* x, const scalar_t* y
     for (int64_t q = r0; q < r1; q += piece) {
       const int64_t nr = std::min(piece, r1 - q), o = q * C, len = nr * C;
       bn_reduce_rows<float, kMask>(staged(dy + o, len, 0), staged(x + o, len, 1),
-                                   kMask ? staged(y + o, len, 2) : nullptr, C, 0, nr, nr, mean,
-                                   c1, c2, t1, t2);
+                                   kMask ? staged(y + o, len, 2) : nullptr, C, 0, nr, nr, nr,
+                                   mean, t1, t2);
       for (int64_t c = 0; c < C; ++c) {
         sdy[c] += t1[c];
         sdxm[c] += t2[c];
       }
     }
   } else {
-    bn_reduce_rows<scalar_t, kMask>(dy, x, y, C, r0, r1, R, mean, c1, c2, sdy, sdxm);
+    bn_reduce_rows<scalar_t, kMask>(dy, x, y, C, r0, r1, rows, R, mean, sdy, sdxm);
   }
 }
 
@@ -1567,15 +1699,11 @@ void bn_reduce(const scalar_t* dy, const scalar_t* x, const scalar_t* y, int64_t
   const int64_t R = chunk_rows(C);
   const int64_t groups = std::max<int64_t>(1, std::min(kMaxGroups, (B + R - 1) / R));
   std::vector<acc_t> g1(groups * C), g2(groups * C);
-#pragma omp parallel if (parallel)
-  {
-    std::vector<acc_t> c1(C), c2(C);
-#pragma omp for schedule(static)
-    for (int64_t g = 0; g < groups; ++g) {
-      bn_reduce_rows_any<scalar_t, kMask>(dy, x, y, C, part_begin(B, groups, g),
-                                          part_begin(B, groups, g + 1), R, mean, c1.data(),
-                                          c2.data(), g1.data() + g * C, g2.data() + g * C);
-    }
+#pragma omp parallel for schedule(static) if (parallel)
+  for (int64_t g = 0; g < groups; ++g) {
+    bn_reduce_rows_any<scalar_t, kMask>(dy, x, y, C, part_begin(B, groups, g),
+                                        part_begin(B, groups, g + 1), B, R, mean,
+                                        g1.data() + g * C, g2.data() + g * C);
   }
   sum_parts(g1.data(), groups, C, sdy_out);
   sum_parts(g2.data(), groups, C, sdxm_out);
