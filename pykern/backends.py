@@ -10,6 +10,7 @@ interpreter (how CI tests every Triton kernel without a GPU).
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib
 import os
 import threading
@@ -58,7 +59,13 @@ def get_backend() -> str:
         return stack[-1]
     if _global_backend is not None:
         return _global_backend
-    return _check_name(os.environ.get("PYKERN_BACKEND", "auto"), "PYKERN_BACKEND")
+    return _env_backend(os.environ.get("PYKERN_BACKEND", "auto"))
+
+
+@functools.lru_cache(maxsize=8)
+def _env_backend(value: str) -> str:
+    """PYKERN_BACKEND's value checked, once per value (every call reads it)."""
+    return _check_name(value, "PYKERN_BACKEND")
 
 
 @contextlib.contextmanager
