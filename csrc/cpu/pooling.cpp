@@ -419,6 +419,53 @@ PK_INLINE void group_maxima(const scalar_t* p, int64_t sB, int64_t n, vm8 tail, 
   }
 }
 
+// K == 1, unit stride, n >= kLongRun: per step of 32 elements, their lane-wise maximum (3 plain
+// selects) against the running maxima, whose lanes keep the step of their first maximum (the
+// index costs 2 ops a step, not 2 a vector as in run_maxima). A last, overlapping step covers
+// the tail: its lanes may meet elements seen before, which is harmless, as only a strictly
+// greater value moves a lane and the index is the least among the lanes that hold the maximum.
+// NaNs are noted by sums; a run that holds one takes its last NaN, found by a scan.
+template <typename scalar_t>
+PK_HOT_LOOP void long_run_maxima(const scalar_t* in, scalar_t* out, int64_t* idx, int64_t b0,
+                                 int64_t b1, int64_t n, int64_t sB) {
+  const auto larger = [](vf8& a, const vf8& b) PK_INLINE_LAMBDA { a = b > a ? b : a; };
+  const int64_t steps = (n + 31) / 32;
+  for (int64_t b = b0; b < b1; ++b) {
+    const scalar_t* p = in + b * sB;
+    vf8 best = vf8{} - std::numeric_limits<float>::infinity(), sum[2] = {};
+    vm8 step_of{}, current{};  // -inf runs keep each lane's first
+    for (int64_t s = 0; s < steps; ++s, current += 1) {
+      const scalar_t* q = p + std::min(s * 32, n - 32);
+      vf8 m = vload_f8(q), x1 = vload_f8(q + 8), x2 = vload_f8(q + 16), x3 = vload_f8(q + 24);
+      sum[0] += m + x1, sum[1] += x2 + x3;
+      larger(m, x1), larger(x2, x3), larger(m, x2);
+      const vm8 take = m > best;
+      best = take ? m : best;
+      step_of = take ? current : step_of;
+    }
+    sum[0] += sum[1];
+    int64_t i = -1;
+    if (any_lane(sum[0] != sum[0])) {  // the last NaN wins (none, if the sum met inf - inf)
+      i = n - 1;
+      while (i >= 0 && !std::isnan(static_cast<float>(p[i]))) --i;
+    }
+    if (i < 0) {  // the first element of the maximum, among the lanes that hold it
+      vf8 all = best;
+      const float m = fold_all_lanes(all, larger);
+      i = n;
+      for (int l = 0; l < 8; ++l) {
+        if (!(best[l] == m)) continue;
+        const scalar_t* q = p + std::min<int64_t>(step_of[l] * int64_t{32}, n - 32) + l;
+        int v = 0;
+        while (static_cast<float>(q[v * 8]) != m) ++v;
+        i = std::min(i, q + v * 8 - p);
+      }
+    }
+    out[b] = p[i];
+    idx[b] = i;
+  }
+}
+
 // K == 1, unit stride, 8 <= n < kLongRun: runs b0.. in groups of 8; returns the first run left
 // (fewer than 8) for run_means / run_maxima.
 template <typename scalar_t>
@@ -452,8 +499,8 @@ PK_INLINE void column_means(const scalar_t* base, int64_t R, int64_t sR, float i
 
 // The maxima of Vecs vectors of columns over all R rows in registers, max_row's rule.
 template <int Vecs, typename scalar_t>
-PK_INLINE void column_maxima(const scalar_t* base, int64_t R, int64_t sR, scalar_t* out,
-                             int64_t* idx) {
+PK_INLINE void column_maxima_exact(const scalar_t* base, int64_t R, int64_t sR, scalar_t* out,
+                                   int64_t* idx) {
   vf8 best[Vecs];
   vm8 at[Vecs];
   for (int v = 0; v < Vecs; ++v) {
@@ -473,6 +520,47 @@ PK_INLINE void column_maxima(const scalar_t* base, int64_t R, int64_t sR, scalar
   for (int v = 0; v < Vecs; ++v) {
     vstore_f8(out + v * 8, best[v]);
     for (int l = 0; l < 8; ++l) idx[v * 8 + l] = at[v][l];
+  }
+}
+
+// The same, 4 rows a step: their lane-wise maximum (3 plain selects) against the running
+// maxima, whose lanes keep the step of their first maximum; the row within the step is found
+// after. A last step overlapping the one before covers R % 4 (a row met twice cannot move a
+// lane: only a strictly greater value does). NaNs are only noted, by sums; a block that holds
+// one runs again by column_maxima_exact.
+template <int Vecs, typename scalar_t>
+PK_INLINE void column_maxima(const scalar_t* base, int64_t R, int64_t sR, scalar_t* out,
+                             int64_t* idx) {
+  if (R < 4) return column_maxima_exact<Vecs>(base, R, sR, out, idx);
+  vf8 best[Vecs], sum[2] = {};
+  vm8 step_of[Vecs], current{};
+  for (int v = 0; v < Vecs; ++v) {
+    best[v] = vf8{} - std::numeric_limits<float>::infinity();
+    step_of[v] = vm8{};
+  }
+  const int64_t steps = (R + 3) / 4;
+  for (int64_t s = 0; s < steps; ++s, current += 1) {
+    const scalar_t* q = base + std::min(s * 4, R - 4) * sR;
+#pragma GCC unroll 4
+    for (int v = 0; v < Vecs; ++v) {
+      vf8 m = vload_f8(q + v * 8), x1 = vload_f8(q + sR + v * 8);
+      vf8 x2 = vload_f8(q + 2 * sR + v * 8), x3 = vload_f8(q + 3 * sR + v * 8);
+      sum[v % 2] += (m + x1) + (x2 + x3);
+      m = x1 > m ? x1 : m, x2 = x3 > x2 ? x3 : x2, m = x2 > m ? x2 : m;
+      const vm8 take = m > best[v];
+      best[v] = take ? m : best[v];
+      step_of[v] = take ? current : step_of[v];
+    }
+  }
+  sum[0] += sum[1];
+  if (any_lane(sum[0] != sum[0])) return column_maxima_exact<Vecs>(base, R, sR, out, idx);
+  for (int v = 0; v < Vecs; ++v) {
+    vstore_f8(out + v * 8, best[v]);
+    for (int l = 0; l < 8; ++l) {
+      int64_t r = std::min<int64_t>(step_of[v][l] * int64_t{4}, R - 4);
+      while (static_cast<float>(base[r * sR + v * 8 + l]) != best[v][l]) ++r;
+      idx[v * 8 + l] = r;
+    }
   }
 }
 
@@ -507,6 +595,7 @@ void reduce_fwd(const at::Tensor& x, at::Tensor& out, at::Tensor& indices, bool 
     at::parallel_for(0, B, grain, [&](int64_t b0, int64_t b1) {
       if constexpr (kVecReduce<scalar_t>) {
         if (sR == 1 && R >= 8 && R < kLongRun) b0 = group_runs(in, o, idx, b0, b1, R, sB, is_max);
+        if (sR == 1 && R >= kLongRun && is_max) return long_run_maxima(in, o, idx, b0, b1, R, sB);
       }
       if (is_max) {
         (R >= kLongRun ? run_maxima<4, scalar_t> : run_maxima<2, scalar_t>)(in, o, idx, b0, b1,
