@@ -484,20 +484,23 @@ PK_HOT_LOOP int64_t group_runs(const scalar_t* in, scalar_t* out, int64_t* idx, 
   return b;
 }
 
-// K > 1, unit-stride columns: Vecs vectors of columns summed over all R rows in registers, in
-// add_row's order (one serial sum per column).
+// K > 1, unit-stride columns, in registers Vecs vectors of columns at a time, over one chunk of
+// rows: column blocks inner, their running sums / maxima waiting in L1 between chunks.
+
+// Rows r0..r1 added to the sums acc[0 .. 8 Vecs), in add_row's order (one serial sum a column).
 template <int Vecs, typename scalar_t>
-PK_INLINE void column_means(const scalar_t* base, int64_t R, int64_t sR, float inv_r,
-                            scalar_t* out) {
-  vf8 acc[Vecs] = {};
-  for (int64_t r = 0; r < R; ++r) {
+PK_INLINE void column_sums(const scalar_t* base, int64_t r0, int64_t r1, int64_t sR, float* acc) {
+  vf8 sum[Vecs];
+  for (int v = 0; v < Vecs; ++v) sum[v] = vload(acc + v * 8);
+  for (int64_t r = r0; r < r1; ++r) {
 #pragma GCC unroll 8
-    for (int v = 0; v < Vecs; ++v) acc[v] += vload_f8(base + r * sR + v * 8);
+    for (int v = 0; v < Vecs; ++v) sum[v] += vload_f8(base + r * sR + v * 8);
   }
-  for (int v = 0; v < Vecs; ++v) vstore_f8(out + v * 8, acc[v] * inv_r);
+  for (int v = 0; v < Vecs; ++v) vstore(acc + v * 8, sum[v]);
 }
 
-// The maxima of Vecs vectors of columns over all R rows in registers, max_row's rule.
+// The maxima of the columns (max_row's rule) in registers over all R rows, NaN test included:
+// the slow path, for blocks that hold a NaN, and for R < 4.
 template <int Vecs, typename scalar_t>
 PK_INLINE void column_maxima_exact(const scalar_t* base, int64_t R, int64_t sR, scalar_t* out,
                                    int64_t* idx) {
@@ -523,63 +526,93 @@ PK_INLINE void column_maxima_exact(const scalar_t* base, int64_t R, int64_t sR, 
   }
 }
 
-// The same, 4 rows a step: their lane-wise maximum (3 plain selects) against the running
-// maxima, whose lanes keep the step of their first maximum; the row within the step is found
-// after. A last step overlapping the one before covers R % 4 (a row met twice cannot move a
-// lane: only a strictly greater value does). NaNs are only noted, by sums; a block that holds
-// one runs again by column_maxima_exact.
+// Steps s0..s1 of 4 rows each (step s: rows 4s.., the last one R - 4.. so that it overlaps the
+// one before instead of running past R) against the running maxima best[] and the steps of
+// their first maxima step_of[]: per step the rows' lane-wise maximum (3 plain selects), one
+// compare and two selects; the row within the step is found after. A row met twice cannot move
+// a lane (only a strictly greater value does). NaNs are only noted, in sum.
 template <int Vecs, typename scalar_t>
-PK_INLINE void column_maxima(const scalar_t* base, int64_t R, int64_t sR, scalar_t* out,
-                             int64_t* idx) {
-  if (R < 4) return column_maxima_exact<Vecs>(base, R, sR, out, idx);
+PK_INLINE void column_max_steps(const scalar_t* base, int64_t s0, int64_t s1, int64_t R,
+                                int64_t sR, float* best_at, int32_t* step_at, vf8& sum_all) {
   vf8 best[Vecs], sum[2] = {};
-  vm8 step_of[Vecs], current{};
+  vm8 step_of[Vecs];
   for (int v = 0; v < Vecs; ++v) {
-    best[v] = vf8{} - std::numeric_limits<float>::infinity();
-    step_of[v] = vm8{};
+    best[v] = vload(best_at + v * 8);
+    __builtin_memcpy(&step_of[v], step_at + v * 8, sizeof(vm8));
   }
-  const int64_t steps = (R + 3) / 4;
-  for (int64_t s = 0; s < steps; ++s, current += 1) {
+  vm8 current = vm8{} + static_cast<int32_t>(s0);
+  for (int64_t s = s0; s < s1; ++s, current += 1) {
     const scalar_t* q = base + std::min(s * 4, R - 4) * sR;
 #pragma GCC unroll 4
     for (int v = 0; v < Vecs; ++v) {
       vf8 m = vload_f8(q + v * 8), x1 = vload_f8(q + sR + v * 8);
       vf8 x2 = vload_f8(q + 2 * sR + v * 8), x3 = vload_f8(q + 3 * sR + v * 8);
       sum[v % 2] += (m + x1) + (x2 + x3);
-      m = x1 > m ? x1 : m, x2 = x3 > x2 ? x3 : x2, m = x2 > m ? x2 : m;
+      m = x1 > m ? x1 : m, x2 = x3 > x2 ? x3 : x2, m = x2 > m ? x2 : m;  // ties: the earlier
       const vm8 take = m > best[v];
       best[v] = take ? m : best[v];
       step_of[v] = take ? current : step_of[v];
     }
   }
-  sum[0] += sum[1];
-  if (any_lane(sum[0] != sum[0])) return column_maxima_exact<Vecs>(base, R, sR, out, idx);
   for (int v = 0; v < Vecs; ++v) {
-    vstore_f8(out + v * 8, best[v]);
-    for (int l = 0; l < 8; ++l) {
-      int64_t r = std::min<int64_t>(step_of[v][l] * int64_t{4}, R - 4);
-      while (static_cast<float>(base[r * sR + v * 8 + l]) != best[v][l]) ++r;
-      idx[v * 8 + l] = r;
-    }
+    vstore(best_at + v * 8, best[v]);
+    __builtin_memcpy(step_at + v * 8, &step_of[v], sizeof(vm8));
   }
+  sum_all += sum[0] + sum[1];
 }
 
-// Columns 0..cols of one (R, cols) block with unit-stride columns: in blocks of 64 (sums) or
-// 32 (maxima: values and indices) columns, then of 8; returns the columns done (the rest, fewer
-// than 8, go through add_row / max_row).
+// Columns 0..cols of one (R, cols) block with unit-stride columns, the vector columns (all but
+// the last cols % 8, which add_row / max_row take; returns how many were done): sums in blocks
+// of 64 columns, maxima of 32, then of 8; acc and arg: scratch of cols floats and int32.
 template <typename scalar_t>
 PK_HOT_LOOP int64_t column_blocks(const scalar_t* base, int64_t cols, int64_t R, int64_t sR,
-                                  scalar_t* out, int64_t* idx, bool is_max) {
-  const float inv_r = 1.0f / static_cast<float>(R);
-  int64_t k = 0;
-  if (is_max) {
-    for (; k + 32 <= cols; k += 32) column_maxima<4>(base + k, R, sR, out + k, idx + k);
-    for (; k + 8 <= cols; k += 8) column_maxima<1>(base + k, R, sR, out + k, idx + k);
-  } else {
-    for (; k + 64 <= cols; k += 64) column_means<8>(base + k, R, sR, inv_r, out + k);
-    for (; k + 8 <= cols; k += 8) column_means<1>(base + k, R, sR, inv_r, out + k);
+                                  scalar_t* out, int64_t* idx, bool is_max, float* acc,
+                                  int32_t* arg) {
+  const int64_t vcols = cols / 8 * 8;
+  // One block spanning the row reads the rows in order as they are; wider rows go 4 at a time
+  // (4 streams in order), the blocks' state waiting in L1 (strided column passes cost more).
+  // Maxima of rows wider than 64 columns: max_row, row by row, measured faster.
+  const int64_t chunk_steps = vcols <= 64 ? (R + 3) / 4 : 1;
+  if (vcols == 0 || (is_max && vcols > 64)) return 0;
+  if (!is_max) {
+    std::fill(acc, acc + vcols, 0.0f);
+    for (int64_t r0 = 0; r0 < R; r0 += 4 * chunk_steps) {
+      const int64_t r1 = std::min(R, r0 + 4 * chunk_steps);
+      int64_t k = 0;
+      for (; k + 64 <= vcols; k += 64) column_sums<8>(base + k, r0, r1, sR, acc + k);
+      for (; k < vcols; k += 8) column_sums<1>(base + k, r0, r1, sR, acc + k);
+    }
+    const float inv_r = 1.0f / static_cast<float>(R);
+    for (int64_t k = 0; k < vcols; k += 8) vstore_f8(out + k, vload(acc + k) * inv_r);
+    return vcols;
   }
-  return k;
+  vf8 sum{};
+  if (R >= 4) {
+    std::fill(acc, acc + vcols, -std::numeric_limits<float>::infinity());
+    std::fill(arg, arg + vcols, 0);
+    const int64_t steps = (R + 3) / 4;
+    for (int64_t s0 = 0; s0 < steps; s0 += chunk_steps) {
+      const int64_t s1 = std::min(steps, s0 + chunk_steps);
+      int64_t k = 0;
+      for (; k + 32 <= vcols; k += 32) {
+        column_max_steps<4>(base + k, s0, s1, R, sR, acc + k, arg + k, sum);
+      }
+      for (; k < vcols; k += 8) column_max_steps<1>(base + k, s0, s1, R, sR, acc + k, arg + k, sum);
+    }
+  }
+  if (R < 4 || any_lane(sum != sum)) {  // a NaN (or inf - inf): the rule row by row
+    int64_t k = 0;
+    for (; k + 32 <= vcols; k += 32) column_maxima_exact<4>(base + k, R, sR, out + k, idx + k);
+    for (; k < vcols; k += 8) column_maxima_exact<1>(base + k, R, sR, out + k, idx + k);
+    return vcols;
+  }
+  for (int64_t k = 0; k < vcols; ++k) {  // the first row of each maximum, within its step
+    int64_t r = std::min<int64_t>(int64_t{arg[k]} * 4, R - 4);
+    while (static_cast<float>(base[r * sR + k]) != acc[k]) ++r;
+    out[k] = static_cast<scalar_t>(acc[k]);
+    idx[k] = r;
+  }
+  return vcols;
 }
 
 template <typename scalar_t>
@@ -627,7 +660,8 @@ void reduce_fwd(const at::Tensor& x, at::Tensor& out, at::Tensor& indices, bool 
       int64_t* idx_row = is_max ? idx + b * K + k0 : nullptr;
       if constexpr (kVecReduce<scalar_t>) {
         if (sK == 1) {
-          const int64_t done = column_blocks(base, cols, R, sR, o_row, idx_row, is_max);
+          const int64_t done =
+              column_blocks(base, cols, R, sR, o_row, idx_row, is_max, acc.data(), arg.data());
           base += done, o_row += done, idx_row = is_max ? idx_row + done : nullptr;
           cols -= done;
         }
