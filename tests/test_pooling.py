@@ -118,6 +118,42 @@ def test_reduce_max_index_follows_the_serial_rule(target, R, dtype):
     assert torch.equal(out[8].signbit(), picked[8].signbit())
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("R", [8, 49, 75])
+def test_reduce_mean_of_a_run_does_not_depend_on_its_neighbours(target, R, dtype):
+    # The CPU takes short runs 8 at a time, and the last few (19 = 2 * 8 + 3) one by one: a run
+    # must give the same bits either way.
+    x = torch.randn(19, R, 1, dtype=dtype, device=target.device)
+    together = torch.ops.pykern.pool_reduce_fwd(x, False)[0]
+    alone = torch.cat([torch.ops.pykern.pool_reduce_fwd(x[b : b + 1], False)[0] for b in range(19)])
+    assert torch.equal(together, alone)
+    assert_close_to_ref(together, x.double().mean(1), torch_lowp=x.mean(1))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("R", [3, 4, 49])
+def test_reduce_max_index_follows_the_serial_rule_across_columns(target, R, dtype):
+    # Columns along dim 2 of (B, R, K), as global pooling of NHWC: K = 75 takes the CPU's
+    # register blocks of 32 and 8 columns and 3 columns row by row.
+    x = torch.randn(2, R, 75, dtype=dtype, device=target.device)
+    x[0, :, 1] = 2.0  # every element ties: the first
+    x[0, :, 40] = float("-inf")  # all -inf: the first
+    x[0, R - 1, 7] = x[0, 0, 7] = 9.0  # a tie between the first and last rows
+    x[0, 1::2, 50] = -0.0  # -0.0 / +0.0 ties keep the first one's sign
+    x[0, 0::2, 50] = 0.0
+    x[1, R // 2, 33] = float("nan")  # NaNs: the last one, in one column of a block
+    x[1, R - 1, 33] = float("nan")
+    out, indices = torch.ops.pykern.pool_reduce_fwd(x, True)
+    runs = x.transpose(1, 2).reshape(-1, R).float()
+    expected = torch.tensor([_serial_max(run) for run in runs]).view(2, 75)
+    assert torch.equal(indices.cpu(), expected)
+    picked = x.gather(1, expected.to(x.device)[:, None, :])[:, 0]
+    assert torch.equal(out.isnan(), picked.isnan())
+    assert torch.equal(torch.nan_to_num(out), torch.nan_to_num(picked))
+    if target.backend != "triton":  # (Triton's column kernel keeps a -0.0 / +0.0 tie's last sign)
+        assert torch.equal(out[0].signbit(), picked[0].signbit())
+
+
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("fill", ["ties", "all_minus_inf"])
 def test_max_gradient_goes_to_torchs_index(target, fill, layout):

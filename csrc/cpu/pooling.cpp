@@ -60,11 +60,15 @@ constexpr int64_t kReduceGrain = 1 << 15;
 
 // K == 1 (global pooling of NCHW, channel pooling of NHWC): the means of runs b0..b1 of n
 // elements each, one call per thread's share so that short runs (7x7 planes) pay no call each.
+// A tail of n % Lanes elements goes to the last lanes (element r to lane r - (n - Lanes)), where
+// an 8-run group (group_means) adds it with one load of the run's last 8 elements: a run gives
+// the same bits either way, whichever share of the runs a thread gets.
 template <int Lanes, typename scalar_t>
 PK_HOT_LOOP void run_means(const scalar_t* in, scalar_t* out, int64_t b0, int64_t b1, int64_t n,
                            int64_t sB, int64_t stride) {
   using acc_t = at::opmath_type<scalar_t>;
   const acc_t inv_n = acc_t(1) / static_cast<acc_t>(n);
+  const int64_t tail_shift = n >= Lanes ? n - Lanes : 0;
   PK_WITH_STRIDE(stride, [&](auto st) PK_INLINE_LAMBDA {
     for (int64_t b = b0; b < b1; ++b) {
       const scalar_t* p = in + b * sB;
@@ -73,7 +77,7 @@ PK_HOT_LOOP void run_means(const scalar_t* in, scalar_t* out, int64_t b0, int64_
       for (; r + Lanes <= n; r += Lanes) {
         for (int l = 0; l < Lanes; ++l) lane[l] += static_cast<acc_t>(p[(r + l) * st]);
       }
-      for (int l = 0; r < n; ++r, ++l) lane[l] += static_cast<acc_t>(p[r * st]);  // the tail
+      for (; r < n; ++r) lane[r - tail_shift] += static_cast<acc_t>(p[r * st]);  // the tail
       for (int width = Lanes / 2; width > 0; width /= 2) {
         for (int l = 0; l < width; ++l) lane[l] += lane[l + width];
       }
@@ -239,6 +243,378 @@ PK_HOT_LOOP void max_row(max_t<scalar_t>* best, int32_t* arg, const scalar_t* ro
   }
 }
 
+// Float-accumulated reductions in vector registers (float and bfloat16 input, unit stride):
+// K == 1 runs of 8 to kLongRun elements 8 at a time, each run's lanes in a register of its own
+// (8 independent chains instead of one), folded by one 8x8 transposing fold that leaves run j's
+// result in lane j; K > 1 columns in blocks whose accumulators stay in registers over all rows.
+template <typename scalar_t>
+constexpr bool kVecReduce =
+    std::is_same_v<scalar_t, float> || std::is_same_v<scalar_t, c10::BFloat16>;
+
+using vf8 = vec_t<float>;
+using vm8 = VecOf<float>::mask;
+
+template <typename scalar_t>
+PK_INLINE vf8 vload_f8(const scalar_t* p) {
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    return vload(p);
+  } else {
+    return vload_bf16(p);
+  }
+}
+
+template <typename scalar_t>
+PK_INLINE void vstore_f8(scalar_t* p, const vf8& v) {
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    vstore(p, v);
+  } else {
+    vstore_bf16(p, v);
+  }
+}
+
+// The lanes of a and b that a fold at distance D (4, 2, 1) combines, as x (combined with) y:
+// for D = 4 a's lanes l and l + 4 go to lane l, b's to lane l + 4; D = 2 and D = 1 likewise
+// within each half, so that after the three rounds of fold8 run j sits in lane j.
+template <int D, typename V>
+PK_INLINE void split_lanes(const V& a, const V& b, V& x, V& y) {
+  static_assert(D == 4 || D == 2 || D == 1, "fold distances");
+#if defined(__clang__)
+  if constexpr (D == 4) {
+    x = __builtin_shufflevector(a, b, 0, 1, 2, 3, 8, 9, 10, 11);
+    y = __builtin_shufflevector(a, b, 4, 5, 6, 7, 12, 13, 14, 15);
+  } else if constexpr (D == 2) {
+    x = __builtin_shufflevector(a, b, 0, 1, 8, 9, 4, 5, 12, 13);
+    y = __builtin_shufflevector(a, b, 2, 3, 10, 11, 6, 7, 14, 15);
+  } else {
+    x = __builtin_shufflevector(a, b, 0, 2, 8, 10, 4, 6, 12, 14);
+    y = __builtin_shufflevector(a, b, 1, 3, 9, 11, 5, 7, 13, 15);
+  }
+#else
+  if constexpr (D == 4) {
+    x = __builtin_shuffle(a, b, vm8{0, 1, 2, 3, 8, 9, 10, 11});
+    y = __builtin_shuffle(a, b, vm8{4, 5, 6, 7, 12, 13, 14, 15});
+  } else if constexpr (D == 2) {
+    x = __builtin_shuffle(a, b, vm8{0, 1, 8, 9, 4, 5, 12, 13});
+    y = __builtin_shuffle(a, b, vm8{2, 3, 10, 11, 6, 7, 14, 15});
+  } else {
+    x = __builtin_shuffle(a, b, vm8{0, 2, 8, 10, 4, 6, 12, 14});
+    y = __builtin_shuffle(a, b, vm8{1, 3, 9, 11, 5, 7, 13, 15});
+  }
+#endif
+}
+
+// Combiners for fold8, applied to (value, index) vectors: (x, xi) becomes x combined with y.
+struct AddLanes {
+  PK_INLINE void operator()(vf8& x, vm8&, const vf8& y, const vm8&) const { x += y; }
+};
+struct MaxLanes {  // no NaN in either: the greater, or of equal values the earlier
+  PK_INLINE void operator()(vf8& x, vm8& xi, const vf8& y, const vm8& yi) const {
+    step(x, xi, y, yi);
+  }
+};
+
+template <int D, typename Combine>
+PK_INLINE void fold_join(vf8& a, vm8& ai, const vf8& b, const vm8& bi, Combine combine) {
+  vf8 x, y;
+  vm8 xi, yi;
+  split_lanes<D>(a, b, x, y);
+  split_lanes<D>(ai, bi, xi, yi);
+  combine(x, xi, y, yi);
+  a = x, ai = xi;
+}
+
+// Runs 0..7, each as the 8 lanes of v[j] (with indices at[j]), combined lane pairs at distance
+// 4, then 2, then 1 (run_means's order), into v[0] (and at[0]) with run j in lane j.
+template <typename Combine>
+PK_INLINE void fold8(vf8 v[8], vm8 at[8], Combine combine) {
+  for (int j = 0; j < 4; ++j) fold_join<4>(v[j], at[j], v[j + 4], at[j + 4], combine);
+  fold_join<2>(v[0], at[0], v[1], at[1], combine);  // runs 0, 1, 4, 5
+  fold_join<2>(v[2], at[2], v[3], at[3], combine);  // runs 2, 3, 6, 7
+  fold_join<1>(v[0], at[0], v[2], at[2], combine);
+}
+
+// Lanes 8 - n % 8 .. 7: where the last 8 elements of a run of n hold its tail.
+PK_INLINE vm8 tail_lanes(int64_t n) {
+  vm8 lane{};
+  for (int l = 0; l < 8; ++l) lane[l] = l;
+  return lane >= static_cast<int32_t>(8 - n % 8);
+}
+
+// The means of the 8 unit-stride runs p + j * sB (j < 8) of n >= 8 elements, into out[0..8):
+// lane by lane as run_means<8> adds them, so the bits are the same.
+template <typename scalar_t>
+PK_INLINE void group_means(const scalar_t* p, int64_t sB, int64_t n, float inv_n, vm8 tail,
+                           scalar_t* out) {
+  vf8 acc[8] = {};
+  vm8 unused[8] = {};
+  int64_t r = 0;
+  for (; r + 8 <= n; r += 8) {
+#pragma GCC unroll 8
+    for (int j = 0; j < 8; ++j) acc[j] += vload_f8(p + j * sB + r);
+  }
+  if (r < n) {
+#pragma GCC unroll 8
+    for (int j = 0; j < 8; ++j) acc[j] = tail ? acc[j] + vload_f8(p + j * sB + n - 8) : acc[j];
+  }
+  fold8(acc, unused, AddLanes{});
+  vstore_f8(out, acc[0] * inv_n);
+}
+
+// The maxima (torch's serial rule) of the 8 unit-stride runs p + j * sB (j < 8) of n >= 8
+// elements, into out[0..8) and idx[0..8). As run_maxima: per lane the block of the first
+// maximum (4 runs at a time, so that the registers suffice), NaNs only noted on the way; a
+// group that holds one has its runs with a NaN take their last NaN, found by a scan.
+template <typename scalar_t>
+PK_INLINE void group_maxima(const scalar_t* p, int64_t sB, int64_t n, vm8 tail, scalar_t* out,
+                            int64_t* idx) {
+  vm8 lane_ids{};
+  for (int l = 0; l < 8; ++l) lane_ids[l] = l;
+  vf8 best[8];
+  vm8 at[8], nan{};
+  for (int half = 0; half < 8; half += 4) {
+    const scalar_t* q = p + half * sB;
+    vf8 b4[4];
+    vm8 block[4];
+    for (int j = 0; j < 4; ++j) {
+      b4[j] = vf8{} - std::numeric_limits<float>::infinity();
+      block[j] = vm8{};  // -inf runs keep each lane's first
+    }
+    int64_t r = 0;
+    vm8 current{};
+    for (; r + 8 <= n; r += 8, current += 1) {
+#pragma GCC unroll 4
+      for (int j = 0; j < 4; ++j) {
+        const vf8 x = vload_f8(q + j * sB + r);
+        const vm8 take = x > b4[j];
+        b4[j] = take ? x : b4[j];
+        block[j] = take ? current : block[j];
+        nan |= x != x;
+      }
+    }
+    for (int j = 0; j < 4; ++j) {
+      best[half + j] = b4[j];
+      at[half + j] = (block[j] << 3) + lane_ids;
+    }
+    if (r < n) {  // the tail: later than every lane's elements, so a tie keeps the earlier
+      const vm8 tail_at = lane_ids + static_cast<int32_t>(n - 8);
+      for (int j = 0; j < 4; ++j) {
+        const vf8 x = vload_f8(q + j * sB + n - 8);
+        const vm8 take = tail & (x > best[half + j]);
+        best[half + j] = take ? x : best[half + j];
+        at[half + j] = take ? tail_at : at[half + j];
+        nan |= tail & (x != x);
+      }
+    }
+  }
+  fold8(best, at, MaxLanes{});
+  vstore_f8(out, best[0]);
+  for (int j = 0; j < 8; ++j) idx[j] = at[0][j];
+  if (any_lane(nan)) {
+    for (int j = 0; j < 8; ++j) {
+      const scalar_t* run = p + j * sB;
+      int64_t i = n - 1;
+      while (i >= 0 && !std::isnan(static_cast<float>(run[i]))) --i;
+      if (i >= 0) out[j] = run[i], idx[j] = i;
+    }
+  }
+}
+
+// K == 1, unit stride, n >= kLongRun: per step of 32 elements, their lane-wise maximum (3 plain
+// selects) against the running maxima, whose lanes keep the step of their first maximum (the
+// index costs 2 ops a step, not 2 a vector as in run_maxima). A last, overlapping step covers
+// the tail: its lanes may meet elements seen before, which is harmless, as only a strictly
+// greater value moves a lane and the index is the least among the lanes that hold the maximum.
+// NaNs are noted by sums; a run that holds one takes its last NaN, found by a scan.
+template <typename scalar_t>
+PK_HOT_LOOP void long_run_maxima(const scalar_t* in, scalar_t* out, int64_t* idx, int64_t b0,
+                                 int64_t b1, int64_t n, int64_t sB) {
+  const auto larger = [](vf8& a, const vf8& b) PK_INLINE_LAMBDA { a = b > a ? b : a; };
+  const int64_t steps = (n + 31) / 32;
+  for (int64_t b = b0; b < b1; ++b) {
+    const scalar_t* p = in + b * sB;
+    vf8 best = vf8{} - std::numeric_limits<float>::infinity(), sum[2] = {};
+    vm8 step_of{}, current{};  // -inf runs keep each lane's first
+    for (int64_t s = 0; s < steps; ++s, current += 1) {
+      const scalar_t* q = p + std::min(s * 32, n - 32);
+      vf8 m = vload_f8(q), x1 = vload_f8(q + 8), x2 = vload_f8(q + 16), x3 = vload_f8(q + 24);
+      sum[0] += m + x1, sum[1] += x2 + x3;
+      larger(m, x1), larger(x2, x3), larger(m, x2);
+      const vm8 take = m > best;
+      best = take ? m : best;
+      step_of = take ? current : step_of;
+    }
+    sum[0] += sum[1];
+    int64_t i = -1;
+    if (any_lane(sum[0] != sum[0])) {  // the last NaN wins (none, if the sum met inf - inf)
+      i = n - 1;
+      while (i >= 0 && !std::isnan(static_cast<float>(p[i]))) --i;
+    }
+    if (i < 0) {  // the first element of the maximum, among the lanes that hold it
+      vf8 all = best;
+      const float m = fold_all_lanes(all, larger);
+      i = n;
+      for (int l = 0; l < 8; ++l) {
+        if (!(best[l] == m)) continue;
+        const scalar_t* q = p + std::min<int64_t>(step_of[l] * int64_t{32}, n - 32) + l;
+        int v = 0;
+        while (static_cast<float>(q[v * 8]) != m) ++v;
+        i = std::min(i, q + v * 8 - p);
+      }
+    }
+    out[b] = p[i];
+    idx[b] = i;
+  }
+}
+
+// K == 1, unit stride, 8 <= n < kLongRun: runs b0.. in groups of 8; returns the first run left
+// (fewer than 8) for run_means / run_maxima.
+template <typename scalar_t>
+PK_HOT_LOOP int64_t group_runs(const scalar_t* in, scalar_t* out, int64_t* idx, int64_t b0,
+                               int64_t b1, int64_t n, int64_t sB, bool is_max) {
+  const vm8 tail = tail_lanes(n);
+  const float inv_n = 1.0f / static_cast<float>(n);
+  int64_t b = b0;
+  for (; b + 8 <= b1; b += 8) {
+    if (is_max) {
+      group_maxima(in + b * sB, sB, n, tail, out + b, idx + b);
+    } else {
+      group_means(in + b * sB, sB, n, inv_n, tail, out + b);
+    }
+  }
+  return b;
+}
+
+// K > 1, unit-stride columns, in registers Vecs vectors of columns at a time, over one chunk of
+// rows: column blocks inner, their running sums / maxima waiting in L1 between chunks.
+
+// Rows r0..r1 added to the sums acc[0 .. 8 Vecs), in add_row's order (one serial sum a column).
+template <int Vecs, typename scalar_t>
+PK_INLINE void column_sums(const scalar_t* base, int64_t r0, int64_t r1, int64_t sR, float* acc) {
+  vf8 sum[Vecs];
+  for (int v = 0; v < Vecs; ++v) sum[v] = vload(acc + v * 8);
+  for (int64_t r = r0; r < r1; ++r) {
+#pragma GCC unroll 8
+    for (int v = 0; v < Vecs; ++v) sum[v] += vload_f8(base + r * sR + v * 8);
+  }
+  for (int v = 0; v < Vecs; ++v) vstore(acc + v * 8, sum[v]);
+}
+
+// The maxima of the columns (max_row's rule) in registers over all R rows, NaN test included:
+// the slow path, for blocks that hold a NaN, and for R < 4.
+template <int Vecs, typename scalar_t>
+PK_INLINE void column_maxima_exact(const scalar_t* base, int64_t R, int64_t sR, scalar_t* out,
+                                   int64_t* idx) {
+  vf8 best[Vecs];
+  vm8 at[Vecs];
+  for (int v = 0; v < Vecs; ++v) {
+    best[v] = vf8{} - std::numeric_limits<float>::infinity();
+    at[v] = vm8{};
+  }
+  vm8 row{};
+  for (int64_t r = 0; r < R; ++r, row += 1) {
+#pragma GCC unroll 4
+    for (int v = 0; v < Vecs; ++v) {
+      const vf8 x = vload_f8(base + r * sR + v * 8);
+      const vm8 take = (x > best[v]) | (x != x);
+      best[v] = take ? x : best[v];
+      at[v] = take ? row : at[v];
+    }
+  }
+  for (int v = 0; v < Vecs; ++v) {
+    vstore_f8(out + v * 8, best[v]);
+    for (int l = 0; l < 8; ++l) idx[v * 8 + l] = at[v][l];
+  }
+}
+
+// Steps s0..s1 of 4 rows each (step s: rows 4s.., the last one R - 4.. so that it overlaps the
+// one before instead of running past R) against the running maxima best[] and the steps of
+// their first maxima step_of[]: per step the rows' lane-wise maximum (3 plain selects), one
+// compare and two selects; the row within the step is found after. A row met twice cannot move
+// a lane (only a strictly greater value does). NaNs are only noted, in sum.
+template <int Vecs, typename scalar_t>
+PK_INLINE void column_max_steps(const scalar_t* base, int64_t s0, int64_t s1, int64_t R,
+                                int64_t sR, float* best_at, int32_t* step_at, vf8& sum_all) {
+  vf8 best[Vecs], sum[2] = {};
+  vm8 step_of[Vecs];
+  for (int v = 0; v < Vecs; ++v) {
+    best[v] = vload(best_at + v * 8);
+    __builtin_memcpy(&step_of[v], step_at + v * 8, sizeof(vm8));
+  }
+  vm8 current = vm8{} + static_cast<int32_t>(s0);
+  for (int64_t s = s0; s < s1; ++s, current += 1) {
+    const scalar_t* q = base + std::min(s * 4, R - 4) * sR;
+#pragma GCC unroll 4
+    for (int v = 0; v < Vecs; ++v) {
+      vf8 m = vload_f8(q + v * 8), x1 = vload_f8(q + sR + v * 8);
+      vf8 x2 = vload_f8(q + 2 * sR + v * 8), x3 = vload_f8(q + 3 * sR + v * 8);
+      sum[v % 2] += (m + x1) + (x2 + x3);
+      m = x1 > m ? x1 : m, x2 = x3 > x2 ? x3 : x2, m = x2 > m ? x2 : m;  // ties: the earlier
+      const vm8 take = m > best[v];
+      best[v] = take ? m : best[v];
+      step_of[v] = take ? current : step_of[v];
+    }
+  }
+  for (int v = 0; v < Vecs; ++v) {
+    vstore(best_at + v * 8, best[v]);
+    __builtin_memcpy(step_at + v * 8, &step_of[v], sizeof(vm8));
+  }
+  sum_all += sum[0] + sum[1];
+}
+
+// Columns 0..cols of one (R, cols) block with unit-stride columns, the vector columns (all but
+// the last cols % 8, which add_row / max_row take; returns how many were done): sums in blocks
+// of 64 columns, maxima of 32, then of 8; acc and arg: scratch of cols floats and int32.
+template <typename scalar_t>
+PK_HOT_LOOP int64_t column_blocks(const scalar_t* base, int64_t cols, int64_t R, int64_t sR,
+                                  scalar_t* out, int64_t* idx, bool is_max, float* acc,
+                                  int32_t* arg) {
+  const int64_t vcols = cols / 8 * 8;
+  // One block spanning the row reads the rows in order as they are; wider rows go 4 at a time
+  // (4 streams in order), the blocks' state waiting in L1 (strided column passes cost more).
+  // Maxima of rows wider than 64 columns: max_row, row by row, measured faster.
+  const int64_t chunk_steps = vcols <= 64 ? (R + 3) / 4 : 1;
+  if (vcols == 0 || (is_max && vcols > 64)) return 0;
+  if (!is_max) {
+    std::fill(acc, acc + vcols, 0.0f);
+    for (int64_t r0 = 0; r0 < R; r0 += 4 * chunk_steps) {
+      const int64_t r1 = std::min(R, r0 + 4 * chunk_steps);
+      int64_t k = 0;
+      for (; k + 64 <= vcols; k += 64) column_sums<8>(base + k, r0, r1, sR, acc + k);
+      for (; k < vcols; k += 8) column_sums<1>(base + k, r0, r1, sR, acc + k);
+    }
+    const float inv_r = 1.0f / static_cast<float>(R);
+    for (int64_t k = 0; k < vcols; k += 8) vstore_f8(out + k, vload(acc + k) * inv_r);
+    return vcols;
+  }
+  vf8 sum{};
+  if (R >= 4) {
+    std::fill(acc, acc + vcols, -std::numeric_limits<float>::infinity());
+    std::fill(arg, arg + vcols, 0);
+    const int64_t steps = (R + 3) / 4;
+    for (int64_t s0 = 0; s0 < steps; s0 += chunk_steps) {
+      const int64_t s1 = std::min(steps, s0 + chunk_steps);
+      int64_t k = 0;
+      for (; k + 32 <= vcols; k += 32) {
+        column_max_steps<4>(base + k, s0, s1, R, sR, acc + k, arg + k, sum);
+      }
+      for (; k < vcols; k += 8) column_max_steps<1>(base + k, s0, s1, R, sR, acc + k, arg + k, sum);
+    }
+  }
+  if (R < 4 || any_lane(sum != sum)) {  // a NaN (or inf - inf): the rule row by row
+    int64_t k = 0;
+    for (; k + 32 <= vcols; k += 32) column_maxima_exact<4>(base + k, R, sR, out + k, idx + k);
+    for (; k < vcols; k += 8) column_maxima_exact<1>(base + k, R, sR, out + k, idx + k);
+    return vcols;
+  }
+  for (int64_t k = 0; k < vcols; ++k) {  // the first row of each maximum, within its step
+    int64_t r = std::min<int64_t>(int64_t{arg[k]} * 4, R - 4);
+    while (static_cast<float>(base[r * sR + k]) != acc[k]) ++r;
+    out[k] = static_cast<scalar_t>(acc[k]);
+    idx[k] = r;
+  }
+  return vcols;
+}
+
 template <typename scalar_t>
 void reduce_fwd(const at::Tensor& x, at::Tensor& out, at::Tensor& indices, bool is_max) {
   const int64_t B = x.size(0), R = x.size(1), K = x.size(2);
@@ -246,10 +622,14 @@ void reduce_fwd(const at::Tensor& x, at::Tensor& out, at::Tensor& indices, bool 
   const scalar_t* in = x.const_data_ptr<scalar_t>();
   scalar_t* o = out.data_ptr<scalar_t>();
   int64_t* idx = is_max ? indices.data_ptr<int64_t>() : nullptr;
-  // K == 1: one run at a time, each thread an even share of the runs.
+  // K == 1: each thread an even share of the runs; short unit-stride ones 8 at a time.
   if (K == 1) {
     const int64_t grain = std::max<int64_t>(1, kReduceGrain / R);
     at::parallel_for(0, B, grain, [&](int64_t b0, int64_t b1) {
+      if constexpr (kVecReduce<scalar_t>) {
+        if (sR == 1 && R >= 8 && R < kLongRun) b0 = group_runs(in, o, idx, b0, b1, R, sB, is_max);
+        if (sR == 1 && R >= kLongRun && is_max) return long_run_maxima(in, o, idx, b0, b1, R, sB);
+      }
       if (is_max) {
         (R >= kLongRun ? run_maxima<4, scalar_t> : run_maxima<2, scalar_t>)(in, o, idx, b0, b1,
                                                                            R, sB, sR);
@@ -262,7 +642,9 @@ void reduce_fwd(const at::Tensor& x, at::Tensor& out, at::Tensor& indices, bool 
   }
   // K > 1: columns reduced side by side, r outer, one accumulator per column, so that when K
   // is the unit-stride dim (NHWC global, NCHW channel pooling) every r step reads one
-  // contiguous row. Columns go in blocks of kColumnBlock, whose accumulators stay in L1.
+  // contiguous row. Columns go in blocks of kColumnBlock; within one, unit-stride float and
+  // bfloat16 columns keep their accumulators in registers (column_blocks), the rest (other
+  // types, strides, the last columns) in memory, in L1.
   constexpr int64_t kColumnBlock = 2048;
   const int64_t blocks = (K + kColumnBlock - 1) / kColumnBlock;
   const int64_t grain = std::max<int64_t>(1, kReduceGrain / (R * std::min(K, kColumnBlock)));
@@ -272,9 +654,19 @@ void reduce_fwd(const at::Tensor& x, at::Tensor& out, at::Tensor& indices, bool 
     std::vector<int32_t> arg(is_max ? width : 0);
     for (int64_t g = g0; g < g1; ++g) {
       const int64_t b = g / blocks, k0 = g % blocks * kColumnBlock;
-      const int64_t cols = std::min(kColumnBlock, K - k0);
+      int64_t cols = std::min(kColumnBlock, K - k0);
       const scalar_t* base = in + b * sB + k0 * sK;
       scalar_t* o_row = o + b * K + k0;
+      int64_t* idx_row = is_max ? idx + b * K + k0 : nullptr;
+      if constexpr (kVecReduce<scalar_t>) {
+        if (sK == 1) {
+          const int64_t done =
+              column_blocks(base, cols, R, sR, o_row, idx_row, is_max, acc.data(), arg.data());
+          base += done, o_row += done, idx_row = is_max ? idx_row + done : nullptr;
+          cols -= done;
+        }
+      }
+      if (cols == 0) continue;
       if (is_max) {
         std::fill(acc.begin(), acc.end(), -std::numeric_limits<max_t<scalar_t>>::infinity());
         std::fill(arg.begin(), arg.end(), 0);
@@ -283,7 +675,7 @@ void reduce_fwd(const at::Tensor& x, at::Tensor& out, at::Tensor& indices, bool 
         }
         for (int64_t k = 0; k < cols; ++k) {
           o_row[k] = static_cast<scalar_t>(acc[k]);
-          idx[b * K + k0 + k] = arg[k];
+          idx_row[k] = arg[k];
         }
       } else {
         std::fill(acc.begin(), acc.end(), max_t<scalar_t>(0));
