@@ -112,8 +112,7 @@ def _check_pool_input(op: str, input: object, reduced: str) -> bool:
     _check_tensor(op, input, (3, 4), "3D (C, H, W) or 4D (N, C, H, W)")
     if not input.dtype.is_floating_point:
         raise TypeError(f"{op}: input must be a floating-point tensor, got {input.dtype}")
-    sizes = dict(zip("CHW", input.shape[-3:], strict=True))
-    if any(sizes[d] == 0 for d in reduced):
+    if 0 in (input.shape[-2:] if reduced == "HW" else input.shape[-3:-2]):
         raise ValueError(
             f"{op}: input must have non-zero {', '.join(reduced)} to pool over, got shape "
             f"{tuple(input.shape)}"

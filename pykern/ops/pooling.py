@@ -84,7 +84,8 @@ def global_pool(x: torch.Tensor, is_max: bool) -> torch.Tensor:
         out = _reduce(x.permute(0, 2, 3, 1).reshape(N, H * W, C), is_max)
         return out.view(N, 1, 1, C).permute(0, 3, 1, 2)
     # NCHW; other strides are made contiguous first (the one copy in this family)
-    x = x.contiguous()
+    if not x.is_contiguous():  # (the test costs a tenth of a no-op contiguous())
+        x = x.contiguous()
     return _reduce(x.view(N * C, H * W, 1), is_max).view(N, C, 1, 1)
 
 
@@ -94,7 +95,8 @@ def channel_pool(x: torch.Tensor, is_max: bool) -> torch.Tensor:
     N, C, H, W = x.shape
     if is_channels_last(x):
         return _reduce(x.permute(0, 2, 3, 1).reshape(N * H * W, C, 1), is_max).view(N, 1, H, W)
-    x = x.contiguous()
+    if not x.is_contiguous():
+        x = x.contiguous()
     return _reduce(x.view(N, C, H * W), is_max).view(N, 1, H, W)
 
 
