@@ -55,9 +55,11 @@ def _pool_reduce_fwd_kernel(
         else:
             total += tl.sum(v, axis=0)
     if IS_MAX:
-        has_nan = last_nan_r >= 0
-        tl.store(out_ptr + b * K + k, tl.where(has_nan, float("nan"), best), mask=k_ok)
-        tl.store(idx_ptr + b * K + k, tl.where(has_nan, last_nan_r, best_r), mask=k_ok)
+        # the element at the index, as torch returns it (a -0.0 / +0.0 tie keeps the first's
+        # sign, which tl.max need not)
+        at_r = tl.where(last_nan_r >= 0, last_nan_r, best_r)
+        tl.store(out_ptr + b * K + k, tl.load(base + at_r * sR, mask=k_ok), mask=k_ok)
+        tl.store(idx_ptr + b * K + k, at_r, mask=k_ok)
     else:
         tl.store(out_ptr + b * K + k, round_for_bfloat16(total / R, TO_BF16), mask=k_ok)
 
