@@ -664,7 +664,7 @@ PK_INLINE void pool_pixel_vec(const scalar_t* image, scalar_t* out, int64_t* idx
 // the window's input rows summed column by column into a float row, then each output's columns
 // summed from that row. Each input element is converted once per output row instead of once
 // per tap of every window that holds it, and the row's float loads replace the rest. (float
-// reads as fast tap by tap; a sum's order may change, a max's may not.)
+// input measured faster tap by tap. A sum's order may change, a max's may not.)
 constexpr int64_t kSumGroup = 16;            // channels a step: two float vectors
 constexpr int64_t kColumnFloats = 64 << 10;  // the largest float row: 256 KiB, within L2
 
@@ -707,8 +707,8 @@ PK_INLINE void sum_rows_nhwc(const scalar_t* image, scalar_t* out, const FwdPlan
   }
 }
 
-// Output rows oh0..oh1 of one NHWC image, pixel by pixel, channels in blocks of kNhwcBlock;
-// `image` holds the input rows from h0 on.
+// Output rows oh0..oh1 of one NHWC image, pixel by pixel, channels in blocks of kNhwcBlock
+// (after sum_rows_nhwc, for the channels it takes); `image` holds the input rows from h0 on.
 template <typename scalar_t, Reduce kReduce>
 PK_HOT_LOOP void pool_rows_nhwc(const scalar_t* image, scalar_t* out, int64_t* idx,
                                 const FwdPlan<sum_t<scalar_t>>& plan, int64_t oh0, int64_t oh1,
