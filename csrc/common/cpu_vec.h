@@ -10,7 +10,8 @@
 
 #include "common/cpu_hot_loop.h"
 
-// (GCC's note that 32-byte vectors change the default target's ABI: see above.)
+// GCC notes that 32-byte vectors change the default target's ABI; these functions are always
+// inline, so no call passes one.
 #pragma GCC diagnostic push
 #pragma GCC diagnostic ignored "-Wpsabi"
 
