@@ -419,7 +419,8 @@ def test_window_max_nan_ties_and_minus_inf(target, op, layout):
 
 # Forward paths the CPU kernel picks by shape: identity windows (a copy), NCHW outputs under 8
 # wide pooled 32 planes at a time (33 planes: a partial block too), row band by row band when
-# the planes are tall (200 x 13, 72 x 40), and sums over runs of 16 columns (48 -> 3).
+# the planes are tall (200 x 13, 72 x 40), sums over runs of 16 columns (48 -> 3), and NHWC
+# bfloat16 sums of windows that overlap along W, by column sums (35 channels: 32 and the rest).
 SHAPE_PATH_CASES = [
     ("adaptive_max_pool2d", (3, 11, 7, 7), dict(output_size=7)),
     ("adaptive_avg_pool2d", (3, 11, 7, 7), dict(output_size=7)),
@@ -431,6 +432,7 @@ SHAPE_PATH_CASES = [
     ("avg_pool2d", (1, 33, 200, 13), dict(kernel_size=3, stride=2, padding=1,
                                          count_include_pad=False)),
     ("adaptive_avg_pool2d", (1, 33, 32, 48), dict(output_size=(4, 3))),
+    ("adaptive_avg_pool2d", (2, 35, 9, 11), dict(output_size=(4, 5))),
 ]  # fmt: skip
 
 

@@ -10,6 +10,11 @@
 
 #include "common/cpu_hot_loop.h"
 
+// GCC notes that 32-byte vectors change the default target's ABI; these functions are always
+// inline, so no call passes one.
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wpsabi"
+
 namespace pykern {
 
 template <typename acc_t>
@@ -44,12 +49,18 @@ PK_INLINE void vstore(acc_t* p, vec_t<acc_t> v) {
 // 8 bfloat16 <-> a float vector. bfloat16 is the top half of a float's bits (widening is
 // exact); narrowing rounds to nearest even and makes every NaN 0x7FC0, as c10::BFloat16 does.
 typedef uint16_t u16x8 __attribute__((vector_size(16)));
+typedef uint16_t u16x16 __attribute__((vector_size(32)));
 typedef uint32_t u32x8 __attribute__((vector_size(32)));
 
+// Widening interleaves the halves with zero halves (little endian: the zero first) and takes
+// the bits as floats (a cast keeps them): two unpacks and a lane permute in AVX2, where a
+// zero-extension and shift compile to six instructions.
 PK_INLINE vec_t<float> vload_bf16(const c10::BFloat16* p) {
   u16x8 h;
   __builtin_memcpy(&h, p, sizeof(h));
-  return (vec_t<float>)(__builtin_convertvector(h, u32x8) << 16);  // (a cast keeps the bits)
+  const u16x8 zero{};
+  return (vec_t<float>)__builtin_shufflevector(zero, h, 0, 8, 1, 9, 2, 10, 3, 11, 4, 12, 5, 13,
+                                               6, 14, 7, 15);
 }
 
 // v's bits rounded to bfloat16 in the upper half of each lane.
@@ -60,6 +71,27 @@ PK_INLINE u32x8 bf16_round_bits(vec_t<float> v) {
 
 PK_INLINE void vstore_bf16(c10::BFloat16* p, vec_t<float> v) {
   const u16x8 h = __builtin_convertvector(bf16_round_bits(v) >> 16, u16x8);
+  __builtin_memcpy(p, &h, sizeof(h));
+}
+
+// 16 bfloat16 <-> two float vectors a, b in a lane order of their own: channels 0-3 and 8-11 in
+// a, 4-7 and 12-15 in b (what AVX2's in-lane unpacks give: one instruction a vector). For
+// lane-wise work (sums, scaling) whose results go back through vstore2_bf16, which restores
+// the order (its in-lane packing is the inverse).
+PK_INLINE void vload2_bf16(const c10::BFloat16* p, vec_t<float>& a, vec_t<float>& b) {
+  u16x16 h;
+  __builtin_memcpy(&h, p, sizeof(h));
+  const u16x16 zero{};
+  a = (vec_t<float>)__builtin_shufflevector(zero, h, 0, 16, 1, 17, 2, 18, 3, 19, 8, 24, 9, 25,
+                                            10, 26, 11, 27);
+  b = (vec_t<float>)__builtin_shufflevector(zero, h, 4, 20, 5, 21, 6, 22, 7, 23, 12, 28, 13, 29,
+                                            14, 30, 15, 31);
+}
+
+PK_INLINE void vstore2_bf16(c10::BFloat16* p, vec_t<float> a, vec_t<float> b) {
+  const u16x16 x = (u16x16)bf16_round_bits(a), y = (u16x16)bf16_round_bits(b);
+  const u16x16 h = __builtin_shufflevector(x, y, 1, 3, 5, 7, 17, 19, 21, 23, 9, 11, 13, 15, 25,
+                                           27, 29, 31);
   __builtin_memcpy(p, &h, sizeof(h));
 }
 
@@ -100,3 +132,5 @@ PK_INLINE auto fold_all_lanes(const V& in, Combine combine) {
 }
 
 }  // namespace pykern
+
+#pragma GCC diagnostic pop
