@@ -247,29 +247,10 @@ PK_INLINE void vstore_acc(scalar_t* p, vec_t<acc_type<scalar_t>> v) {
   }
 }
 
-// bfloat16 two vectors at a time: 16 elements widened by interleaving with zeros within each
-// 16-byte half (no lane crossing: half the instructions of vload_acc + vstore_acc), so that lo
-// holds elements 0-3 and 8-11 and hi 4-7 and 12-15 ("pair order"); vstore2_bf16 takes them back
-// in that order. Per-element coefficients must be in pair order too (in_pair_order).
-typedef uint16_t u16x16 __attribute__((vector_size(32)));
+// bfloat16 two vectors at a time (cpu_vec.h's vload2_bf16 / vstore2_bf16: half the instructions
+// of vload_acc + vstore_acc) hold elements 0-3 and 8-11 in the first and 4-7 and 12-15 in the
+// second ("pair order"). Per-element coefficients must be in pair order too (in_pair_order).
 constexpr int kPairOrder[16] = {0, 1, 2, 3, 8, 9, 10, 11, 4, 5, 6, 7, 12, 13, 14, 15};
-
-PK_INLINE void vload2_bf16(const c10::BFloat16* p, vec_t<float>& lo, vec_t<float>& hi) {
-  u16x16 h;
-  __builtin_memcpy(&h, p, sizeof(h));
-  const u16x16 z{};
-  lo = (vec_t<float>)__builtin_shuffle(
-      z, h, u16x16{0, 16, 1, 17, 2, 18, 3, 19, 8, 24, 9, 25, 10, 26, 11, 27});
-  hi = (vec_t<float>)__builtin_shuffle(
-      z, h, u16x16{4, 20, 5, 21, 6, 22, 7, 23, 12, 28, 13, 29, 14, 30, 15, 31});
-}
-
-PK_INLINE void vstore2_bf16(c10::BFloat16* p, vec_t<float> lo, vec_t<float> hi) {
-  const u16x16 a = (u16x16)bf16_round_bits(lo), b = (u16x16)bf16_round_bits(hi);
-  const u16x16 h =
-      __builtin_shuffle(a, b, u16x16{1, 3, 5, 7, 17, 19, 21, 23, 9, 11, 13, 15, 25, 27, 29, 31});
-  __builtin_memcpy(p, &h, sizeof(h));
-}
 
 // The sum over i in [0, n) of a term: vterm(i) gives the terms i..i+kLanes as a vector,
 // sterm(i) the term i alone (for the tail).

@@ -243,19 +243,14 @@ PK_HOT_LOOP void max_row(max_t<scalar_t>* best, int32_t* arg, const scalar_t* ro
   }
 }
 
-// Float-accumulated reductions in vector registers (float and bfloat16 input, unit stride):
-// K == 1 runs of 8 to kLongRun elements 8 at a time, each run's lanes in a register of its own
-// (8 independent chains instead of one), folded by one 8x8 transposing fold that leaves run j's
-// result in lane j; K > 1 columns in blocks whose accumulators stay in registers over all rows.
+// float and bfloat16 elements as 8-float vectors (cpu_vec.h converts bfloat16 as c10 does), for
+// the reductions below and the NHWC windowed kernels.
 template <typename scalar_t>
-constexpr bool kVecReduce =
+constexpr bool kVecChannels =
     std::is_same_v<scalar_t, float> || std::is_same_v<scalar_t, c10::BFloat16>;
 
-using vf8 = vec_t<float>;
-using vm8 = VecOf<float>::mask;
-
 template <typename scalar_t>
-PK_INLINE vf8 vload_f8(const scalar_t* p) {
+PK_INLINE vec_t<float> load8(const scalar_t* p) {
   if constexpr (std::is_same_v<scalar_t, float>) {
     return vload(p);
   } else {
@@ -264,13 +259,20 @@ PK_INLINE vf8 vload_f8(const scalar_t* p) {
 }
 
 template <typename scalar_t>
-PK_INLINE void vstore_f8(scalar_t* p, const vf8& v) {
+PK_INLINE void store8(scalar_t* p, const vec_t<float>& v) {
   if constexpr (std::is_same_v<scalar_t, float>) {
     vstore(p, v);
   } else {
     vstore_bf16(p, v);
   }
 }
+
+// Float-accumulated reductions in vector registers (float and bfloat16 input, unit stride):
+// K == 1 runs of 8 to kLongRun elements 8 at a time, each run's lanes in a register of its own
+// (8 independent chains instead of one), folded by one 8x8 transposing fold that leaves run j's
+// result in lane j; K > 1 columns in blocks whose accumulators stay in registers over all rows.
+using vf8 = vec_t<float>;
+using vm8 = VecOf<float>::mask;
 
 // The lanes of a and b that a fold at distance D (4, 2, 1) combines, as x (combined with) y:
 // for D = 4 a's lanes l and l + 4 go to lane l, b's to lane l + 4; D = 2 and D = 1 likewise
@@ -350,14 +352,14 @@ PK_INLINE void group_means(const scalar_t* p, int64_t sB, int64_t n, float inv_n
   int64_t r = 0;
   for (; r + 8 <= n; r += 8) {
 #pragma GCC unroll 8
-    for (int j = 0; j < 8; ++j) acc[j] += vload_f8(p + j * sB + r);
+    for (int j = 0; j < 8; ++j) acc[j] += load8(p + j * sB + r);
   }
   if (r < n) {
 #pragma GCC unroll 8
-    for (int j = 0; j < 8; ++j) acc[j] = tail ? acc[j] + vload_f8(p + j * sB + n - 8) : acc[j];
+    for (int j = 0; j < 8; ++j) acc[j] = tail ? acc[j] + load8(p + j * sB + n - 8) : acc[j];
   }
   fold8(acc, unused, AddLanes{});
-  vstore_f8(out, acc[0] * inv_n);
+  store8(out, acc[0] * inv_n);
 }
 
 // The maxima (torch's serial rule) of the 8 unit-stride runs p + j * sB (j < 8) of n >= 8
@@ -384,7 +386,7 @@ PK_INLINE void group_maxima(const scalar_t* p, int64_t sB, int64_t n, vm8 tail, 
     for (; r + 8 <= n; r += 8, current += 1) {
 #pragma GCC unroll 4
       for (int j = 0; j < 4; ++j) {
-        const vf8 x = vload_f8(q + j * sB + r);
+        const vf8 x = load8(q + j * sB + r);
         const vm8 take = x > b4[j];
         b4[j] = take ? x : b4[j];
         block[j] = take ? current : block[j];
@@ -398,7 +400,7 @@ PK_INLINE void group_maxima(const scalar_t* p, int64_t sB, int64_t n, vm8 tail, 
     if (r < n) {  // the tail: later than every lane's elements, so a tie keeps the earlier
       const vm8 tail_at = lane_ids + static_cast<int32_t>(n - 8);
       for (int j = 0; j < 4; ++j) {
-        const vf8 x = vload_f8(q + j * sB + n - 8);
+        const vf8 x = load8(q + j * sB + n - 8);
         const vm8 take = tail & (x > best[half + j]);
         best[half + j] = take ? x : best[half + j];
         at[half + j] = take ? tail_at : at[half + j];
@@ -407,7 +409,7 @@ PK_INLINE void group_maxima(const scalar_t* p, int64_t sB, int64_t n, vm8 tail, 
     }
   }
   fold8(best, at, MaxLanes{});
-  vstore_f8(out, best[0]);
+  store8(out, best[0]);
   for (int j = 0; j < 8; ++j) idx[j] = at[0][j];
   if (any_lane(nan)) {
     for (int j = 0; j < 8; ++j) {
@@ -436,7 +438,7 @@ PK_HOT_LOOP void long_run_maxima(const scalar_t* in, scalar_t* out, int64_t* idx
     vm8 step_of{}, current{};  // -inf runs keep each lane's first
     for (int64_t s = 0; s < steps; ++s, current += 1) {
       const scalar_t* q = p + std::min(s * 32, n - 32);
-      vf8 m = vload_f8(q), x1 = vload_f8(q + 8), x2 = vload_f8(q + 16), x3 = vload_f8(q + 24);
+      vf8 m = load8(q), x1 = load8(q + 8), x2 = load8(q + 16), x3 = load8(q + 24);
       sum[0] += m + x1, sum[1] += x2 + x3;
       larger(m, x1), larger(x2, x3), larger(m, x2);
       const vm8 take = m > best;
@@ -494,7 +496,7 @@ PK_INLINE void column_sums(const scalar_t* base, int64_t r0, int64_t r1, int64_t
   for (int v = 0; v < Vecs; ++v) sum[v] = vload(acc + v * 8);
   for (int64_t r = r0; r < r1; ++r) {
 #pragma GCC unroll 8
-    for (int v = 0; v < Vecs; ++v) sum[v] += vload_f8(base + r * sR + v * 8);
+    for (int v = 0; v < Vecs; ++v) sum[v] += load8(base + r * sR + v * 8);
   }
   for (int v = 0; v < Vecs; ++v) vstore(acc + v * 8, sum[v]);
 }
@@ -514,14 +516,14 @@ PK_INLINE void column_maxima_exact(const scalar_t* base, int64_t R, int64_t sR, 
   for (int64_t r = 0; r < R; ++r, row += 1) {
 #pragma GCC unroll 4
     for (int v = 0; v < Vecs; ++v) {
-      const vf8 x = vload_f8(base + r * sR + v * 8);
+      const vf8 x = load8(base + r * sR + v * 8);
       const vm8 take = (x > best[v]) | (x != x);
       best[v] = take ? x : best[v];
       at[v] = take ? row : at[v];
     }
   }
   for (int v = 0; v < Vecs; ++v) {
-    vstore_f8(out + v * 8, best[v]);
+    store8(out + v * 8, best[v]);
     for (int l = 0; l < 8; ++l) idx[v * 8 + l] = at[v][l];
   }
 }
@@ -545,8 +547,8 @@ PK_INLINE void column_max_steps(const scalar_t* base, int64_t s0, int64_t s1, in
     const scalar_t* q = base + std::min(s * 4, R - 4) * sR;
 #pragma GCC unroll 4
     for (int v = 0; v < Vecs; ++v) {
-      vf8 m = vload_f8(q + v * 8), x1 = vload_f8(q + sR + v * 8);
-      vf8 x2 = vload_f8(q + 2 * sR + v * 8), x3 = vload_f8(q + 3 * sR + v * 8);
+      vf8 m = load8(q + v * 8), x1 = load8(q + sR + v * 8);
+      vf8 x2 = load8(q + 2 * sR + v * 8), x3 = load8(q + 3 * sR + v * 8);
       sum[v % 2] += (m + x1) + (x2 + x3);
       m = x1 > m ? x1 : m, x2 = x3 > x2 ? x3 : x2, m = x2 > m ? x2 : m;  // ties: the earlier
       const vm8 take = m > best[v];
@@ -583,7 +585,7 @@ PK_HOT_LOOP int64_t column_blocks(const scalar_t* base, int64_t cols, int64_t R,
       for (; k < vcols; k += 8) column_sums<1>(base + k, r0, r1, sR, acc + k);
     }
     const float inv_r = 1.0f / static_cast<float>(R);
-    for (int64_t k = 0; k < vcols; k += 8) vstore_f8(out + k, vload(acc + k) * inv_r);
+    for (int64_t k = 0; k < vcols; k += 8) store8(out + k, vload(acc + k) * inv_r);
     return vcols;
   }
   vf8 sum{};
@@ -626,7 +628,7 @@ void reduce_fwd(const at::Tensor& x, at::Tensor& out, at::Tensor& indices, bool 
   if (K == 1) {
     const int64_t grain = std::max<int64_t>(1, kReduceGrain / R);
     at::parallel_for(0, B, grain, [&](int64_t b0, int64_t b1) {
-      if constexpr (kVecReduce<scalar_t>) {
+      if constexpr (kVecChannels<scalar_t>) {
         if (sR == 1 && R >= 8 && R < kLongRun) b0 = group_runs(in, o, idx, b0, b1, R, sB, is_max);
         if (sR == 1 && R >= kLongRun && is_max) return long_run_maxima(in, o, idx, b0, b1, R, sB);
       }
@@ -658,7 +660,7 @@ void reduce_fwd(const at::Tensor& x, at::Tensor& out, at::Tensor& indices, bool 
       const scalar_t* base = in + b * sB + k0 * sK;
       scalar_t* o_row = o + b * K + k0;
       int64_t* idx_row = is_max ? idx + b * K + k0 : nullptr;
-      if constexpr (kVecReduce<scalar_t>) {
+      if constexpr (kVecChannels<scalar_t>) {
         if (sK == 1) {
           const int64_t done =
               column_blocks(base, cols, R, sR, o_row, idx_row, is_max, acc.data(), arg.data());
@@ -850,29 +852,6 @@ struct FwdPlan {
     }
   }
 };
-
-// float and bfloat16 channels as 8-float vectors (cpu_vec.h converts bfloat16 as c10 does).
-template <typename scalar_t>
-constexpr bool kVecChannels =
-    std::is_same_v<scalar_t, float> || std::is_same_v<scalar_t, c10::BFloat16>;
-
-template <typename scalar_t>
-PK_INLINE vec_t<float> load8(const scalar_t* p) {
-  if constexpr (std::is_same_v<scalar_t, float>) {
-    return vload(p);
-  } else {
-    return vload_bf16(p);
-  }
-}
-
-template <typename scalar_t>
-PK_INLINE void store8(scalar_t* p, const vec_t<float>& v) {
-  if constexpr (std::is_same_v<scalar_t, float>) {
-    vstore(p, v);
-  } else {
-    vstore_bf16(p, v);
-  }
-}
 
 // 16 float or bfloat16 channels as two float vectors (bfloat16's in vload2_bf16's lane order).
 template <typename scalar_t>
