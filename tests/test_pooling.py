@@ -119,10 +119,10 @@ def test_reduce_max_index_follows_the_serial_rule(target, R, dtype):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-@pytest.mark.parametrize("R", [8, 49, 75])
+@pytest.mark.parametrize("R", [8, 49, 75, 300])
 def test_reduce_mean_of_a_run_does_not_depend_on_its_neighbours(target, R, dtype):
-    # The CPU takes short runs 8 at a time, and the last few (19 = 2 * 8 + 3) one by one: a run
-    # must give the same bits either way.
+    # The CPU takes runs of 8 to 1023 elements 8 at a time, and the last few (19 = 2 * 8 + 3) one
+    # by one: a run must give the same bits either way.
     x = torch.randn(19, R, 1, dtype=dtype, device=target.device)
     together = torch.ops.pykern.pool_reduce_fwd(x, False)[0]
     alone = torch.cat([torch.ops.pykern.pool_reduce_fwd(x[b : b + 1], False)[0] for b in range(19)])
@@ -131,11 +131,13 @@ def test_reduce_mean_of_a_run_does_not_depend_on_its_neighbours(target, R, dtype
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("K", [75, 59])
 @pytest.mark.parametrize("R", [3, 4, 49])
-def test_reduce_max_index_follows_the_serial_rule_across_columns(target, R, dtype):
+def test_reduce_max_index_follows_the_serial_rule_across_columns(target, R, K, dtype):
     # Columns along dim 2 of (B, R, K), as global pooling of NHWC: K = 75 takes the CPU's
-    # register blocks of 32 and 8 columns and 3 columns row by row.
-    x = torch.randn(2, R, 75, dtype=dtype, device=target.device)
+    # register blocks of 32 and 8 columns and 3 columns row by row; K = 59 a block of 32, one of
+    # 24 and 3 columns (sums: one block of 56).
+    x = torch.randn(2, R, K, dtype=dtype, device=target.device)
     x[0, :, 1] = 2.0  # every element ties: the first
     x[0, :, 40] = float("-inf")  # all -inf: the first
     x[0, R - 1, 7] = x[0, 0, 7] = 9.0  # a tie between the first and last rows
@@ -145,12 +147,15 @@ def test_reduce_max_index_follows_the_serial_rule_across_columns(target, R, dtyp
     x[1, R - 1, 33] = float("nan")
     out, indices = torch.ops.pykern.pool_reduce_fwd(x, True)
     runs = x.transpose(1, 2).reshape(-1, R).float()
-    expected = torch.tensor([_serial_max(run) for run in runs]).view(2, 75)
+    expected = torch.tensor([_serial_max(run) for run in runs]).view(2, K)
     assert torch.equal(indices.cpu(), expected)
     picked = x.gather(1, expected.to(x.device)[:, None, :])[:, 0]
     assert torch.equal(out.isnan(), picked.isnan())
     assert torch.equal(torch.nan_to_num(out), torch.nan_to_num(picked))
     assert torch.equal(out[0].signbit(), picked[0].signbit())
+    y = torch.randn(2, R, K, dtype=dtype, device=target.device)
+    means = torch.ops.pykern.pool_reduce_fwd(y, False)[0]
+    assert_close_to_ref(means, y.double().mean(1), torch_lowp=y.mean(1))
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)

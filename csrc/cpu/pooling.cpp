@@ -43,11 +43,14 @@ template <typename scalar_t>
 using max_t = at::opmath_type<scalar_t>;
 
 // Independent partials: one AVX2 register of floats for short runs, whose combining at the end
-// must stay cheap; four for long runs (kLongRun elements or more), so that their adds overlap
-// instead of waiting on one register's latency. Combined pairwise at the end.
+// must stay cheap; four for long runs (kLongSum elements or more), so that their adds overlap
+// instead of waiting on one register's latency. Combined pairwise at the end. Maxima: runs of
+// kLongRun or more go one at a time, shorter ones 8 at a time (group_runs), as sums under
+// kLongSum do (which measured faster than one at a time from 256 elements on).
 constexpr int kShortLanes = 8;
 constexpr int kLongLanes = 32;
 constexpr int64_t kLongRun = 256;
+constexpr int64_t kLongSum = 1024;
 
 // Unit-stride runs (the common case) get a loop of their own, which the compiler vectorizes
 // (a lambda forced inline with PK_INLINE_LAMBDA, see cpu_hot_loop.h).
@@ -268,9 +271,10 @@ PK_INLINE void store8(scalar_t* p, const vec_t<float>& v) {
 }
 
 // Float-accumulated reductions in vector registers (float and bfloat16 input, unit stride):
-// K == 1 runs of 8 to kLongRun elements 8 at a time, each run's lanes in a register of its own
-// (8 independent chains instead of one), folded by one 8x8 transposing fold that leaves run j's
-// result in lane j; K > 1 columns in blocks whose accumulators stay in registers over all rows.
+// K == 1 runs of 8 to kLongRun (sums: kLongSum) elements 8 at a time, each run's lanes in a
+// register of its own (8 independent chains instead of one), folded by one 8x8 transposing fold
+// that leaves run j's result in lane j; K > 1 columns in blocks whose accumulators stay in
+// registers over all rows.
 using vf8 = vec_t<float>;
 using vm8 = VecOf<float>::mask;
 
@@ -468,8 +472,8 @@ PK_HOT_LOOP void long_run_maxima(const scalar_t* in, scalar_t* out, int64_t* idx
   }
 }
 
-// K == 1, unit stride, 8 <= n < kLongRun: runs b0.. in groups of 8; returns the first run left
-// (fewer than 8) for run_means / run_maxima.
+// K == 1, unit stride, 8 <= n < kLongRun (sums: kLongSum): runs b0.. in groups of 8; returns the
+// first run left (fewer than 8) for run_means / run_maxima.
 template <typename scalar_t>
 PK_HOT_LOOP int64_t group_runs(const scalar_t* in, scalar_t* out, int64_t* idx, int64_t b0,
                                int64_t b1, int64_t n, int64_t sB, bool is_max) {
@@ -563,6 +567,16 @@ PK_INLINE void column_max_steps(const scalar_t* base, int64_t s0, int64_t s1, in
   sum_all += sum[0] + sum[1];
 }
 
+// f(std::integral_constant<int, n>{}) for 1 <= n <= Max: a block's last n < Max vectors of
+// columns in one pass over the rows, not n passes of one vector.
+template <int Max, typename F>
+PK_INLINE void with_vecs(int64_t n, const F& f) {
+  if constexpr (Max > 1) {
+    if (n < Max) return with_vecs<Max - 1>(n, f);
+  }
+  f(std::integral_constant<int, Max>{});
+}
+
 // Columns 0..cols of one (R, cols) block with unit-stride columns, the vector columns (all but
 // the last cols % 8, which add_row / max_row take; returns how many were done): sums in blocks
 // of 64 columns, maxima of 32, then of 8; acc and arg: scratch of cols floats and int32.
@@ -582,7 +596,11 @@ PK_HOT_LOOP int64_t column_blocks(const scalar_t* base, int64_t cols, int64_t R,
       const int64_t r1 = std::min(R, r0 + 4 * chunk_steps);
       int64_t k = 0;
       for (; k + 64 <= vcols; k += 64) column_sums<8>(base + k, r0, r1, sR, acc + k);
-      for (; k < vcols; k += 8) column_sums<1>(base + k, r0, r1, sR, acc + k);
+      if (k < vcols) {
+        with_vecs<7>((vcols - k) / 8, [&](auto v) PK_INLINE_LAMBDA {
+          column_sums<decltype(v)::value>(base + k, r0, r1, sR, acc + k);
+        });
+      }
     }
     const float inv_r = 1.0f / static_cast<float>(R);
     for (int64_t k = 0; k < vcols; k += 8) store8(out + k, vload(acc + k) * inv_r);
@@ -599,13 +617,21 @@ PK_HOT_LOOP int64_t column_blocks(const scalar_t* base, int64_t cols, int64_t R,
       for (; k + 32 <= vcols; k += 32) {
         column_max_steps<4>(base + k, s0, s1, R, sR, acc + k, arg + k, sum);
       }
-      for (; k < vcols; k += 8) column_max_steps<1>(base + k, s0, s1, R, sR, acc + k, arg + k, sum);
+      if (k < vcols) {
+        with_vecs<3>((vcols - k) / 8, [&](auto v) PK_INLINE_LAMBDA {
+          column_max_steps<decltype(v)::value>(base + k, s0, s1, R, sR, acc + k, arg + k, sum);
+        });
+      }
     }
   }
   if (R < 4 || any_lane(sum != sum)) {  // a NaN (or inf - inf): the rule row by row
     int64_t k = 0;
     for (; k + 32 <= vcols; k += 32) column_maxima_exact<4>(base + k, R, sR, out + k, idx + k);
-    for (; k < vcols; k += 8) column_maxima_exact<1>(base + k, R, sR, out + k, idx + k);
+    if (k < vcols) {
+      with_vecs<3>((vcols - k) / 8, [&](auto v) PK_INLINE_LAMBDA {
+        column_maxima_exact<decltype(v)::value>(base + k, R, sR, out + k, idx + k);
+      });
+    }
     return vcols;
   }
   for (int64_t k = 0; k < vcols; ++k) {  // the first row of each maximum, within its step
@@ -629,14 +655,16 @@ void reduce_fwd(const at::Tensor& x, at::Tensor& out, at::Tensor& indices, bool 
     const int64_t grain = std::max<int64_t>(1, kReduceGrain / R);
     at::parallel_for(0, B, grain, [&](int64_t b0, int64_t b1) {
       if constexpr (kVecChannels<scalar_t>) {
-        if (sR == 1 && R >= 8 && R < kLongRun) b0 = group_runs(in, o, idx, b0, b1, R, sB, is_max);
+        if (sR == 1 && R >= 8 && R < (is_max ? kLongRun : kLongSum)) {
+          b0 = group_runs(in, o, idx, b0, b1, R, sB, is_max);
+        }
         if (sR == 1 && R >= kLongRun && is_max) return long_run_maxima(in, o, idx, b0, b1, R, sB);
       }
       if (is_max) {
         (R >= kLongRun ? run_maxima<4, scalar_t> : run_maxima<2, scalar_t>)(in, o, idx, b0, b1,
                                                                            R, sB, sR);
       } else {
-        (R >= kLongRun ? run_means<kLongLanes, scalar_t> : run_means<kShortLanes, scalar_t>)(
+        (R >= kLongSum ? run_means<kLongLanes, scalar_t> : run_means<kShortLanes, scalar_t>)(
             in, o, b0, b1, R, sB, sR);
       }
     });
