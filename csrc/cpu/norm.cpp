@@ -1056,7 +1056,8 @@ PK_HOT_LOOP int64_t bn_stats_rows(const scalar_t* __restrict x, int64_t C, int64
   for (int64_t q = r0; q < r1; q += R) {
     const int64_t nr = std::min(R, r1 - q);
     const scalar_t* __restrict v = x + q * C;
-    const bool next = q + nr < rows;  // the next chunk (here or in the next group) to prefetch
+    // the next nr rows (here or in the next group), prefetched when they are all in x
+    const bool next = q + 2 * nr <= rows;
     int64_t c = 0;
     for (; c + 4 * W <= C; c += 4 * W) {
       // the block's share of the next chunk, from the block's start
@@ -1577,7 +1578,7 @@ PK_HOT_LOOP void bn_reduce_rows(const scalar_t* __restrict dy, const scalar_t* _
   for (int64_t c = 0; c < C; ++c) sdy[c] = sdxm[c] = acc_t(0);
   for (int64_t q = r0; q < r1; q += R) {
     const int64_t nr = std::min(R, r1 - q), o = q * C;
-    const bool next = q + nr < rows;
+    const bool next = q + 2 * nr <= rows;  // as in bn_stats_rows
     int64_t c = 0;
     for (; c + 4 * W <= C; c += 4 * W) {
       const int64_t ahead = next ? (nr * C + c * (nr - 1)) * int64_t(sizeof(scalar_t)) : -1;
