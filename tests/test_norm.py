@@ -432,7 +432,8 @@ def test_batch_norm_short_planes(target, shape, dtype):
 def test_batch_norm_nhwc_channel_blocks(target, dtype):
     """NHWC statistics go chunk by chunk (up to 256 rows) in blocks of channels summed in one
     pass around each channel's pivot: 43 channels are a block of four vectors, a vector and
-    single channels (in float32; other splits in float64 and bfloat16), 594 rows several chunks.
+    single channels (float32 and bfloat16; float64's vectors are half as wide), 594 rows several
+    chunks.
     An outlying pivot in channel 5 sends its block through the exact second pass; a NaN in
     channel 41 stays there."""
     if target.backend == "triton" and target.device == "cpu":
