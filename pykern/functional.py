@@ -589,8 +589,8 @@ def _row_norm(op, input, residual, normalized_shape, weight, bias, eps, rms):
     if C == 0:  # nothing to normalize
         total = input if residual is None else input + residual
         return total.clone(), (total if residual is not None else None)
-    x = input.contiguous().view(-1, C, 1)
-    res = None if residual is None else residual.contiguous().view(-1, C, 1)
+    x = _layout.contiguous(input).view(-1, C, 1)
+    res = None if residual is None else _layout.contiguous(residual).view(-1, C, 1)
     y, s = _norm.row_norm(
         x,
         res,

@@ -963,12 +963,19 @@ PK_INLINE void prefetch_span(const void* p, int64_t at) {
   for (int64_t b = 0; b < kBytes; b += 64) __builtin_prefetch(static_cast<const char*>(p) + at + b);
 }
 
+// For the block of channels from c of a chunk of nr rows at row q (of `rows`, C channels): the
+// byte offset, from the block's start, of its share of the next nr rows (laid out as the blocks
+// walk this chunk), or -1 when those rows are not all in the tensor.
+template <typename scalar_t>
+inline int64_t next_chunk_share(int64_t q, int64_t nr, int64_t rows, int64_t C, int64_t c) {
+  return q + 2 * nr <= rows ? (nr * C + c * (nr - 1)) * int64_t(sizeof(scalar_t)) : -1;
+}
+
 // NHWC (K == 1), one chunk of nr rows (in cache), channels [0, NV * kLanes) of v, P, cm, cm2
 // (the caller offsets them): per channel the offset mean and M2 of d = x - P[c], from the sums
 // of d and d^2 in one pass with the block's accumulators in registers (rows walked with stride
 // C). Where s2 - s1 * mean lost too much (kMaxCancel) in any channel, the block takes an exact
-// second pass over the chunk. `ahead` >= 0: the byte offset (from v) of the block's share of the
-// next chunk, prefetched.
+// second pass over the chunk. `ahead` >= 0: next_chunk_share's offset, prefetched.
 template <int NV, typename scalar_t>
 PK_INLINE void bn_chunk_block(const scalar_t* __restrict v, int64_t C, int64_t nr,
                               const acc_type<scalar_t>* __restrict P,
@@ -1056,13 +1063,10 @@ PK_HOT_LOOP int64_t bn_stats_rows(const scalar_t* __restrict x, int64_t C, int64
   for (int64_t q = r0; q < r1; q += R) {
     const int64_t nr = std::min(R, r1 - q);
     const scalar_t* __restrict v = x + q * C;
-    // the next nr rows (here or in the next group), prefetched when they are all in x
-    const bool next = q + 2 * nr <= rows;
     int64_t c = 0;
     for (; c + 4 * W <= C; c += 4 * W) {
-      // the block's share of the next chunk, from the block's start
-      const int64_t ahead = next ? (nr * C + c * (nr - 1)) * int64_t(sizeof(scalar_t)) : -1;
-      bn_chunk_block<4>(v + c, C, nr, P + c, cm + c, cm2 + c, ahead);
+      bn_chunk_block<4>(v + c, C, nr, P + c, cm + c, cm2 + c,
+                        next_chunk_share<scalar_t>(q, nr, rows, C, c));
     }
     for (; c + W <= C; c += W) bn_chunk_block<1>(v + c, C, nr, P + c, cm + c, cm2 + c, -1);
     for (; c < C; ++c) bn_chunk_channel(v + c, C, nr, P[c], cm[c], cm2[c]);
@@ -1578,12 +1582,11 @@ PK_HOT_LOOP void bn_reduce_rows(const scalar_t* __restrict dy, const scalar_t* _
   for (int64_t c = 0; c < C; ++c) sdy[c] = sdxm[c] = acc_t(0);
   for (int64_t q = r0; q < r1; q += R) {
     const int64_t nr = std::min(R, r1 - q), o = q * C;
-    const bool next = q + 2 * nr <= rows;  // as in bn_stats_rows
     int64_t c = 0;
     for (; c + 4 * W <= C; c += 4 * W) {
-      const int64_t ahead = next ? (nr * C + c * (nr - 1)) * int64_t(sizeof(scalar_t)) : -1;
       bn_reduce_block<4, scalar_t, kMask>(dy + o + c, x + o + c, kMask ? y + o + c : nullptr, C,
-                                          nr, mean + c, sdy + c, sdxm + c, ahead);
+                                          nr, mean + c, sdy + c, sdxm + c,
+                                          next_chunk_share<scalar_t>(q, nr, rows, C, c));
     }
     for (; c + W <= C; c += W) {
       bn_reduce_block<1, scalar_t, kMask>(dy + o + c, x + o + c, kMask ? y + o + c : nullptr, C,

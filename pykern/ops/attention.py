@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from pykern import backends
+from pykern.ops.layout import contiguous
 
 _PHILOX_MUL = (np.uint64(0xD2511F53), np.uint64(0xCD9E8D57))
 _PHILOX_BUMP = (np.uint64(0x9E3779B9), np.uint64(0xBB67AE85))
@@ -142,7 +143,7 @@ class AttentionFunction(torch.autograd.Function):
         q, k, v, out, lse, bias, seed = ctx.saved_tensors
         scale, is_causal, dropout_p = ctx.args
         dq, dk, dv = _attention_bwd(
-            grad_out.contiguous(), q, k, v, out, lse, bias, scale, is_causal, dropout_p, seed
+            contiguous(grad_out), q, k, v, out, lse, bias, scale, is_causal, dropout_p, seed
         )
         return dq, dk, dv, None, None, None, None, None
 
@@ -176,5 +177,5 @@ def attention(q, k, v, bias, scale: float, is_causal: bool, dropout_p: float) ->
     if Z * Hq * L == 0 or S == 0:  # nothing to attend over: torch gives zeros
         return NothingToAttend.apply(q, k, v, Ev)
     seed = new_seed(dropout_p)
-    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    q, k, v = contiguous(q), contiguous(k), contiguous(v)
     return AttentionFunction.apply(q, k, v, bias, scale, is_causal, dropout_p, seed)

@@ -42,6 +42,12 @@ def is_channels_last(x: torch.Tensor) -> bool:
     return fmt is not None and not x.is_contiguous() and x.is_contiguous(memory_format=fmt)
 
 
+def contiguous(x: torch.Tensor) -> torch.Tensor:
+    """x.contiguous(), without its dispatcher round trip (about 2 us a call, on every op's hot
+    path) when x already is contiguous."""
+    return x if x.is_contiguous() else x.contiguous()
+
+
 def permuted_shape(shape: Sequence[int], perm: Sequence[int]) -> list[int]:
     """The output shape of permute_copy: the one place it is computed."""
     return [shape[p] for p in perm]

@@ -24,6 +24,7 @@ import torch
 import torch.distributed as dist
 
 from pykern import _ext, backends
+from pykern.ops.layout import contiguous
 
 Tensor = torch.Tensor
 
@@ -52,8 +53,8 @@ def channel_view(x: Tensor, channels_last: bool) -> Tensor:
     for channels_last (a copy only when x is not laid out that way already)."""
     N, C, S = x.shape[0], x.shape[1], math.prod(x.shape[2:])
     if channels_last:
-        return x.movedim(1, -1).contiguous().view(N * S, C, 1)
-    return x.contiguous().view(N, C, S)
+        return contiguous(x.movedim(1, -1)).view(N * S, C, 1)
+    return contiguous(x).view(N, C, S)
 
 
 def from_channel_view(t: Tensor, x: Tensor, channels_last: bool) -> Tensor:
@@ -228,10 +229,10 @@ class RowNormFunction(torch.autograd.Function):
         normed, weight, mean, rstd = ctx.saved_tensors
         if grad_y is None:
             grad_y = torch.zeros_like(normed)
-        grad_sum = grad_s.contiguous() if ctx.has_residual and grad_s is not None else None
+        grad_sum = contiguous(grad_s) if ctx.has_residual and grad_s is not None else None
         need = ctx.needs_input_grad
         dx, dweight, dbias = _row_norm_bwd(
-            grad_y.contiguous(), normed, weight, mean, rstd, grad_sum, ctx.rms, need[2], need[3]
+            contiguous(grad_y), normed, weight, mean, rstd, grad_sum, ctx.rms, need[2], need[3]
         )
         return (
             dx if need[0] else None,
@@ -299,7 +300,7 @@ class BatchNormFunction(torch.autograd.Function):
     def backward(ctx, grad_y):
         x, y, mean, var, weight = ctx.saved_tensors
         need_x, need_w, need_b, need_res = ctx.needs_input_grad[:4]
-        grad_y = grad_y.contiguous()
+        grad_y = contiguous(grad_y)
         training = ctx.count > 0
         dx = dweight = dbias = d_res = None
         if need_w or need_b or (need_x and training):

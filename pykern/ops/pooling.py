@@ -18,7 +18,7 @@ import dataclasses
 import torch
 
 from pykern import backends
-from pykern.ops.layout import is_channels_last
+from pykern.ops.layout import contiguous, is_channels_last
 
 POOL_REDUCE_FWD = backends.table("pooling", "pool_reduce_fwd")
 POOL_REDUCE_BWD = backends.table("pooling", "pool_reduce_bwd")
@@ -84,9 +84,7 @@ def global_pool(x: torch.Tensor, is_max: bool) -> torch.Tensor:
         out = _reduce(x.permute(0, 2, 3, 1).reshape(N, H * W, C), is_max)
         return out.view(N, 1, 1, C).permute(0, 3, 1, 2)
     # NCHW; other strides are made contiguous first (the one copy in this family)
-    if not x.is_contiguous():  # (the test costs a tenth of a no-op contiguous())
-        x = x.contiguous()
-    return _reduce(x.view(N * C, H * W, 1), is_max).view(N, C, 1, 1)
+    return _reduce(contiguous(x).view(N * C, H * W, 1), is_max).view(N, C, 1, 1)
 
 
 def channel_pool(x: torch.Tensor, is_max: bool) -> torch.Tensor:
@@ -95,9 +93,7 @@ def channel_pool(x: torch.Tensor, is_max: bool) -> torch.Tensor:
     N, C, H, W = x.shape
     if is_channels_last(x):
         return _reduce(x.permute(0, 2, 3, 1).reshape(N * H * W, C, 1), is_max).view(N, 1, H, W)
-    if not x.is_contiguous():
-        x = x.contiguous()
-    return _reduce(x.view(N, C, H * W), is_max).view(N, 1, H, W)
+    return _reduce(contiguous(x).view(N, C, H * W), is_max).view(N, 1, H, W)
 
 
 # Windowed pooling: max_pool2d, avg_pool2d and their adaptive forms.
