@@ -15,6 +15,15 @@
 #pragma GCC diagnostic push
 #pragma GCC diagnostic ignored "-Wpsabi"
 
+// The lanes of a and b (b's lane i numbered lanes + i) picked by constant indices into a vector
+// of a's type; Mask: the integer vector type of as many lanes of the same size. clang has
+// __builtin_shufflevector, GCC __builtin_shuffle (its __builtin_shufflevector came in GCC 12).
+#if defined(__clang__)
+#define PK_SHUFFLE(a, b, Mask, ...) __builtin_shufflevector(a, b, __VA_ARGS__)
+#else
+#define PK_SHUFFLE(a, b, Mask, ...) __builtin_shuffle(a, b, Mask{__VA_ARGS__})
+#endif
+
 namespace pykern {
 
 template <typename acc_t>
@@ -54,13 +63,18 @@ typedef uint32_t u32x8 __attribute__((vector_size(32)));
 
 // Widening interleaves the halves with zero halves (little endian: the zero first) and takes
 // the bits as floats (a cast keeps them): two unpacks and a lane permute in AVX2, where a
-// zero-extension and shift compile to six instructions.
+// zero-extension and shift compile to six instructions. (That needs a shuffle of two 8-lane
+// vectors into 16 lanes, which GCC before 12 cannot write: there, the shift.)
 PK_INLINE vec_t<float> vload_bf16(const c10::BFloat16* p) {
   u16x8 h;
   __builtin_memcpy(&h, p, sizeof(h));
+#if defined(__clang__) || __GNUC__ >= 12
   const u16x8 zero{};
   return (vec_t<float>)__builtin_shufflevector(zero, h, 0, 8, 1, 9, 2, 10, 3, 11, 4, 12, 5, 13,
                                                6, 14, 7, 15);
+#else
+  return (vec_t<float>)(__builtin_convertvector(h, u32x8) << 16);
+#endif
 }
 
 // v's bits rounded to bfloat16 in the upper half of each lane.
@@ -82,16 +96,16 @@ PK_INLINE void vload2_bf16(const c10::BFloat16* p, vec_t<float>& a, vec_t<float>
   u16x16 h;
   __builtin_memcpy(&h, p, sizeof(h));
   const u16x16 zero{};
-  a = (vec_t<float>)__builtin_shufflevector(zero, h, 0, 16, 1, 17, 2, 18, 3, 19, 8, 24, 9, 25,
-                                            10, 26, 11, 27);
-  b = (vec_t<float>)__builtin_shufflevector(zero, h, 4, 20, 5, 21, 6, 22, 7, 23, 12, 28, 13, 29,
-                                            14, 30, 15, 31);
+  a = (vec_t<float>)PK_SHUFFLE(zero, h, u16x16, 0, 16, 1, 17, 2, 18, 3, 19, 8, 24, 9, 25, 10, 26,
+                               11, 27);
+  b = (vec_t<float>)PK_SHUFFLE(zero, h, u16x16, 4, 20, 5, 21, 6, 22, 7, 23, 12, 28, 13, 29, 14, 30,
+                               15, 31);
 }
 
 PK_INLINE void vstore2_bf16(c10::BFloat16* p, vec_t<float> a, vec_t<float> b) {
   const u16x16 x = (u16x16)bf16_round_bits(a), y = (u16x16)bf16_round_bits(b);
-  const u16x16 h = __builtin_shufflevector(x, y, 1, 3, 5, 7, 17, 19, 21, 23, 9, 11, 13, 15, 25,
-                                           27, 29, 31);
+  const u16x16 h =
+      PK_SHUFFLE(x, y, u16x16, 1, 3, 5, 7, 17, 19, 21, 23, 9, 11, 13, 15, 25, 27, 29, 31);
   __builtin_memcpy(p, &h, sizeof(h));
 }
 
@@ -103,20 +117,12 @@ PK_INLINE V swap_lanes(const V& v) {
   constexpr int kCount = sizeof(V) / sizeof(v[0]);
   static_assert(kCount == 4 || kCount == 8, "32-byte vectors of 4- or 8-byte lanes");
   static_assert(D > 0 && D < kCount && (D & (D - 1)) == 0, "D: a power of two below the lanes");
-#if defined(__clang__)
-  if constexpr (kCount == 8) {
-    return __builtin_shufflevector(v, v, 0 ^ D, 1 ^ D, 2 ^ D, 3 ^ D, 4 ^ D, 5 ^ D, 6 ^ D, 7 ^ D);
-  } else {
-    return __builtin_shufflevector(v, v, 0 ^ D, 1 ^ D, 2 ^ D, 3 ^ D);
-  }
-#else
   using M = typename VecOf<std::conditional_t<kCount == 8, float, double>>::mask;
   if constexpr (kCount == 8) {
-    return __builtin_shuffle(v, M{0 ^ D, 1 ^ D, 2 ^ D, 3 ^ D, 4 ^ D, 5 ^ D, 6 ^ D, 7 ^ D});
+    return PK_SHUFFLE(v, v, M, 0 ^ D, 1 ^ D, 2 ^ D, 3 ^ D, 4 ^ D, 5 ^ D, 6 ^ D, 7 ^ D);
   } else {
-    return __builtin_shuffle(v, M{0 ^ D, 1 ^ D, 2 ^ D, 3 ^ D});
+    return PK_SHUFFLE(v, v, M, 0 ^ D, 1 ^ D, 2 ^ D, 3 ^ D);
   }
-#endif
 }
 
 // All lanes of v combined by combine(a, b) (in place into a) in log2(lanes) swap_lanes steps,

@@ -284,29 +284,16 @@ using vm8 = VecOf<float>::mask;
 template <int D, typename V>
 PK_INLINE void split_lanes(const V& a, const V& b, V& x, V& y) {
   static_assert(D == 4 || D == 2 || D == 1, "fold distances");
-#if defined(__clang__)
   if constexpr (D == 4) {
-    x = __builtin_shufflevector(a, b, 0, 1, 2, 3, 8, 9, 10, 11);
-    y = __builtin_shufflevector(a, b, 4, 5, 6, 7, 12, 13, 14, 15);
+    x = PK_SHUFFLE(a, b, vm8, 0, 1, 2, 3, 8, 9, 10, 11);
+    y = PK_SHUFFLE(a, b, vm8, 4, 5, 6, 7, 12, 13, 14, 15);
   } else if constexpr (D == 2) {
-    x = __builtin_shufflevector(a, b, 0, 1, 8, 9, 4, 5, 12, 13);
-    y = __builtin_shufflevector(a, b, 2, 3, 10, 11, 6, 7, 14, 15);
+    x = PK_SHUFFLE(a, b, vm8, 0, 1, 8, 9, 4, 5, 12, 13);
+    y = PK_SHUFFLE(a, b, vm8, 2, 3, 10, 11, 6, 7, 14, 15);
   } else {
-    x = __builtin_shufflevector(a, b, 0, 2, 8, 10, 4, 6, 12, 14);
-    y = __builtin_shufflevector(a, b, 1, 3, 9, 11, 5, 7, 13, 15);
+    x = PK_SHUFFLE(a, b, vm8, 0, 2, 8, 10, 4, 6, 12, 14);
+    y = PK_SHUFFLE(a, b, vm8, 1, 3, 9, 11, 5, 7, 13, 15);
   }
-#else
-  if constexpr (D == 4) {
-    x = __builtin_shuffle(a, b, vm8{0, 1, 2, 3, 8, 9, 10, 11});
-    y = __builtin_shuffle(a, b, vm8{4, 5, 6, 7, 12, 13, 14, 15});
-  } else if constexpr (D == 2) {
-    x = __builtin_shuffle(a, b, vm8{0, 1, 8, 9, 4, 5, 12, 13});
-    y = __builtin_shuffle(a, b, vm8{2, 3, 10, 11, 6, 7, 14, 15});
-  } else {
-    x = __builtin_shuffle(a, b, vm8{0, 2, 8, 10, 4, 6, 12, 14});
-    y = __builtin_shuffle(a, b, vm8{1, 3, 9, 11, 5, 7, 13, 15});
-  }
-#endif
 }
 
 // Combiners for fold8, applied to (value, index) vectors: (x, xi) becomes x combined with y.
