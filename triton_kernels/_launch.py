@@ -46,11 +46,12 @@ def program_tile(pid, C, K, C_CONTIG: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK
 
 @jit_helper
 def mma(a, b, acc, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
-    """acc + a @ b; UPCAST: float32 operands (the interpreter's bfloat16 tl.dot is wrong)."""
+    """acc + a @ b; UPCAST: float32 operands (the interpreter's bfloat16 tl.dot is wrong).
+    out_dtype follows acc: compiled tl.dot refuses a float64 acc under its float32 default."""
     if UPCAST:
         a = a.to(tl.float32)
         b = b.to(tl.float32)
-    return tl.dot(a, b, acc, input_precision=PRECISION)
+    return tl.dot(a, b, acc, input_precision=PRECISION, out_dtype=acc.dtype)
 
 
 def new_output(shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -93,11 +94,12 @@ def round_for_bfloat16(x, TO_BF16: tl.constexpr):
 
     Triton's interpreter (3.8) truncates float32 -> bfloat16 stores, even when asked for
     "rtne"; a value rounded here first converts exactly, in the interpreter and on a GPU.
-    NaN and inf keep their class: the carry never crosses into the exponent of either.
+    inf keeps its class (its low bits are 0); NaN passes unrounded, since the GPU's canonical
+    NaN 0x7FFFFFFF would carry into the sign bit and come out as -0.0.
     """
     if TO_BF16:
         bits = x.to(tl.uint32, bitcast=True)
         # Shifts rather than a 0xFFFF0000 mask: that literal would widen the tensor to int64.
         bits = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16) << 16
-        x = bits.to(tl.float32, bitcast=True)
+        x = tl.where(x != x, x, bits.to(tl.float32, bitcast=True))
     return x
