@@ -10,8 +10,11 @@ torch.autocast("cpu", bfloat16) and float16):
     op                                   CUDA               CPU
     conv2d, conv_transpose2d             autocast dtype     autocast dtype
     scaled_dot_product_attention         autocast dtype     autocast dtype
-    layer_norm, rms_norm (LayerNorm2d)   float32            input's dtype
+    layer_norm (LayerNorm2d)             float32            input's dtype
+    rms_norm                             float32 *          input's dtype
     batch_norm, pooling                  input's dtype      input's dtype
+
+    * from torch 2.12; torch 2.11 runs rms_norm in the input's dtype (seen on an H100).
 
 As torch does, only floating-point tensors other than float64 on the autocast's device type
 are cast; anything else passes through unchanged (validation then reports it).
@@ -30,7 +33,8 @@ POLICIES: dict[str, dict[str, str]] = {
     "conv_transpose2d": {"cuda": LOWER, "cpu": LOWER},
     "scaled_dot_product_attention": {"cuda": LOWER, "cpu": LOWER},
     "layer_norm": {"cuda": FP32},
-    "rms_norm": {"cuda": FP32},
+    # torch put rms_norm on its CUDA float32 list in 2.12 (pytorch#174824)
+    "rms_norm": {"cuda": FP32} if torch.__version__ >= "2.12" else {},
 }
 
 
