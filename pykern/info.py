@@ -9,10 +9,10 @@ import torch
 from pykern import _ext
 
 
-def _triton_version() -> str:
+def _version(package: str) -> str:
     try:
-        return importlib.metadata.version("triton")
-    except importlib.metadata.PackageNotFoundError:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:  # pykern run from a source tree, say
         return "not installed"
 
 
@@ -20,12 +20,12 @@ def info_dict() -> dict[str, object]:
     """The facts info() prints, as a dict."""
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
     return {
-        "pykern": importlib.metadata.version("pykern"),
+        "pykern": _version("pykern"),
         "torch": torch.__version__,
         "torch_cuda": torch.version.cuda,
         "backends_compiled": ["cpu"] + (["cuda"] if _ext.has_cuda() else []),
         "cuda_archs": _ext.cuda_archs(),
-        "triton": _triton_version(),
+        "triton": _version("triton"),
         "gpu": gpu,
     }
 
