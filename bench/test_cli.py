@@ -10,12 +10,13 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 import torch
 
-from pykern.bench import charts, cli, compare, e2e, harness, report
+from pykern.bench import charts, cli, compare, e2e, harness, prewarm, report, run
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -439,3 +440,15 @@ def test_bn_add_relu_check_forgives_only_the_relu_kink():
     at_far = out.clone()
     at_far[far] += 1.0
     assert "relative error" in check(x, at_far, ref)
+
+
+def test_prewarm_calls_every_case_in_workers(tmp_path):
+    """The GPU run's compile pass, exercised on the CPU: spawned workers plan the run again from
+    its options and call every provider of every case; a deadline already past stops it."""
+    opts = cli.options(["--device", "cpu", "--ops", "to_channels_last", "--quick",
+                        "--dtype", "float32", "--out", str(tmp_path)])  # fmt: skip
+    todo, _ = run.plan(opts)
+    warmed = prewarm.prewarm(opts, len(todo), time.perf_counter() + 300)
+    assert (warmed["cases"], warmed["errors"]) == (len(todo), [])
+    assert len(todo) > 1
+    assert prewarm.prewarm(opts, len(todo), time.perf_counter() - 1)["cases"] == 0

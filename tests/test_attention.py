@@ -139,9 +139,9 @@ def test_fully_masked_rows_give_zeros_and_finite_gradients(target):
     additive = torch.zeros(L, S, device=target.device)
     additive[4] = float("-inf")
     for m in (mask, additive):
+        grad_out = torch.randn(2, 2, L, 16, device=target.device)
         out, dq, dk, dv = _fwd_bwd(
-            PF.scaled_dot_product_attention, q, k, v, torch.randn(2, 2, L, 16, device=target.device),
-            dict(attn_mask=m),
+            PF.scaled_dot_product_attention, q, k, v, grad_out, dict(attn_mask=m)
         )
         row = 2 if m.dtype == torch.bool else 4
         assert torch.equal(out[:, :, row], torch.zeros_like(out[:, :, row]))

@@ -7,10 +7,12 @@ runs with one fixed config instead; the launcher code is the same either way.
 from __future__ import annotations
 
 import os
+from inspect import signature
 
 import torch
 import triton
 import triton.language as tl
+import triton.testing
 
 from pykern._ext import _C
 
@@ -77,13 +79,26 @@ class _FixedConfig:
         return launch
 
 
+def _autotune_bench(kernel_call, quantiles):
+    """One config's time for the autotuner: 5 ms of warm-up and 20 ms of repeats, against
+    Triton's 25 and 100. Each new shape autotunes again; at Triton's lengths, autotuning was
+    most of the per-case overhead in the H100 benchmark run of 2026-11-26."""
+    return triton.testing.do_bench(kernel_call, warmup=5, rep=20, quantiles=quantiles)
+
+
+# triton.autotune takes a do_bench in the versions met here (3.6, 3.8); an older one that does
+# not keeps its own timing.
+_HAS_DO_BENCH = "do_bench" in signature(triton.autotune).parameters
+_BENCH = {"do_bench": _autotune_bench} if _HAS_DO_BENCH else {}
+
+
 def autotune(configs: list[triton.Config], key: list[str], interpreter_config: dict):
     """triton.autotune on a GPU; under the interpreter, `interpreter_config` (constexprs) only."""
 
     def wrap(kernel):
         if interpreted():
             return _FixedConfig(kernel, interpreter_config)
-        return triton.autotune(configs=configs, key=key)(kernel)
+        return triton.autotune(configs=configs, key=key, **_BENCH)(kernel)
 
     return wrap
 

@@ -2,4 +2,5 @@
 
 from pykern.bench.cli import main
 
-raise SystemExit(main())
+if __name__ == "__main__":  # prewarm's spawned workers import this module too
+    raise SystemExit(main())

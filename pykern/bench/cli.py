@@ -61,6 +61,11 @@ def _run_parser() -> argparse.ArgumentParser:
     p.add_argument("--minutes", type=float, help="time target of the whole run")
     p.add_argument("--threads", type=int, help="CPU threads (torch.set_num_threads)")
     p.add_argument("--no-charts", action="store_true", help="do not draw PNG charts")
+    p.add_argument(
+        "--no-prewarm",
+        action="store_true",
+        help="GPU: do not compile the cases' kernels in worker processes before timing",
+    )
     p.add_argument("--list", action="store_true", help="list the families and op names")
     return p
 
@@ -164,6 +169,7 @@ def options(argv: list[str]):
         target_s=None if args.minutes is None else 60 * args.minutes,
         threads=args.threads,
         charts=not args.no_charts,
+        prewarm=not args.no_prewarm,
         argv=[PROG, *argv],
     )
 
