@@ -17,8 +17,25 @@ import triton.testing
 from pykern._ext import _C
 
 
+# Read once: @triton.jit picks the interpreter or the compiler as these modules are imported,
+# so a later change of TRITON_INTERPRET could not move them anyway (and launches ask often).
+_INTERPRETED = os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
+
+
 def interpreted() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
+    return _INTERPRETED
+
+
+def cdiv(a: int, b: int) -> int:
+    """ceil(a / b) of host ints, for grids. triton.cdiv (and next_power_of_2) became constexpr
+    functions in Triton 3.8 that cost 4-5 us a call, several a launch: on a GPU, launches whose
+    host time can exceed their device time."""
+    return -(-a // b)
+
+
+def next_power_of_2(n: int) -> int:
+    """The least power of two >= n for host ints (0 for n <= 0, as triton's)."""
+    return 1 << (n - 1).bit_length() if n > 0 else 0
 
 
 # A @triton.jit helper inlined into kernels on a GPU; under the interpreter plain Python (the

@@ -36,10 +36,12 @@ import triton.language as tl
 
 from pykern.triton_kernels._launch import (
     autotune,
+    cdiv,
     interpreted,
     jit_helper,
     mma,
     new_output,
+    next_power_of_2,
     round_for_bfloat16,
 )
 
@@ -509,11 +511,11 @@ _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 def _cap(size: int, block: int) -> int:
     """block shrunk to the power of two covering size, at least 16 (tl.dot's minimum)."""
-    return min(block, max(16, triton.next_power_of_2(max(size, 1))))
+    return min(block, max(16, next_power_of_2(max(size, 1))))
 
 
 def _head_block(size: int) -> int:
-    return max(16, triton.next_power_of_2(size))
+    return max(16, next_power_of_2(size))
 
 
 def _launcher(kernel, table: str, fp64: bool, L: int, S: int, head_block: int):
@@ -678,7 +680,7 @@ def attention_fwd(q, k, v, bias, scale, is_causal, dropout_p, seed):
     )
     bias_ptr, *bias_strides = _bias_args(bias, q)
     args = _dtype_args(q.dtype, bias is not None)
-    grid = lambda meta: (triton.cdiv(L, meta["BLOCK_M"]) * Z * Hq,)  # noqa: E731
+    grid = lambda meta: (cdiv(L, meta["BLOCK_M"]) * Z * Hq,)  # noqa: E731
     launch[grid](
         q, k, v, bias_ptr, out, lse, Hq, Hk, L, S, E, Ev, *bias_strides,
         TUNE=_tune_bucket(L, S), **_scalar_args(args, float(scale), float(dropout_p), seed),
@@ -714,7 +716,7 @@ def attention_bwd(grad_out, q, k, v, out, lse, bias, scale, is_causal, dropout_p
     if R > 0:
         block_r = max(1, min(128, 8192 // block_ev))
         # One program per block_r rows of (Z * Hq * L, Ev).
-        _attention_bwd_delta_kernel[(triton.cdiv(R, block_r),)](
+        _attention_bwd_delta_kernel[(cdiv(R, block_r),)](
             grad_out, out, delta, R, Ev, ACC=args["ACC"], BLOCK_R=block_r, BLOCK_EV=block_ev
         )
 
@@ -728,14 +730,14 @@ def attention_bwd(grad_out, q, k, v, out, lse, bias, scale, is_causal, dropout_p
     )  # fmt: skip
     if Z * Hk * S > 0:
         launch = _launcher(_attention_bwd_dkdv_kernel, "dkdv", fp64, L, S, head_block)
-        grid = lambda meta: (triton.cdiv(S, meta["BLOCK_N"]) * Z * Hk,)  # noqa: E731
+        grid = lambda meta: (cdiv(S, meta["BLOCK_N"]) * Z * Hk,)  # noqa: E731
         launch[grid](
             q, k, v, bias_ptr, grad_out, lse, delta, dk, dv,
             Hq, Hk, L, S, E, Ev, *bias_strides, **common,
         )  # fmt: skip
     if R > 0:
         launch = _launcher(_attention_bwd_dq_kernel, "dq", fp64, L, S, head_block)
-        grid = lambda meta: (triton.cdiv(L, meta["BLOCK_M"]) * Z * Hq,)  # noqa: E731
+        grid = lambda meta: (cdiv(L, meta["BLOCK_M"]) * Z * Hq,)  # noqa: E731
         launch[grid](
             q, k, v, bias_ptr, grad_out, lse, delta, dq,
             Hq, Hk, L, S, E, Ev, *bias_strides, **common,

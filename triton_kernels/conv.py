@@ -29,10 +29,12 @@ import triton.language as tl
 
 from pykern.triton_kernels._launch import (
     autotune,
+    cdiv,
     interpreted,
     jit_helper,
     mma,
     new_output,
+    next_power_of_2,
     round_for_bfloat16,
 )
 
@@ -316,7 +318,7 @@ def _image_tile(
 def _image_grid(N, C, H, W, channels_last: bool):
     """The launch grid of _image_tile's tiles, for a kernel's BLOCK_M and BLOCK_N."""
     rows, cols = (N * H * W, C) if channels_last else (N * C * H, W)
-    return lambda meta: (triton.cdiv(rows, meta["BLOCK_M"]), triton.cdiv(cols, meta["BLOCK_N"]))
+    return lambda meta: (cdiv(rows, meta["BLOCK_M"]), cdiv(cols, meta["BLOCK_N"]))
 
 
 @triton.jit
@@ -491,7 +493,7 @@ _INTERP_TILE = (64, 64, 32)  # few programs and loop trips: the interpreter pays
 
 def _cap(size: int, block: int) -> int:
     """block shrunk to the power of two covering size, at least 16 (tl.dot's minimum)."""
-    return min(block, max(16, triton.next_power_of_2(size)))
+    return min(block, max(16, next_power_of_2(size)))
 
 
 def _launcher(kernel, key: tuple, channels_last: bool, fp64: bool, dims: tuple, swizzle: bool):
@@ -624,13 +626,13 @@ def _direct_bwd_weight(grad_y, x, dw, stride, padding, dilation, Cg, Kg, channel
     _, C, H, W = x.shape
     _, _, R, S = dw.shape
     rows, row_pixels = (N * Ho * Wo, 1) if channels_last else (N * Ho, Wo)
-    programs = (triton.cdiv(K, 32) if channels_last else K) * Cg * R * S
+    programs = (cdiv(K, 32) if channels_last else K) * Cg * R * S
     # Direct programs are light (4 warps, no shared memory): several per SM fill a GPU.
     target = _pieces_target(x.device) * (1 if interpreted() else 4)
-    min_rows = triton.cdiv(64 if interpreted() else 2048, row_pixels)
-    pieces = max(1, min(triton.cdiv(target, programs), triton.cdiv(rows, min_rows)))
-    chunk = triton.cdiv(rows, pieces)
-    pieces = triton.cdiv(rows, chunk)
+    min_rows = cdiv(64 if interpreted() else 2048, row_pixels)
+    pieces = max(1, min(cdiv(target, programs), cdiv(rows, min_rows)))
+    chunk = cdiv(rows, pieces)
+    pieces = cdiv(rows, chunk)
     to_bf16 = x.dtype == torch.bfloat16
     acc = _dtype_args(x.dtype)["ACC"]
     if pieces > 1:
@@ -639,7 +641,7 @@ def _direct_bwd_weight(grad_y, x, dw, stride, padding, dilation, Cg, Kg, channel
     else:
         out = dw
     grid = lambda meta: (  # noqa: E731
-        (triton.cdiv(K, meta["BLOCK_N"]) if channels_last else K) * Cg * R * S,
+        (cdiv(K, meta["BLOCK_N"]) if channels_last else K) * Cg * R * S,
         pieces,
     )
     _direct_launcher(_direct_bwd_weight_kernel, channels_last)[grid](
@@ -649,7 +651,7 @@ def _direct_bwd_weight(grad_y, x, dw, stride, padding, dilation, Cg, Kg, channel
     )  # fmt: skip
     if pieces > 1:
         block = 1024
-        _sum_pieces_kernel[(triton.cdiv(dw.numel(), block),)](
+        _sum_pieces_kernel[(cdiv(dw.numel(), block),)](
             out, dw, dw.numel(), pieces, TO_BF16=to_bf16, BLOCK=block
         )
     return dw
@@ -673,7 +675,7 @@ def conv2d_fwd(x, weight, bias, stride, padding, dilation, groups, channels_last
         _conv2d_fwd_kernel, _FWD_KEY, channels_last, x.dtype == torch.float64, (M, Kg, Cg), True
     )
     grid = lambda meta: (  # noqa: E731
-        triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(Kg, meta["BLOCK_N"]),
+        cdiv(M, meta["BLOCK_M"]) * cdiv(Kg, meta["BLOCK_N"]),
         groups,
     )
     launch[grid](
@@ -707,13 +709,13 @@ def conv2d_bwd_input(
     gcd_h, gcd_w = math.gcd(dh, sh), math.gcd(dw, sw)
     # The inverse of d / gcd modulo s / gcd names the first tap of each phase (_phase_taps).
     inv_h, inv_w = pow(dh // gcd_h, -1, sh // gcd_h), pow(dw // gcd_w, -1, sw // gcd_w)
-    M = N * triton.cdiv(H, sh) * triton.cdiv(W, sw)  # pixels of the largest phase
+    M = N * cdiv(H, sh) * cdiv(W, sw)  # pixels of the largest phase
     launch = _launcher(
         _conv2d_bwd_input_kernel, _FWD_KEY, channels_last, grad_y.dtype == torch.float64,
         (M, Cg, Kg), True,
     )  # fmt: skip
     grid = lambda meta: (  # noqa: E731
-        sh * sw * triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(Cg, meta["BLOCK_N"]),
+        sh * sw * cdiv(M, meta["BLOCK_M"]) * cdiv(Cg, meta["BLOCK_N"]),
         groups,
     )
     launch[grid](
@@ -746,11 +748,11 @@ def conv2d_bwd_weight(
     if _direct(Cg, Kg):
         return _direct_bwd_weight(grad_y, x, dw, stride, padding, dilation, Cg, Kg, channels_last)
     args = _dtype_args(x.dtype)
-    tiles = groups * triton.cdiv(Kg, 64) * triton.cdiv(Cg, 64) * R * S
+    tiles = groups * cdiv(Kg, 64) * cdiv(Cg, 64) * R * S
     min_chunk = 64 if interpreted() else 2048  # enough pixels a piece to hide its launch
-    pieces = max(1, min(triton.cdiv(_pieces_target(x.device), tiles), triton.cdiv(P, min_chunk)))
-    chunk = triton.cdiv(P, pieces)
-    pieces = triton.cdiv(P, chunk)
+    pieces = max(1, min(cdiv(_pieces_target(x.device), tiles), cdiv(P, min_chunk)))
+    chunk = cdiv(P, pieces)
+    pieces = cdiv(P, chunk)
     if pieces > 1:
         acc_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
         out = torch.empty((pieces, dw.numel()), dtype=acc_dtype, device=x.device)
@@ -762,7 +764,7 @@ def conv2d_bwd_weight(
         (Kg, Cg, P), False,
     )  # fmt: skip
     grid = lambda meta: (  # noqa: E731
-        triton.cdiv(Kg, meta["BLOCK_M"]) * triton.cdiv(Cg, meta["BLOCK_N"]) * R * S,
+        cdiv(Kg, meta["BLOCK_M"]) * cdiv(Cg, meta["BLOCK_N"]) * R * S,
         groups,
         pieces,
     )
@@ -774,7 +776,7 @@ def conv2d_bwd_weight(
     if pieces > 1:
         block = 1024
         # One program per BLOCK elements of dw, in its memory order (as the partials are).
-        _sum_pieces_kernel[(triton.cdiv(dw.numel(), block),)](
+        _sum_pieces_kernel[(cdiv(dw.numel(), block),)](
             out, dw, dw.numel(), pieces, TO_BF16=x.dtype == torch.bfloat16, BLOCK=block
         )
     return dw

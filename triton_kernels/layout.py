@@ -13,7 +13,7 @@ import triton
 import triton.language as tl
 
 from pykern._ext import _C
-from pykern.triton_kernels._launch import autotune, new_output
+from pykern.triton_kernels._launch import autotune, cdiv, new_output
 
 MAX_BATCH_DIMS = 6  # kMaxBatchDims in csrc/common/index.h
 
@@ -91,8 +91,8 @@ def permute_copy(x: torch.Tensor, perm: list[int]) -> torch.Tensor:
     sizes, strides_in, strides_out = zip(*batch, strict=True)
 
     def grid(meta):
-        row_tiles = triton.cdiv(plan["rows"], meta["BLOCK_R"])
-        col_tiles = triton.cdiv(plan["cols"], meta["BLOCK_C"])
+        row_tiles = cdiv(plan["rows"], meta["BLOCK_R"])
+        col_tiles = cdiv(plan["cols"], meta["BLOCK_C"])
         return (plan["batch_count"] * row_tiles * col_tiles,)
 
     _permute_copy_kernel[grid](

@@ -23,9 +23,11 @@ import triton.language as tl
 
 from pykern.triton_kernels._launch import (
     autotune,
+    cdiv,
     interpreted,
     jit_helper,
     new_output,
+    next_power_of_2,
     program_tile,
     round_for_bfloat16,
 )
@@ -556,7 +558,7 @@ def _float_pair(value: float) -> tuple[float, float]:
 
 
 def _pow2(n: int) -> int:
-    return triton.next_power_of_2(max(int(n), 1))
+    return next_power_of_2(max(int(n), 1))
 
 
 def _tune_bucket(*sizes: int) -> int:
@@ -702,7 +704,7 @@ def row_norm_fwd(x, residual, weight, bias, eps, rms):
     block_c, single = _row_plan(C, c_contig, _ROW_FWD_SINGLE_MAX)
     launch = _tuned(_row_norm_fwd_kernel, _ROW_FWD_TILING, block_c, _pow2(Kv), _row_k_min(c_contig))
     # One program per (b, tile of BLOCK_K columns k) (rows when K == 1).
-    grid = lambda meta: (Bv * triton.cdiv(Kv, meta["BLOCK_K"]),)  # noqa: E731
+    grid = lambda meta: (Bv * cdiv(Kv, meta["BLOCK_K"]),)  # noqa: E731
     launch[grid](
         x, residual if residual is not None else x, weight if weight is not None else rstd,
         bias if bias is not None else rstd, y, s if residual is not None else y,
@@ -724,7 +726,7 @@ def _sum_rows(a, b, C, acc):
     block_c = min(_pow2(C), 256)
     block_p = min(_pow2(P), max(1, 4096 // block_c))
     # One program per BLOCK_C columns, walking the P rows in order.
-    _sum_rows_kernel[(triton.cdiv(C, block_c),)](
+    _sum_rows_kernel[(cdiv(C, block_c),)](
         a if a is not None else b, out_a if a is not None else out_b,
         b if b is not None else a, out_b if b is not None else out_a, P, C,
         HAS_A=a is not None, HAS_B=b is not None, ACC=_acc(acc),
@@ -756,7 +758,7 @@ def row_norm_bwd(grad_y, x, weight, mean, rstd, grad_sum, rms, need_dweight, nee
     # with a larger BLOCK_K the programs left without a tile write zero partials.
     smallest_k = _ROW_BWD_TILING.block_ks(block_c, _pow2(Kv), k_min)[0]
     per_sm = 2 if need_dweight or need_dbias else 8  # partial rows cost G * C * 8 bytes
-    G = max(1, min(Bv * triton.cdiv(Kv, smallest_k), _programs_target(x.device, per_sm)))
+    G = max(1, min(Bv * cdiv(Kv, smallest_k), _programs_target(x.device, per_sm)))
     dw = torch.empty((G, C), dtype=acc, device=x.device) if need_dweight else None
     db = torch.empty((G, C), dtype=acc, device=x.device) if need_dbias else None
     launch[(G,)](
@@ -790,7 +792,7 @@ def _bn_elementwise(kernel, x, C, Bv, Kv, c_contig):
     block_c = _bn_block_c(C, Kv, c_contig)
     launch = _tuned(kernel, _BN_ELEMENTWISE_TILING, block_c, _pow2(Kv))
     # One program per (b, tile of channels, tile of k): see _tile_of.
-    grid = lambda meta: (Bv * triton.cdiv(C, block_c) * triton.cdiv(Kv, meta["BLOCK_K"]),)  # noqa: E731
+    grid = lambda meta: (Bv * cdiv(C, block_c) * cdiv(Kv, meta["BLOCK_K"]),)  # noqa: E731
     return launch, grid, block_c
 
 
@@ -800,11 +802,11 @@ def _bn_reduce_launch(kernel, C, Bv, Kv, c_contig, device):
     KCHUNK is a multiple of every tuned BLOCK_K, so tiles never straddle two pieces."""
     block_c = _bn_block_c(C, Kv, c_contig)
     step = _BN_REDUCE_TILING.block_ks(block_c, _pow2(Kv))[-1]
-    per_b = max(1, _programs_target(device, 8) // (Bv * triton.cdiv(C, block_c)))
-    kchunk = triton.cdiv(triton.cdiv(Kv, per_b), step) * step
-    kchunk, nkc = (Kv, 1) if kchunk >= Kv else (kchunk, triton.cdiv(Kv, kchunk))
+    per_b = max(1, _programs_target(device, 8) // (Bv * cdiv(C, block_c)))
+    kchunk = cdiv(cdiv(Kv, per_b), step) * step
+    kchunk, nkc = (Kv, 1) if kchunk >= Kv else (kchunk, cdiv(Kv, kchunk))
     launch = _tuned(kernel, _BN_REDUCE_TILING, block_c, step)
-    grid = (Bv * nkc * triton.cdiv(C, block_c),)  # one program per (piece, channel tile)
+    grid = (Bv * nkc * cdiv(C, block_c),)  # one program per (piece, channel tile)
     return launch, grid, block_c, kchunk, nkc
 
 
@@ -832,7 +834,7 @@ def batch_norm_stats(x):
     merge_c = min(_pow2(C), 128)
     merge_p = min(_pow2(P), max(1, 4096 // merge_c))
     # One program per BLOCK_C channels, merging the P pieces in order.
-    _bn_stats_merge_kernel[(triton.cdiv(C, merge_c),)](
+    _bn_stats_merge_kernel[(cdiv(C, merge_c),)](
         x, pmean, pm2, mean, var, C, Kv, kchunk, nkc, P,
         C_CONTIG=c_contig, ACC=_acc(x.dtype), BLOCK_P=merge_p, BLOCK_C=merge_c, num_warps=4,
     )  # fmt: skip

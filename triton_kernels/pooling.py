@@ -14,7 +14,9 @@ import triton.language as tl
 
 from pykern.triton_kernels._launch import (
     autotune,
+    cdiv,
     new_output,
+    next_power_of_2,
     program_tile,
     round_for_bfloat16,
 )
@@ -98,9 +100,9 @@ def pool_reduce_fwd(x: torch.Tensor, is_max: bool) -> tuple[torch.Tensor, torch.
     indices = torch.empty((B if is_max else 0, K), dtype=torch.int64, device=x.device)
     if out.numel() == 0:
         return out, indices
-    block_k = min(triton.next_power_of_2(K), 64)
-    block_r = min(triton.next_power_of_2(R), max(1, 4096 // block_k))
-    grid = (B * triton.cdiv(K, block_k),)
+    block_k = min(next_power_of_2(K), 64)
+    block_r = min(next_power_of_2(R), max(1, 4096 // block_k))
+    grid = (B * cdiv(K, block_k),)
     _pool_reduce_fwd_kernel[grid](
         x, out, indices if is_max else out,
         R, K, x.stride(0), x.stride(1), x.stride(2),
@@ -119,7 +121,7 @@ def pool_reduce_bwd(
     if dx.numel() == 0:
         return dx
     block = 1024
-    _pool_reduce_bwd_kernel[(triton.cdiv(dx.numel(), block),)](
+    _pool_reduce_bwd_kernel[(cdiv(dx.numel(), block),)](
         grad_out, indices if is_max else grad_out, dx,
         R, K, dx.numel(), grad_out.stride(0), grad_out.stride(1),
         IS_MAX=is_max, ACC=_acc(grad_out.dtype), TO_BF16=grad_out.dtype == torch.bfloat16,
@@ -378,9 +380,7 @@ def _most_readers(i: int, o: int, kernel: int, stride: int, dilation: int, adapt
 
 def _grid(n: int, c: int, pixels: int):
     """One program per (image, tile of pixels, tile of channels): see _tile."""
-    return lambda meta: (
-        n * triton.cdiv(pixels, meta["BLOCK_P"]) * triton.cdiv(c, meta["BLOCK_C"]),
-    )
+    return lambda meta: (n * cdiv(pixels, meta["BLOCK_P"]) * cdiv(c, meta["BLOCK_C"]),)
 
 
 def _strided_args(kernel, stride, padding, dilation, adaptive):
