@@ -16,7 +16,6 @@ import triton.testing
 
 from pykern._ext import _C
 
-
 # Read once: @triton.jit picks the interpreter or the compiler as these modules are imported,
 # so a later change of TRITON_INTERPRET could not move them anyway (and launches ask often).
 _INTERPRETED = os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
