@@ -237,6 +237,16 @@ def test_report_renders_every_section():
     assert "the rule of thumb held in 1 of the 1 cases" in text
 
 
+def test_report_says_what_was_compiled_first():
+    doc = _pool_doc()
+    assert "compiled first" not in report.render(doc, charts=[], charts_note=None)
+    doc["settings"]["prewarm"] = {
+        "workers": 8, "cases": 370, "of": 378, "errors": ["x"], "seconds": 140.2
+    }  # fmt: skip
+    text = report.render(doc, charts=[], charts_note=None)
+    assert "| compiled first | 370 of 378 cases in 8 worker processes, 140 s; 1 raised" in text
+
+
 def test_report_says_when_charts_were_skipped():
     text = report.render(_pool_doc(), charts=[], charts_note="skipped: matplotlib is missing")
     assert "Charts: skipped: matplotlib is missing" in text

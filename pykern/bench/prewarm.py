@@ -49,7 +49,6 @@ def _warm(job: tuple) -> str | None:
         if opts.device == "cuda":
             torch.cuda.synchronize()
             torch.cuda.empty_cache()
-    return index
 
 
 def workers_for(cases: int) -> int:
@@ -76,6 +75,8 @@ def prewarm(opts, count: int, deadline: float) -> dict:
                 error = results.next(timeout=left)
             except multiprocessing.TimeoutError:
                 break
+            except Exception as err:  # raised past _warm's own catch (a failed synchronize)
+                error = f"worker: {type(err).__name__}: {err}"
             warmed += 1
             if error is not None:
                 errors.append(error)

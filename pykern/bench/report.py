@@ -154,6 +154,15 @@ def _machine(doc: dict) -> list[str]:
                 f"repeats per provider, interleaved, up to {timing.get('budget_s')} s per case",
             ]
         )
+        warmed = s.get("prewarm")
+        if warmed:
+            rows.append(
+                [
+                    "compiled first",
+                    f"{warmed['cases']} of {warmed['of']} cases in {warmed['workers']} worker "
+                    f"processes, {warmed['seconds']:.0f} s; {len(warmed['errors'])} raised there",
+                ]
+            )
     title = f"# pykern benchmark report: {m.get('device_name', m.get('device'))}"
     lines = [title, ""]
     if doc.get("partial"):
