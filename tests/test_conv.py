@@ -143,6 +143,33 @@ def test_conv_transpose2d_dtypes(target, dtype):
     _check_forward(target, TRANSPOSE_CASES[1], dtype, "nchw", bias=False, transpose=True)
 
 
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_float32_under_tf32(target, layout):
+    """With torch.backends.cuda.matmul.allow_tf32 the Triton GEMMs take float32 operands as
+    TF32 (10-bit mantissas) on a GPU: the forward and both gradients stay within TF32's error
+    (about 5e-4 a product, under 2e-3 over these sums) of float64. Elsewhere it changes
+    nothing, and the same bound holds with room to spare."""
+    x = make_input((2, 16, 9, 9), torch.float32, target.device, layout=layout)
+    w = make_input((8, 16, 3, 3), torch.float32, target.device, layout=layout)
+    dy = make_input((2, 8, 9, 9), torch.float32, target.device, layout=layout)
+    x64, w64 = (t.detach().cpu().double().requires_grad_(True) for t in (x, w))
+    ref = F.conv2d(x64, w64, padding=1)
+    ref_dx, ref_dw = torch.autograd.grad(ref, (x64, w64), dy.cpu().double())
+    x, w = x.requires_grad_(True), w.requires_grad_(True)
+    before = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = True
+    try:
+        out = PF.conv2d(x, w, padding=1)
+        dx, dw = torch.autograd.grad(out, (x, w), dy)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = before
+    for name, mine, theirs in (("out", out, ref), ("dx", dx, ref_dx), ("dw", dw, ref_dw)):
+        try:
+            assert_close_to_ref(mine.detach(), theirs.to(target.device), fp32_tol=2e-3)
+        except AssertionError as err:
+            raise AssertionError(f"{name}: {err}") from None
+
+
 def test_mixed_layouts_follow_torch(target):
     # NCHW input with a channels_last weight (and the reverse): torch answers channels_last
     x = make_input((2, 4, 7, 6), torch.float32, target.device, layout="nchw")
