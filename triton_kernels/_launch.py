@@ -6,7 +6,6 @@ runs with one fixed config instead; the launcher code is the same either way.
 
 from __future__ import annotations
 
-import os
 from inspect import signature
 
 import torch
@@ -15,10 +14,11 @@ import triton.language as tl
 import triton.testing
 
 from pykern._ext import _C
+from pykern.backends import triton_interpreted
 
 # Read once: @triton.jit picks the interpreter or the compiler as these modules are imported,
 # so a later change of TRITON_INTERPRET could not move them anyway (and launches ask often).
-_INTERPRETED = os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
+_INTERPRETED = triton_interpreted()
 
 
 def interpreted() -> bool:
@@ -33,8 +33,14 @@ def cdiv(a: int, b: int) -> int:
 
 
 def next_power_of_2(n: int) -> int:
-    """The least power of two >= n for host ints (0 for n <= 0, as triton's)."""
-    return 1 << (n - 1).bit_length() if n > 0 else 0
+    """The least power of two >= n for host sizes, 1 for n <= 1 (an empty size still gets a
+    block)."""
+    return 1 << max(int(n) - 1, 0).bit_length()
+
+
+def dot_block(size: int, block: int) -> int:
+    """block shrunk to the power of two covering size, at least 16 (tl.dot's minimum)."""
+    return min(block, max(16, next_power_of_2(size)))
 
 
 # A @triton.jit helper inlined into kernels on a GPU; under the interpreter plain Python (the

@@ -37,6 +37,7 @@ import triton.language as tl
 from pykern.triton_kernels._launch import (
     autotune,
     cdiv,
+    dot_block,
     interpreted,
     jit_helper,
     mma,
@@ -509,11 +510,6 @@ _KEY = ["E", "Ev", "TUNE", "IS_CAUSAL", "HAS_BIAS", "HAS_DROPOUT", "PRECISION"]
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
-def _cap(size: int, block: int) -> int:
-    """block shrunk to the power of two covering size, at least 16 (tl.dot's minimum)."""
-    return min(block, max(16, next_power_of_2(max(size, 1))))
-
-
 def _head_block(size: int) -> int:
     return max(16, next_power_of_2(size))
 
@@ -523,7 +519,7 @@ def _launcher(kernel, table: str, fp64: bool, L: int, S: int, head_block: int):
     L and S (one launcher per cap class, not per shape)."""
     head_class = 64 if head_block <= 64 else (128 if head_block <= 128 else 256)
     return _capped_launcher(
-        kernel, table, fp64, _cap(L, 128), _cap(S, 128), head_class, _INTERP_BLOCKS
+        kernel, table, fp64, dot_block(L, 128), dot_block(S, 128), head_class, _INTERP_BLOCKS
     )
 
 

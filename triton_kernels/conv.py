@@ -30,11 +30,11 @@ import triton.language as tl
 from pykern.triton_kernels._launch import (
     autotune,
     cdiv,
+    dot_block,
     interpreted,
     jit_helper,
     mma,
     new_output,
-    next_power_of_2,
     round_for_bfloat16,
 )
 
@@ -491,14 +491,9 @@ _FP64_TILES = ((64, 64, 32, 4, 3), (64, 32, 32, 4, 3), (32, 32, 32, 4, 3))
 _INTERP_TILE = (64, 64, 32)  # few programs and loop trips: the interpreter pays per op
 
 
-def _cap(size: int, block: int) -> int:
-    """block shrunk to the power of two covering size, at least 16 (tl.dot's minimum)."""
-    return min(block, max(16, next_power_of_2(size)))
-
-
 def _launcher(kernel, key: tuple, channels_last: bool, fp64: bool, dims: tuple, swizzle: bool):
     """`kernel` autotuned over the tiles that fit dims = (M, N, K) of its GEMM."""
-    caps = tuple(_cap(d, 128) for d in dims)  # one launcher per cap class, not per shape
+    caps = tuple(dot_block(d, 128) for d in dims)  # one launcher per cap class, not per shape
     return _capped_launcher(kernel, key, channels_last, fp64, caps, swizzle)
 
 
@@ -508,7 +503,7 @@ def _capped_launcher(kernel, key, channels_last, fp64, caps, swizzle):
     extra = {"GROUP_M": 8} if swizzle else {}
     configs, seen = [], set()
     for bm, bn, bk, warps, stages in _FP64_TILES if fp64 else _TILES:
-        tile = tuple(_cap(d, b) for d, b in zip(caps, (bm, bn, bk), strict=True))
+        tile = tuple(dot_block(d, b) for d, b in zip(caps, (bm, bn, bk), strict=True))
         if (tile, warps, stages) not in seen:
             seen.add((tile, warps, stages))
             blocks = dict(zip(("BLOCK_M", "BLOCK_N", "BLOCK_K"), tile, strict=True))
@@ -516,7 +511,7 @@ def _capped_launcher(kernel, key, channels_last, fp64, caps, swizzle):
     interp = dict(
         zip(
             ("BLOCK_M", "BLOCK_N", "BLOCK_K"),
-            (_cap(d, b) for d, b in zip(caps, _INTERP_TILE, strict=True)),
+            (dot_block(d, b) for d, b in zip(caps, _INTERP_TILE, strict=True)),
             strict=True,
         )
     )

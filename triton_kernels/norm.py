@@ -557,10 +557,6 @@ def _float_pair(value: float) -> tuple[float, float]:
     return hi, value - hi
 
 
-def _pow2(n: int) -> int:
-    return next_power_of_2(max(int(n), 1))
-
-
 def _tune_bucket(*sizes: int) -> int:
     """An autotuning key for sizes that vary from call to call: their log2 classes, so a new
     batch size of a similar magnitude reuses the tuned config rather than tuning again."""
@@ -676,8 +672,8 @@ def _empty(dtype: torch.dtype, device) -> torch.Tensor:
 
 def _row_plan(C: int, c_contig: bool, single_max: dict) -> tuple[int, bool]:
     """(BLOCK_C, SINGLE): the whole of C in one tile when it fits, else chunks."""
-    if _pow2(C) <= single_max[c_contig]:
-        return _pow2(C), True
+    if next_power_of_2(C) <= single_max[c_contig]:
+        return next_power_of_2(C), True
     return _ROW_CHUNK[c_contig], False
 
 
@@ -702,7 +698,8 @@ def row_norm_fwd(x, residual, weight, bias, eps, rms):
         return y, s, mean, rstd
     Bv, _, Kv, c_contig = _view(x)
     block_c, single = _row_plan(C, c_contig, _ROW_FWD_SINGLE_MAX)
-    launch = _tuned(_row_norm_fwd_kernel, _ROW_FWD_TILING, block_c, _pow2(Kv), _row_k_min(c_contig))
+    k_cap = next_power_of_2(Kv)
+    launch = _tuned(_row_norm_fwd_kernel, _ROW_FWD_TILING, block_c, k_cap, _row_k_min(c_contig))
     # One program per (b, tile of BLOCK_K columns k) (rows when K == 1).
     grid = lambda meta: (Bv * cdiv(Kv, meta["BLOCK_K"]),)  # noqa: E731
     launch[grid](
@@ -723,8 +720,8 @@ def _sum_rows(a, b, C, acc):
     out_a = new_output((C,), acc, device) if a is not None else _empty(acc, device)
     out_b = new_output((C,), acc, device) if b is not None else _empty(acc, device)
     P = (a if a is not None else b).shape[0]
-    block_c = min(_pow2(C), 256)
-    block_p = min(_pow2(P), max(1, 4096 // block_c))
+    block_c = min(next_power_of_2(C), 256)
+    block_p = min(next_power_of_2(P), max(1, 4096 // block_c))
     # One program per BLOCK_C columns, walking the P rows in order.
     _sum_rows_kernel[(cdiv(C, block_c),)](
         a if a is not None else b, out_a if a is not None else out_b,
@@ -752,11 +749,11 @@ def row_norm_bwd(grad_y, x, weight, mean, rstd, grad_sum, rms, need_dweight, nee
     Bv, _, Kv, c_contig = _view(x)
     block_c, single = _row_plan(C, c_contig, _ROW_BWD_SINGLE_MAX)
     k_min = _row_k_min(c_contig)
-    launch = _tuned(_row_norm_bwd_kernel, _ROW_BWD_TILING, block_c, _pow2(Kv), k_min)
+    launch = _tuned(_row_norm_bwd_kernel, _ROW_BWD_TILING, block_c, next_power_of_2(Kv), k_min)
     # A fixed grid of G programs, each walking column tiles p, p + G, ...: G (the rows of the
     # partial sums) must not depend on the tuned BLOCK_K, so it comes from the smallest one;
     # with a larger BLOCK_K the programs left without a tile write zero partials.
-    smallest_k = _ROW_BWD_TILING.block_ks(block_c, _pow2(Kv), k_min)[0]
+    smallest_k = _ROW_BWD_TILING.block_ks(block_c, next_power_of_2(Kv), k_min)[0]
     per_sm = 2 if need_dweight or need_dbias else 8  # partial rows cost G * C * 8 bytes
     G = max(1, min(Bv * cdiv(Kv, smallest_k), _programs_target(x.device, per_sm)))
     dw = torch.empty((G, C), dtype=acc, device=x.device) if need_dweight else None
@@ -783,14 +780,14 @@ def _bn_block_c(C: int, Kv: int, c_contig: bool) -> int:
     """Channels a tile: NHWC a contiguous run of up to 128; NCHW enough planes to fill a tile
     of about 1024 elements when the planes are small."""
     if c_contig:
-        return min(_pow2(C), 128)
-    return min(_pow2(C), max(1, 1024 // _pow2(Kv)))
+        return min(next_power_of_2(C), 128)
+    return min(next_power_of_2(C), max(1, 1024 // next_power_of_2(Kv)))
 
 
 def _bn_elementwise(kernel, x, C, Bv, Kv, c_contig):
     """The autotuned launcher and grid of an elementwise BatchNorm kernel."""
     block_c = _bn_block_c(C, Kv, c_contig)
-    launch = _tuned(kernel, _BN_ELEMENTWISE_TILING, block_c, _pow2(Kv))
+    launch = _tuned(kernel, _BN_ELEMENTWISE_TILING, block_c, next_power_of_2(Kv))
     # One program per (b, tile of channels, tile of k): see _tile_of.
     grid = lambda meta: (Bv * cdiv(C, block_c) * cdiv(Kv, meta["BLOCK_K"]),)  # noqa: E731
     return launch, grid, block_c
@@ -801,7 +798,7 @@ def _bn_reduce_launch(kernel, C, Bv, Kv, c_contig, device):
     split into NKC chunks of KCHUNK so that the (piece, channel tile) programs fill the device;
     KCHUNK is a multiple of every tuned BLOCK_K, so tiles never straddle two pieces."""
     block_c = _bn_block_c(C, Kv, c_contig)
-    step = _BN_REDUCE_TILING.block_ks(block_c, _pow2(Kv))[-1]
+    step = _BN_REDUCE_TILING.block_ks(block_c, next_power_of_2(Kv))[-1]
     per_b = max(1, _programs_target(device, 8) // (Bv * cdiv(C, block_c)))
     kchunk = cdiv(cdiv(Kv, per_b), step) * step
     kchunk, nkc = (Kv, 1) if kchunk >= Kv else (kchunk, cdiv(Kv, kchunk))
@@ -831,8 +828,8 @@ def batch_norm_stats(x):
     )  # fmt: skip
     mean = new_output((C,), acc, x.device)
     var = new_output((C,), acc, x.device)
-    merge_c = min(_pow2(C), 128)
-    merge_p = min(_pow2(P), max(1, 4096 // merge_c))
+    merge_c = min(next_power_of_2(C), 128)
+    merge_p = min(next_power_of_2(P), max(1, 4096 // merge_c))
     # One program per BLOCK_C channels, merging the P pieces in order.
     _bn_stats_merge_kernel[(cdiv(C, merge_c),)](
         x, pmean, pm2, mean, var, C, Kv, kchunk, nkc, P,

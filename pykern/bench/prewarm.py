@@ -34,8 +34,7 @@ def _warm(job: tuple) -> str | None:
         _PLAN = run.plan(opts)[0]
     module, case = _PLAN[index]
     try:
-        ready, why = module.providers(case, opts.device)
-        ready, _ = run._providers_wanted(ready, why, opts)
+        ready, _ = run.case_providers(module, case, opts)
         x = module.make_input(case, opts.device)
         for provider in ready:
             with provider.active():
@@ -51,7 +50,7 @@ def _warm(job: tuple) -> str | None:
             torch.cuda.empty_cache()
 
 
-def workers_for(cases: int) -> int:
+def _workers_for(cases: int) -> int:
     """Half the CPU threads, at most 8 (each worker holds a CUDA context and a case's buffers)."""
     return max(1, min(8, (os.cpu_count() or 2) // 2, cases))
 
@@ -61,7 +60,7 @@ def prewarm(opts, count: int, deadline: float) -> dict:
     all are done or time.perf_counter() passes deadline (the workers are then stopped).
     Returns what the report keeps: workers, cases run, errors met, seconds."""
     start = time.perf_counter()
-    workers = workers_for(count)
+    workers = _workers_for(count)
     warmed, errors = 0, []
     # spawn: the parent has a CUDA context, which a forked child must not inherit
     pool = multiprocessing.get_context("spawn").Pool(workers)

@@ -111,6 +111,13 @@ def _providers_wanted(providers: list, skipped: dict, opts: Options) -> tuple[li
     return keep, why
 
 
+def case_providers(module: types.ModuleType, case: harness.Case, opts: Options):
+    """(ready, why) for one case as --backends asks: the providers to call, torch's first, and
+    {provider: why it is skipped}."""
+    ready, why = module.providers(case, opts.device)
+    return _providers_wanted(ready, why, opts)
+
+
 def plan(opts: Options) -> tuple[list[tuple[types.ModuleType, harness.Case]], dict]:
     """The cases to run, in order, and {family: why its section did not run}."""
     todo, sections = [], {}
@@ -176,11 +183,13 @@ def run(opts: Options) -> int:
     target_s = opts.target_s if opts.target_s is not None else TARGET_S[(device, opts.quick)]
     warmed = None
     if device == "cuda" and opts.prewarm and len(todo) > 1:
-        print(f"compiling kernels: {len(todo)} cases in {prewarm.workers_for(len(todo))} "
-              "worker processes", flush=True)  # fmt: skip
+        print(f"compiling kernels: {len(todo)} cases, in worker processes", flush=True)
         warmed = prewarm.prewarm(opts, len(todo), started + PREWARM_SHARE * target_s)
-        print(f"compiled: {warmed['cases']} of {len(todo)} cases in {warmed['seconds']} s"
-              f" ({len(warmed['errors'])} raised there)", flush=True)  # fmt: skip
+        print(
+            f"compiled: {warmed['cases']} of {len(todo)} cases in {warmed['workers']} workers, "
+            f"{warmed['seconds']} s ({len(warmed['errors'])} raised there)",
+            flush=True,
+        )
 
     base = harness.settings(device, opts.quick)
     if opts.budget_s is not None:
@@ -251,8 +260,7 @@ def run(opts: Options) -> int:
         try:
             if case.family == "e2e":
                 case = module.with_flops(case, device)
-            ready, why = module.providers(case, device)
-            ready, why = _providers_wanted(ready, why, opts)
+            ready, why = case_providers(module, case, opts)
             for name, reason in why.items():
                 skipped[(case.family, name)] = reason
             extra = module.extra_for(case) if hasattr(module, "extra_for") else None
