@@ -247,6 +247,19 @@ def test_report_says_what_was_compiled_first():
     assert "| compiled first | 370 of 378 cases in 8 worker processes, 140 s; 1 raised" in text
 
 
+def test_report_marks_host_times_that_waited_on_the_gpu():
+    doc = _doc(
+        [
+            _record("max_pool2d_3x3s2", "nchw", "torch", 2.0, host_us=41.5),
+            _record("max_pool2d_3x3s2", "nchw", "pykern-cpu", 1.0, host_us=4321.0,
+                    host_us_upper_bound=True),
+        ]
+    )  # fmt: skip
+    rows = [r for r in report.render(doc, charts=[], charts_note=None).splitlines()
+            if r.startswith("| 8x64x56x56 |")]  # fmt: skip
+    assert rows[0].endswith("| 41.5 |") and rows[1].endswith("| ≤4321.0 |"), rows
+
+
 def test_report_says_when_charts_were_skipped():
     text = report.render(_pool_doc(), charts=[], charts_note="skipped: matplotlib is missing")
     assert "Charts: skipped: matplotlib is missing" in text
@@ -462,3 +475,35 @@ def test_prewarm_calls_every_case_in_workers(tmp_path):
     assert (warmed["cases"], warmed["errors"]) == (len(todo), [])
     assert len(todo) > 1
     assert prewarm.prewarm(opts, len(todo), time.perf_counter() - 1)["cases"] == 0
+
+
+class _FakeSpunEvent:
+    """torch.cuda.Event stand-in: query() says whether the spin ended before the enqueue did."""
+
+    answers: list[bool] = []
+
+    def record(self):
+        pass
+
+    def query(self):
+        return self.answers.pop(0)
+
+
+@pytest.mark.parametrize(
+    ("answers", "calls", "blocked"),
+    [([False], [3], False), ([True, False], [3, 1], False), ([True, True], [3, 1], True)],
+)
+def test_host_time_retries_one_call_when_the_launch_queue_filled(
+    monkeypatch, answers, calls, blocked
+):
+    """_Timed._host_us: a batch whose enqueue outlasted the GPU's spin waited on a full launch
+    queue, so one call is timed alone; still waiting, its time is flagged an upper bound."""
+    timer = harness._Timed(harness.Provider("p", lambda x: x), [torch.zeros(1)], "cpu")
+    seen = []
+    monkeypatch.setattr(_FakeSpunEvent, "answers", list(answers))
+    monkeypatch.setattr(harness.torch.cuda, "Event", _FakeSpunEvent)
+    monkeypatch.setattr(harness.torch.cuda, "synchronize", lambda: None)
+    monkeypatch.setattr(harness, "_spin", lambda ms: None)
+    monkeypatch.setattr(timer, "_wall_ms", lambda count, wait: seen.append(count) or 0.25)
+    assert timer._host_us(wall_ms=1.0, count=3) == (250.0, blocked)
+    assert seen == calls

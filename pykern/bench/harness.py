@@ -9,7 +9,8 @@ How a case is timed:
 - CUDA: CUDA events around a batch of back-to-back calls, after warm-up. A GPU spin
   (torch.cuda._sleep) is queued ahead of each batch so the host has enqueued the whole batch
   before the GPU reaches it: the time is the kernels', not Python's dispatch. The dispatch cost is
-  measured on its own and kept as host_us.
+  measured on its own and kept as host_us (flagged as an upper bound where one call launches
+  more kernels than CUDA's launch queue holds, so that enqueueing it waited on the GPU).
 - CPU: time.perf_counter around a batch of calls, after warm-up.
 - Inputs rotate across enough copies that together they exceed twice the last-level cache (GPU
   L2, CPU L3), so no call finds its input cached by the previous one.
@@ -155,6 +156,7 @@ class Record:
     inner: int  # calls per timed batch
     buffers: int  # input copies rotated through
     host_us: float | None  # CUDA: host time to enqueue one call (Python + dispatch)
+    host_us_upper_bound: bool  # host_us includes waiting on a full launch queue (_Timed._host_us)
     bytes: int
     gbps: float
     floor_gbps: float
@@ -321,6 +323,7 @@ class _Timed:
         self.inner = 1
         self.spin_ms = 0.0
         self.host_us: float | None = None
+        self.host_blocked = False  # host_us waited on a full launch queue: an upper bound
         self.repeats_ms: list[float] = []
 
     def _batch(self, count: int) -> list[torch.Tensor]:
@@ -351,6 +354,25 @@ class _Timed:
         end.synchronize()
         return start.elapsed_time(end) / count
 
+    def _host_us(self, wall_ms: float, count: int) -> tuple[float, bool]:
+        """(host us to enqueue one call, blocked), the GPU kept busy by a spin meanwhile.
+
+        CUDA's launch queue holds about a thousand kernels; a batch that launches more waits
+        for the GPU to drain it, and that wait would be counted as host time. It shows as the
+        spin having ended before the enqueue did (the spin outlasts the batch's own wall time,
+        so only such a wait can make it end first). Then one call is tried alone; if that still
+        waits, its time is kept as an upper bound (blocked True)."""
+        while True:
+            _spin(1.5 * wall_ms * count + 0.05)
+            spun = torch.cuda.Event()
+            spun.record()
+            us = self._wall_ms(count, wait=False) * 1e3
+            blocked = spun.query()  # the spin already over: the enqueue waited on the GPU
+            torch.cuda.synchronize()
+            if not blocked or count == 1:
+                return us, blocked
+            count = 1
+
     def calibrate(self, s: Settings, warmed: bool = False) -> None:
         """Warm-up (compile, autotune, allocator, first touch of every rotated input, bounded by
         s.warmup_s), then choose the batch size so a repeat lasts about s.repeat_ms, and the
@@ -373,10 +395,8 @@ class _Timed:
             wall_ms = self._wall_ms(probe, wait=True)
             if self.cuda:
                 probe = max(3, probe)
+                self.host_us, self.host_blocked = self._host_us(wall_ms, probe)
                 self.spin_ms = 1.5 * wall_ms * probe
-                _spin(self.spin_ms)
-                self.host_us = self._wall_ms(probe, wait=False) * 1e3  # enqueue only
-                torch.cuda.synchronize()
                 per_call_ms = self._events_ms(probe)
             else:
                 per_call_ms = wall_ms
@@ -628,6 +648,7 @@ def _record(case: Case, timer: _Timed, device: str, floors: dict, meta: dict) ->
         inner=timer.inner,
         buffers=len(timer.inputs),
         host_us=None if timer.host_us is None else round(timer.host_us, 2),
+        host_us_upper_bound=timer.host_blocked,
         bytes=case.bytes,
         gbps=case.bytes / (median * 1e-3) / 1e9,
         floor_gbps=floors["copy"]["gbps"],

@@ -226,6 +226,9 @@ def _reading() -> list[str]:
         "torch backend that does).",
         "- two times are told apart only where their interquartile ranges do not overlap; "
         'otherwise the tables say "within spread".',
+        "- host us/call (GPU): the host's time to enqueue one call while the GPU is kept busy. "
+        '"≤" marks a call that launches more kernels than CUDA\'s launch queue holds, so that '
+        "enqueueing it waited on the GPU: an upper bound.",
         "",
     ]
 
@@ -533,6 +536,13 @@ def _e2e(doc: dict) -> list[str]:
 # ---------------------------------------------------------------- per op
 
 
+def host_str(r: dict) -> str:
+    """A record's host us/call; "≤" where it waited on a full launch queue (an upper bound)."""
+    if r.get("host_us") is None:
+        return "-"
+    return ("≤" if r.get("host_us_upper_bound") else "") + f"{r['host_us']:.1f}"
+
+
 def _op_section(family: str, op: str, pass_: str, records: list[dict]) -> list[str]:
     lines = [f"#### {op_title(family, op, pass_)}", ""]
     host = any(r.get("host_us") is not None for r in records)
@@ -559,7 +569,7 @@ def _op_section(family: str, op: str, pass_: str, records: list[dict]) -> list[s
                 ratio_str(r.get("ratio_vs_torch")),
             ]
             if host:
-                row.append("-" if r.get("host_us") is None else f"{r['host_us']:.1f}")
+                row.append(host_str(r))
             rows.append(row)
     header = ["shape", "dtype", "layout", "provider", "median ms", "IQR ±", "min - max ms"]
     header += [unit if compute else "GB/s", "% of floor", f"vs {reference}"]
