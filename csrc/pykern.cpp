@@ -71,11 +71,13 @@ PYBIND11_MODULE(_C, m) {
 #endif
 
   // pooling
-  m.def("pool_reduce_fwd_cpu", &pykern::pool_reduce_fwd_cpu, py::arg("x"), py::arg("is_max"));
+  m.def("pool_reduce_fwd_cpu", &pykern::pool_reduce_fwd_cpu, py::arg("x"), py::arg("is_max"),
+        py::arg("with_indices"));
   m.def("pool_reduce_bwd_cpu", &pykern::pool_reduce_bwd_cpu, py::arg("grad_out"),
         py::arg("indices"), py::arg("R"), py::arg("is_max"));
 #ifdef PYKERN_WITH_CUDA
-  m.def("pool_reduce_fwd_cuda", &pykern::pool_reduce_fwd_cuda, py::arg("x"), py::arg("is_max"));
+  m.def("pool_reduce_fwd_cuda", &pykern::pool_reduce_fwd_cuda, py::arg("x"), py::arg("is_max"),
+        py::arg("with_indices"));
   m.def("pool_reduce_bwd_cuda", &pykern::pool_reduce_bwd_cuda, py::arg("grad_out"),
         py::arg("indices"), py::arg("R"), py::arg("is_max"));
 #endif

@@ -18,12 +18,15 @@ at::Tensor permute_copy_cuda(const at::Tensor& x, const std::vector<int64_t>& pe
 #endif
 
 // pooling: x is a (B, R, K) strided view reduced over R (mean, or max with the index of the max
-// in R); backward spreads (B, K) gradients back to a contiguous (B, R, K).
-std::tuple<at::Tensor, at::Tensor> pool_reduce_fwd_cpu(const at::Tensor& x, bool is_max);
+// in R; with_indices false: indices come back empty, (0, K), which lets the CPU skip them);
+// backward spreads (B, K) gradients back to a contiguous (B, R, K).
+std::tuple<at::Tensor, at::Tensor> pool_reduce_fwd_cpu(const at::Tensor& x, bool is_max,
+                                                       bool with_indices);
 at::Tensor pool_reduce_bwd_cpu(const at::Tensor& grad_out, const at::Tensor& indices, int64_t R,
                                bool is_max);
 #ifdef PYKERN_WITH_CUDA
-std::tuple<at::Tensor, at::Tensor> pool_reduce_fwd_cuda(const at::Tensor& x, bool is_max);
+std::tuple<at::Tensor, at::Tensor> pool_reduce_fwd_cuda(const at::Tensor& x, bool is_max,
+                                                        bool with_indices);
 at::Tensor pool_reduce_bwd_cuda(const at::Tensor& grad_out, const at::Tensor& indices, int64_t R,
                                 bool is_max);
 #endif

@@ -109,7 +109,7 @@ def test_reduce_max_index_follows_the_serial_rule(target, R, dtype):
     x[7, 0] = float("nan")  # a NaN in the first element
     x[8, 1::2] = -0.0  # -0.0 / +0.0 ties keep the first one's sign
     x[8, 0::2] = 0.0
-    out, indices = torch.ops.pykern.pool_reduce_fwd(x, True)
+    out, indices = torch.ops.pykern.pool_reduce_fwd(x, True, True)
     expected = torch.tensor([[_serial_max(run)] for run in x[:, :, 0].float()])
     assert torch.equal(indices.cpu(), expected)
     picked = x.gather(1, expected.to(x.device)[:, :, None])[:, 0]
@@ -118,14 +118,42 @@ def test_reduce_max_index_follows_the_serial_rule(target, R, dtype):
     assert torch.equal(out[8].signbit(), picked[8].signbit())
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("R", [8, 13, 64, 255, 256, 300, 2048])  # groups of 8 runs, long runs
+@pytest.mark.parametrize("K", [1, 3])  # K = 1: the CPU's values-only paths; K = 3 the others
+def test_reduce_max_without_indices_is_the_same_element(target, R, K, dtype):
+    # Without indices (a forward under no_grad) the maxima must be the very elements the index
+    # path picks: the last NaN of a run, the first zero's sign, each as its bits.
+    x = torch.randn(19, R, K, dtype=dtype, device=target.device)  # 19: two groups of 8 and 3
+    x[1] = 2.0  # every element ties
+    x[2, R // 3] = float("nan")
+    x[2, R // 2] = -float("nan")  # the last NaN's bits (its sign) are the ones kept
+    x[3] = float("-inf")
+    x[4, 0], x[4, R - 1] = float("inf"), float("-inf")
+    x[5, R - 1] = float("nan")  # in the last element, which the overlapping last step reads twice
+    x[6] = -x[6].abs()
+    x[6, 1::2] = -0.0  # a maximum of zero: the first zero's sign, here -0.0 ...
+    x[7] = -x[7].abs()
+    x[7, R // 2 :] = 0.0  # ... and here +0.0 after negatives
+    x[8, 0] = float("nan")  # in the first element
+    values, empty = torch.ops.pykern.pool_reduce_fwd(x, True, False)
+    expected = torch.ops.pykern.pool_reduce_fwd(x, True, True)[0]
+    assert empty.shape == (0, K)
+    bits = {2: torch.int16, 4: torch.int32, 8: torch.int64}[x.element_size()]
+    assert torch.equal(values.view(bits), expected.view(bits))
+    torch.testing.assert_close(values, x.amax(1), equal_nan=True, rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("R", [8, 49, 75, 300])
 def test_reduce_mean_of_a_run_does_not_depend_on_its_neighbours(target, R, dtype):
     # The CPU takes runs of 8 to 1023 elements 8 at a time, and the last few (19 = 2 * 8 + 3) one
     # by one: a run must give the same bits either way.
     x = torch.randn(19, R, 1, dtype=dtype, device=target.device)
-    together = torch.ops.pykern.pool_reduce_fwd(x, False)[0]
-    alone = torch.cat([torch.ops.pykern.pool_reduce_fwd(x[b : b + 1], False)[0] for b in range(19)])
+    together = torch.ops.pykern.pool_reduce_fwd(x, False, False)[0]
+    alone = torch.cat(
+        [torch.ops.pykern.pool_reduce_fwd(x[b : b + 1], False, False)[0] for b in range(19)]
+    )
     assert torch.equal(together, alone)
     assert_close_to_ref(together, x.double().mean(1), torch_lowp=x.mean(1))
 
@@ -145,7 +173,7 @@ def test_reduce_max_index_follows_the_serial_rule_across_columns(target, R, K, d
     x[0, 0::2, 50] = 0.0
     x[1, R // 2, 33] = float("nan")  # NaNs: the last one, in one column of a block
     x[1, R - 1, 33] = float("nan")
-    out, indices = torch.ops.pykern.pool_reduce_fwd(x, True)
+    out, indices = torch.ops.pykern.pool_reduce_fwd(x, True, True)
     runs = x.transpose(1, 2).reshape(-1, R).float()
     expected = torch.tensor([_serial_max(run) for run in runs]).view(2, K)
     assert torch.equal(indices.cpu(), expected)
@@ -154,7 +182,7 @@ def test_reduce_max_index_follows_the_serial_rule_across_columns(target, R, K, d
     assert torch.equal(torch.nan_to_num(out), torch.nan_to_num(picked))
     assert torch.equal(out[0].signbit(), picked[0].signbit())
     y = torch.randn(2, R, K, dtype=dtype, device=target.device)
-    means = torch.ops.pykern.pool_reduce_fwd(y, False)[0]
+    means = torch.ops.pykern.pool_reduce_fwd(y, False, False)[0]
     assert_close_to_ref(means, y.double().mean(1), torch_lowp=y.mean(1))
 
 
@@ -201,8 +229,10 @@ def test_grad_matches_torch(target, op, layout):
 def test_opcheck(target, is_max):
     x = make_input((3, 7, 5), torch.float32, target.device)
     for view in (x, x.transpose(1, 2), x[:, :, ::2]):
-        torch.library.opcheck(torch.ops.pykern.pool_reduce_fwd.default, (view, is_max))
-    out, indices = torch.ops.pykern.pool_reduce_fwd(x, is_max)
+        for with_indices in (False, True):
+            args = (view, is_max, with_indices)
+            torch.library.opcheck(torch.ops.pykern.pool_reduce_fwd.default, args)
+    out, indices = torch.ops.pykern.pool_reduce_fwd(x, is_max, True)
     grad = torch.randn_like(out)
     torch.library.opcheck(torch.ops.pykern.pool_reduce_bwd.default, (grad, indices, 7, is_max))
 

@@ -91,15 +91,19 @@ def _acc(dtype: torch.dtype):
     return tl.float64 if dtype == torch.float64 else tl.float32
 
 
-def pool_reduce_fwd(x: torch.Tensor, is_max: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """(mean or max over R of the (B, R, K) view x, int64 index of the max in R)."""
+def pool_reduce_fwd(
+    x: torch.Tensor, is_max: bool, with_indices: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mean or max over R of the (B, R, K) view x, int64 index of the max in R). with_indices
+    false: indices come back empty, (0, K); the kernel still writes them, to a scratch buffer."""
     B, R, K = x.shape
     if R == 0:
         raise ValueError("pool_reduce_fwd: nothing to pool over (R = 0)")
     out = new_output((B, K), x.dtype, x.device)
     indices = torch.empty((B if is_max else 0, K), dtype=torch.int64, device=x.device)
+    returned = indices if with_indices else indices[:0]
     if out.numel() == 0:
-        return out, indices
+        return out, returned
     block_k = min(next_power_of_2(K), 64)
     block_r = min(next_power_of_2(R), max(1, 4096 // block_k))
     grid = (B * cdiv(K, block_k),)
@@ -109,7 +113,7 @@ def pool_reduce_fwd(x: torch.Tensor, is_max: bool) -> tuple[torch.Tensor, torch.
         IS_MAX=is_max, ACC=_acc(x.dtype), TO_BF16=x.dtype == torch.bfloat16,
         BLOCK_R=block_r, BLOCK_K=block_k,
     )  # fmt: skip
-    return out, indices
+    return out, returned
 
 
 def pool_reduce_bwd(

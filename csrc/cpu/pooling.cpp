@@ -477,6 +477,89 @@ PK_HOT_LOOP int64_t group_runs(const scalar_t* in, scalar_t* out, int64_t* idx, 
   return b;
 }
 
+// Values only (a forward whose indices nobody keeps, e.g. under no_grad): K == 1 maxima without
+// the index bookkeeping, which is most of the index path's work. The element stored is the one
+// the index path picks: a run with a NaN gives its last NaN, and a maximum of zero the first
+// zero (the only equal values whose bits differ, -0.0 and +0.0), each found by a scan in that
+// rare case. A plain maximum meets no other ties, so the lanes may see elements twice. NaNs are
+// noted by sums, which also turn NaN on inf - inf: the scan then finds none, harmlessly.
+
+// out[0] holds run p's maximum as the vectors found it; settles the two rare cases above.
+template <typename scalar_t>
+PK_INLINE void settle_max_value(const scalar_t* p, int64_t n, bool maybe_nan, scalar_t* out) {
+  if (maybe_nan) {
+    int64_t i = n - 1;
+    while (i >= 0 && !std::isnan(static_cast<float>(p[i]))) --i;
+    if (i >= 0) {
+      *out = p[i];
+      return;
+    }
+  }
+  if (static_cast<float>(*out) == 0.0f) {
+    int64_t i = 0;
+    while (static_cast<float>(p[i]) != 0.0f) ++i;
+    *out = p[i];
+  }
+}
+
+PK_INLINE void keep_larger(vf8& a, const vf8& b) { a = b > a ? b : a; }
+
+struct LargerLanes {
+  PK_INLINE void operator()(vf8& x, vm8&, const vf8& y, const vm8&) const { keep_larger(x, y); }
+};
+
+// Runs b0..b1 of n >= 32 unit-stride elements, one at a time: 4 vectors of running maxima over
+// steps of 32 elements, the last step overlapping the one before to cover the tail.
+template <typename scalar_t>
+PK_HOT_LOOP void long_run_max_values(const scalar_t* in, scalar_t* out, int64_t b0, int64_t b1,
+                                     int64_t n, int64_t sB) {
+  for (int64_t b = b0; b < b1; ++b) {
+    const scalar_t* p = in + b * sB;
+    vf8 best[4], sum[2] = {};
+    for (int v = 0; v < 4; ++v) best[v] = vf8{} - std::numeric_limits<float>::infinity();
+    for (int64_t r = 0; r < n; r += 32) {
+      const scalar_t* q = p + std::min(r, n - 32);
+      const vf8 x0 = load8(q), x1 = load8(q + 8), x2 = load8(q + 16), x3 = load8(q + 24);
+      keep_larger(best[0], x0), keep_larger(best[1], x1);
+      keep_larger(best[2], x2), keep_larger(best[3], x3);
+      sum[0] += x0 + x1, sum[1] += x2 + x3;  // NaN notes: an add a vector, not a compare and an or
+    }
+    keep_larger(best[0], best[1]), keep_larger(best[2], best[3]), keep_larger(best[0], best[2]);
+    out[b] = static_cast<scalar_t>(fold_all_lanes(best[0], keep_larger));
+    sum[0] += sum[1];
+    settle_max_value(p, n, any_lane(sum[0] != sum[0]), out + b);
+  }
+}
+
+// Runs b0.. of 8 <= n unit-stride elements in groups of 8, run j's maxima in a register of its
+// own, folded by fold8; returns the first run left (fewer than 8).
+template <typename scalar_t>
+PK_HOT_LOOP int64_t group_max_values(const scalar_t* in, scalar_t* out, int64_t b0, int64_t b1,
+                                     int64_t n, int64_t sB) {
+  int64_t b = b0;
+  for (; b + 8 <= b1; b += 8) {
+    const scalar_t* p = in + b * sB;
+    vf8 best[8], sum[2] = {};
+    vm8 unused[8] = {};
+    for (int j = 0; j < 8; ++j) best[j] = vf8{} - std::numeric_limits<float>::infinity();
+    for (int64_t r = 0; r < n; r += 8) {
+      const int64_t at = std::min(r, n - 8);  // the last step overlaps, covering the tail
+#pragma GCC unroll 8
+      for (int j = 0; j < 8; ++j) {
+        const vf8 x = load8(p + j * sB + at);
+        keep_larger(best[j], x);
+        sum[j % 2] += x;
+      }
+    }
+    fold8(best, unused, LargerLanes{});
+    store8(out + b, best[0]);
+    sum[0] += sum[1];
+    const bool maybe_nan = any_lane(sum[0] != sum[0]);
+    for (int j = 0; j < 8; ++j) settle_max_value(p + j * sB, n, maybe_nan, out + b + j);
+  }
+  return b;
+}
+
 // K > 1, unit-stride columns, in registers Vecs vectors of columns at a time, over one chunk of
 // rows: column blocks inner, their running sums / maxima waiting in L1 between chunks.
 
@@ -630,8 +713,11 @@ PK_HOT_LOOP int64_t column_blocks(const scalar_t* base, int64_t cols, int64_t R,
   return vcols;
 }
 
+// values_only: the caller drops the indices, so the K == 1 maxima may skip them (indices is
+// still a (B, K) buffer, which the other paths fill).
 template <typename scalar_t>
-void reduce_fwd(const at::Tensor& x, at::Tensor& out, at::Tensor& indices, bool is_max) {
+void reduce_fwd(const at::Tensor& x, at::Tensor& out, at::Tensor& indices, bool is_max,
+                bool values_only) {
   const int64_t B = x.size(0), R = x.size(1), K = x.size(2);
   const int64_t sB = x.stride(0), sR = x.stride(1), sK = x.stride(2);
   const scalar_t* in = x.const_data_ptr<scalar_t>();
@@ -642,6 +728,10 @@ void reduce_fwd(const at::Tensor& x, at::Tensor& out, at::Tensor& indices, bool 
     const int64_t grain = std::max<int64_t>(1, kReduceGrain / R);
     at::parallel_for(0, B, grain, [&](int64_t b0, int64_t b1) {
       if constexpr (kVecChannels<scalar_t>) {
+        if (is_max && values_only && sR == 1 && R >= 8) {
+          if (R >= kLongRun) return long_run_max_values(in, o, b0, b1, R, sB);
+          b0 = group_max_values(in, o, b0, b1, R, sB);
+        }
         if (sR == 1 && R >= 8 && R < (is_max ? kLongRun : kLongSum)) {
           b0 = group_runs(in, o, idx, b0, b1, R, sB, is_max);
         }
@@ -1487,7 +1577,8 @@ at::Tensor avg_pool2d_bwd_cpu(const at::Tensor& grad_out, const std::vector<int6
   return dx;
 }
 
-std::tuple<at::Tensor, at::Tensor> pool_reduce_fwd_cpu(const at::Tensor& x, bool is_max) {
+std::tuple<at::Tensor, at::Tensor> pool_reduce_fwd_cpu(const at::Tensor& x, bool is_max,
+                                                       bool with_indices) {
   PK_CHECK_CPU("pool_reduce_fwd_cpu", x);
   PK_CHECK_VALUE(x.dim() == 3, "pool_reduce_fwd_cpu: x must be a (B, R, K) view, got ", x.dim(),
                  "D");
@@ -1496,11 +1587,12 @@ std::tuple<at::Tensor, at::Tensor> pool_reduce_fwd_cpu(const at::Tensor& x, bool
                  "pool_reduce_fwd_cpu: reductions over 2^31 or more elements are not supported");
   at::Tensor out = at::empty({x.size(0), x.size(2)}, x.options());
   at::Tensor indices = at::empty({is_max ? x.size(0) : 0, x.size(2)}, x.options().dtype(at::kLong));
-  if (out.numel() == 0) return {out, indices};
+  if (out.numel() == 0) return {out, with_indices ? indices : indices.narrow(0, 0, 0)};
   poison_cpu(out);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "pool_reduce_fwd_cpu",
-                                  [&] { reduce_fwd<scalar_t>(x, out, indices, is_max); });
-  return {out, indices};
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, x.scalar_type(), "pool_reduce_fwd_cpu",
+      [&] { reduce_fwd<scalar_t>(x, out, indices, is_max, !with_indices); });
+  return {out, with_indices ? indices : indices.narrow(0, 0, 0)};
 }
 
 at::Tensor pool_reduce_bwd_cpu(const at::Tensor& grad_out, const at::Tensor& indices, int64_t R,

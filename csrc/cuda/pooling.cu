@@ -162,7 +162,10 @@ __global__ void pool_reduce_bwd_kernel(const scalar_t* __restrict__ dy,
 
 }  // namespace
 
-std::tuple<at::Tensor, at::Tensor> pool_reduce_fwd_cuda(const at::Tensor& x, bool is_max) {
+// with_indices false: the kernels still write the indices (a few % of the traffic), to a
+// buffer that is not returned.
+std::tuple<at::Tensor, at::Tensor> pool_reduce_fwd_cuda(const at::Tensor& x, bool is_max,
+                                                        bool with_indices) {
   PK_CHECK_CUDA("pool_reduce_fwd_cuda", x);
   PK_CHECK_VALUE(x.dim() == 3, "pool_reduce_fwd_cuda: x must be a (B, R, K) view, got ", x.dim(),
                  "D");
@@ -171,7 +174,8 @@ std::tuple<at::Tensor, at::Tensor> pool_reduce_fwd_cuda(const at::Tensor& x, boo
   const int64_t B = x.size(0), R = x.size(1), K = x.size(2);
   at::Tensor out = at::empty({B, K}, x.options());
   at::Tensor indices = at::empty({is_max ? B : 0, K}, x.options().dtype(at::kLong));
-  if (out.numel() == 0) return {out, indices};
+  const at::Tensor returned = with_indices ? indices : indices.narrow(0, 0, 0);
+  if (out.numel() == 0) return {out, returned};
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   if (poison_outputs()) {
     C10_CUDA_CHECK(cudaMemsetAsync(out.data_ptr(), 0xFF, out.nbytes(), stream));
@@ -199,7 +203,7 @@ std::tuple<at::Tensor, at::Tensor> pool_reduce_fwd_cuda(const at::Tensor& x, boo
              : launch(pool_reduce_fwd_kernel_cols<scalar_t, false>);
     }
   });
-  return {out, indices};
+  return {out, returned};
 }
 
 at::Tensor pool_reduce_bwd_cuda(const at::Tensor& grad_out, const at::Tensor& indices, int64_t R,

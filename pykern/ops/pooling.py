@@ -1,7 +1,7 @@
 """Pooling family: global and channel pooling as custom ops with autograd.
 
 Both are one reduction: the input seen as a strided (B, R, K) view, reduced over R into a
-contiguous (B, K): `pykern::pool_reduce_fwd(x, is_max) -> (out, indices)` and
+contiguous (B, K): `pykern::pool_reduce_fwd(x, is_max, with_indices) -> (out, indices)` and
 `pykern::pool_reduce_bwd(grad_out, indices, R, is_max) -> grad_x`. The views are chosen here so
 that each layout is read natively, never transposed first:
 
@@ -25,15 +25,20 @@ POOL_REDUCE_BWD = backends.table("pooling", "pool_reduce_bwd")
 
 
 @torch.library.custom_op("pykern::pool_reduce_fwd", mutates_args=())
-def pool_reduce_fwd(x: torch.Tensor, is_max: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mean (or max, with the index of the max in R) of the (B, R, K) view x over R."""
-    return backends.dispatch(POOL_REDUCE_FWD, x.device, "pool_reduce_fwd")(x, is_max)
+def pool_reduce_fwd(
+    x: torch.Tensor, is_max: bool, with_indices: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean (or max, with the index of the max in R) of the (B, R, K) view x over R. Without
+    with_indices the indices come back empty, (0, K): the CPU then skips finding them."""
+    impl = backends.dispatch(POOL_REDUCE_FWD, x.device, "pool_reduce_fwd")
+    return impl(x, is_max, with_indices)
 
 
 @pool_reduce_fwd.register_fake
-def _pool_reduce_fwd_fake(x, is_max):
+def _pool_reduce_fwd_fake(x, is_max, with_indices):
     B, _, K = x.shape
-    return x.new_empty((B, K)), x.new_empty((B if is_max else 0, K), dtype=torch.int64)
+    rows = B if is_max and with_indices else 0
+    return x.new_empty((B, K)), x.new_empty((rows, K), dtype=torch.int64)
 
 
 @torch.library.custom_op("pykern::pool_reduce_bwd", mutates_args=())
@@ -58,7 +63,7 @@ _pool_reduce_bwd = backends.caller("pool_reduce_bwd", POOL_REDUCE_BWD)
 class PoolReduceFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, is_max: bool) -> torch.Tensor:
-        out, indices = _pool_reduce_fwd(x, is_max)
+        out, indices = _pool_reduce_fwd(x, is_max, True)
         ctx.save_for_backward(indices)
         ctx.R, ctx.is_max = x.shape[1], is_max
         return out
@@ -74,7 +79,7 @@ def _reduce(x: torch.Tensor, is_max: bool) -> torch.Tensor:
     (Function.apply costs more than the kernel on small inputs)."""
     if torch.is_grad_enabled() and x.requires_grad:
         return PoolReduceFunction.apply(x, is_max)
-    return _pool_reduce_fwd(x, is_max)[0]
+    return _pool_reduce_fwd(x, is_max, False)[0]
 
 
 def global_pool(x: torch.Tensor, is_max: bool) -> torch.Tensor:
