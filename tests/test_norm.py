@@ -371,6 +371,45 @@ def test_batch_norm_dtypes(target, op, dtype, layout):
     assert_close_to_ref(rv, rv_t, fp32_tol=1e-5)
 
 
+def test_acc_copies_are_reused_until_their_source_changes():
+    from pykern.ops import norm as norm_ops
+
+    t = torch.randn(5).to(torch.bfloat16)
+    first = norm_ops._in_acc(t, torch.float32)
+    assert first.dtype == torch.float32 and torch.equal(first, t.float())
+    assert norm_ops._in_acc(t, torch.float32) is first  # no conversion kernel a call
+    t.add_(1.0)  # in place: a new version
+    changed = norm_ops._in_acc(t, torch.float32)
+    assert changed is not first and torch.equal(changed, t.float())
+    t.data = torch.zeros(5, dtype=torch.bfloat16)  # new storage
+    assert torch.equal(norm_ops._in_acc(t, torch.float32), torch.zeros(5))
+    p = torch.nn.Parameter(torch.randn(5).to(torch.bfloat16))
+    with_grad = norm_ops._in_acc(p, torch.float32)  # autograd must see the conversion
+    assert with_grad.grad_fn is not None
+    with torch.no_grad():
+        assert norm_ops._in_acc(p, torch.float32) is norm_ops._in_acc(p, torch.float32)
+
+
+@pytest.mark.parametrize("layout", ["nchw", "nhwc"])
+def test_eval_batch_norm_of_a_bfloat16_model_sees_changed_statistics(target, layout):
+    """Eval BatchNorm reuses float copies of a bfloat16 module's weight, bias and running
+    statistics: a change to any of them in place must reach the next call."""
+    bn = PN.BatchNorm2d(6).to(target.device, torch.bfloat16).eval()
+    ref = torch.nn.BatchNorm2d(6).to(target.device, torch.bfloat16).eval()
+    x = make_input((2, 6, 5, 7), torch.bfloat16, target.device, layout=layout)
+    with torch.no_grad():
+        for step in range(3):
+            for m in (bn, ref):
+                torch.manual_seed(step)
+                m.running_mean.normal_()
+                m.running_var.uniform_(0.5, 2.0)
+                m.weight.normal_()
+                m.bias.normal_()
+            expected = F.batch_norm(x.double(), *_double(ref.running_mean, ref.running_var,
+                                    ref.weight, ref.bias), training=False)  # fmt: skip
+            assert_close_to_ref(bn(x), expected, ref(x))
+
+
 def test_batch_norm_without_running_stats_or_affine(target):
     x = make_input((4, 3, 2, 2), torch.float32, target.device)
     out = PF.batch_norm(x, None, None, training=True)
