@@ -149,16 +149,11 @@ def table(family: str, op: str) -> dict[str, Callable]:
     return {"cpu": native(f"{op}_cpu"), "cuda": native(f"{op}_cuda"), "triton": triton_impl}
 
 
-# Tensor types no tracer or override hides behind (a Parameter's __torch_function__ is disabled).
-_PLAIN_TYPES = (torch.Tensor, torch.nn.Parameter)
-
-
 def _plain_eager(x: object) -> bool:
     """True for a call that no tracer, mode or tensor subclass could observe: a plain CPU or
-    CUDA tensor (or Parameter), outside torch.compile's tracing, with no torch function or
-    dispatch mode."""
+    CUDA tensor, outside torch.compile's tracing, with no torch function or dispatch mode."""
     return (
-        type(x) in _PLAIN_TYPES
+        type(x) is torch.Tensor
         and (x.is_cpu or x.is_cuda)  # (flags: cheaper than building x.device)
         and not torch.compiler.is_compiling()
         and not torch._C._is_torch_function_mode_enabled()

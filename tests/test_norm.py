@@ -371,29 +371,11 @@ def test_batch_norm_dtypes(target, op, dtype, layout):
     assert_close_to_ref(rv, rv_t, fp32_tol=1e-5)
 
 
-def test_acc_copies_are_reused_until_their_source_changes():
-    from pykern.ops import norm as norm_ops
-
-    t = torch.randn(5).to(torch.bfloat16)
-    first = norm_ops._in_acc(t, torch.float32)
-    assert first.dtype == torch.float32 and torch.equal(first, t.float())
-    assert norm_ops._in_acc(t, torch.float32) is first  # no conversion kernel a call
-    t.add_(1.0)  # in place: a new version
-    changed = norm_ops._in_acc(t, torch.float32)
-    assert changed is not first and torch.equal(changed, t.float())
-    t.data = torch.zeros(5, dtype=torch.bfloat16)  # new storage
-    assert torch.equal(norm_ops._in_acc(t, torch.float32), torch.zeros(5))
-    p = torch.nn.Parameter(torch.randn(5).to(torch.bfloat16))
-    with_grad = norm_ops._in_acc(p, torch.float32)  # autograd must see the conversion
-    assert with_grad.grad_fn is not None
-    with torch.no_grad():
-        assert norm_ops._in_acc(p, torch.float32) is norm_ops._in_acc(p, torch.float32)
-
-
 @pytest.mark.parametrize("layout", ["nchw", "nhwc"])
 def test_eval_batch_norm_of_a_bfloat16_model_sees_changed_statistics(target, layout):
-    """Eval BatchNorm reuses float copies of a bfloat16 module's weight, bias and running
-    statistics: a change to any of them in place must reach the next call."""
+    """A change in place to a bfloat16 module's weight, bias or running statistics must reach
+    the next eval call, through a .data alias too (which bumps no version counter): the float
+    copies they are converted to may not be reused on a version check alone."""
     bn = PN.BatchNorm2d(6).to(target.device, torch.bfloat16).eval()
     ref = torch.nn.BatchNorm2d(6).to(target.device, torch.bfloat16).eval()
     x = make_input((2, 6, 5, 7), torch.bfloat16, target.device, layout=layout)
@@ -405,9 +387,14 @@ def test_eval_batch_norm_of_a_bfloat16_model_sees_changed_statistics(target, lay
                 m.running_var.uniform_(0.5, 2.0)
                 m.weight.normal_()
                 m.bias.normal_()
-            expected = F.batch_norm(x.double(), *_double(ref.running_mean, ref.running_var,
-                                    ref.weight, ref.bias), training=False)  # fmt: skip
-            assert_close_to_ref(bn(x), expected, ref(x))
+            for alias_write in (False, True):
+                if alias_write:  # between two calls, only .data writes
+                    for m in (bn, ref):
+                        m.running_mean.data.add_(1.0)
+                        m.weight.data.mul_(2.0)
+                expected = F.batch_norm(x.double(), *_double(ref.running_mean, ref.running_var,
+                                        ref.weight, ref.bias), training=False)  # fmt: skip
+                assert_close_to_ref(bn(x), expected, ref(x))
 
 
 def test_batch_norm_without_running_stats_or_affine(target):

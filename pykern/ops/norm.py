@@ -22,7 +22,6 @@ import math
 
 import torch
 import torch.distributed as dist
-from torch.utils.weak import WeakIdKeyDictionary
 
 from pykern import _ext, backends
 from pykern.ops.layout import contiguous
@@ -34,28 +33,10 @@ def acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-# acc copies of per-channel tensors that no gradient flows through (the weight, bias and
-# running statistics of a bfloat16 model in eval mode), kept while their source is unchanged:
-# otherwise every call converts them again, four kernel launches a BatchNorm (212 of a
-# ResNet-50 forward's 386 ops). Keyed by identity, and dropped with their source.
-_ACC_COPIES = WeakIdKeyDictionary()
-
-
 def _in_acc(t: Tensor | None, acc: torch.dtype) -> Tensor | None:
     """t converted to the accumulation type (a no-op call skipped: it costs a microsecond or
-    two on every call of a small normalization); for a tensor outside autograd, in plain eager
-    calls, a copy made once and reused until t changes (its version or storage)."""
-    if t is None or t.dtype == acc:
-        return t
-    if (t.requires_grad and torch.is_grad_enabled()) or not backends._plain_eager(t):
-        return t.to(acc)
-    stamp = (t._version, t.data_ptr(), acc)
-    kept = _ACC_COPIES.get(t)
-    if kept is not None and kept[0] == stamp:
-        return kept[1]
-    copy = t.to(acc)
-    _ACC_COPIES[t] = (stamp, copy)
-    return copy
+    two on every call of a small normalization)."""
+    return t if t is None or t.dtype == acc else t.to(acc)
 
 
 def _vector(x: Tensor, shape) -> Tensor:
