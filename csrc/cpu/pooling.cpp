@@ -96,6 +96,15 @@ PK_INLINE acc_t max_step(acc_t best, acc_t v) {
   return v > best || v != v ? v : best;
 }
 
+// The index of the last NaN among p[0], p[st], .. p[(end - 1) * st], or -1: what a run's
+// maximum is under the serial rule when it holds one (a float cast keeps NaN, of any type).
+template <typename scalar_t, typename St>
+PK_INLINE int64_t last_nan(const scalar_t* p, int64_t end, St st) {
+  int64_t i = end - 1;
+  while (i >= 0 && !std::isnan(static_cast<float>(p[i * st]))) --i;
+  return i;
+}
+
 // Lanes consecutive elements of a run as an opmath vector (float and double loaded as they are).
 template <typename scalar_t, typename St>
 PK_INLINE vec_t<max_t<scalar_t>> vload_run(const scalar_t* p, St st) {
@@ -192,10 +201,7 @@ PK_HOT_LOOP void run_maxima(const scalar_t* in, scalar_t* out, int64_t* idx, int
       if (r > 0) {
         sum[0] += sum[1];
         const bool maybe_nan = any_lane(sum[0] != sum[0]);
-        i = r - 1;
-        if (maybe_nan) {  // the last NaN wins
-          while (i >= 0 && !std::isnan(static_cast<acc_t>(p[i * st]))) --i;
-        }
+        i = maybe_nan ? last_nan(p, r, st) : r - 1;  // the last NaN wins
         if (maybe_nan && i >= 0) {
           m = static_cast<acc_t>(p[i * st]);
         } else {
@@ -277,6 +283,9 @@ PK_INLINE void store8(scalar_t* p, const vec_t<float>& v) {
 // registers over all rows.
 using vf8 = vec_t<float>;
 using vm8 = VecOf<float>::mask;
+
+// a = the lane-wise larger of a and b; of equal lanes a's (the earlier, where a came first).
+PK_INLINE void keep_larger(vf8& a, const vf8& b) { a = b > a ? b : a; }
 
 // The lanes of a and b that a fold at distance D (4, 2, 1) combines, as x (combined with) y:
 // for D = 4 a's lanes l and l + 4 go to lane l, b's to lane l + 4; D = 2 and D = 1 likewise
@@ -405,8 +414,7 @@ PK_INLINE void group_maxima(const scalar_t* p, int64_t sB, int64_t n, vm8 tail, 
   if (any_lane(nan)) {
     for (int j = 0; j < 8; ++j) {
       const scalar_t* run = p + j * sB;
-      int64_t i = n - 1;
-      while (i >= 0 && !std::isnan(static_cast<float>(run[i]))) --i;
+      const int64_t i = last_nan(run, n, 1);
       if (i >= 0) out[j] = run[i], idx[j] = i;
     }
   }
@@ -421,7 +429,6 @@ PK_INLINE void group_maxima(const scalar_t* p, int64_t sB, int64_t n, vm8 tail, 
 template <typename scalar_t>
 PK_HOT_LOOP void long_run_maxima(const scalar_t* in, scalar_t* out, int64_t* idx, int64_t b0,
                                  int64_t b1, int64_t n, int64_t sB) {
-  const auto larger = [](vf8& a, const vf8& b) PK_INLINE_LAMBDA { a = b > a ? b : a; };
   const int64_t steps = (n + 31) / 32;
   for (int64_t b = b0; b < b1; ++b) {
     const scalar_t* p = in + b * sB;
@@ -431,7 +438,7 @@ PK_HOT_LOOP void long_run_maxima(const scalar_t* in, scalar_t* out, int64_t* idx
       const scalar_t* q = p + std::min(s * 32, n - 32);
       vf8 m = load8(q), x1 = load8(q + 8), x2 = load8(q + 16), x3 = load8(q + 24);
       sum[0] += m + x1, sum[1] += x2 + x3;
-      larger(m, x1), larger(x2, x3), larger(m, x2);
+      keep_larger(m, x1), keep_larger(x2, x3), keep_larger(m, x2);
       const vm8 take = m > best;
       best = take ? m : best;
       step_of = take ? current : step_of;
@@ -439,12 +446,11 @@ PK_HOT_LOOP void long_run_maxima(const scalar_t* in, scalar_t* out, int64_t* idx
     sum[0] += sum[1];
     int64_t i = -1;
     if (any_lane(sum[0] != sum[0])) {  // the last NaN wins (none, if the sum met inf - inf)
-      i = n - 1;
-      while (i >= 0 && !std::isnan(static_cast<float>(p[i]))) --i;
+      i = last_nan(p, n, 1);
     }
     if (i < 0) {  // the first element of the maximum, among the lanes that hold it
       vf8 all = best;
-      const float m = fold_all_lanes(all, larger);
+      const float m = fold_all_lanes(all, keep_larger);
       i = n;
       for (int l = 0; l < 8; ++l) {
         if (!(best[l] == m)) continue;
@@ -488,8 +494,7 @@ PK_HOT_LOOP int64_t group_runs(const scalar_t* in, scalar_t* out, int64_t* idx, 
 template <typename scalar_t>
 PK_INLINE void settle_max_value(const scalar_t* p, int64_t n, bool maybe_nan, scalar_t* out) {
   if (maybe_nan) {
-    int64_t i = n - 1;
-    while (i >= 0 && !std::isnan(static_cast<float>(p[i]))) --i;
+    const int64_t i = last_nan(p, n, 1);
     if (i >= 0) {
       *out = p[i];
       return;
@@ -501,8 +506,6 @@ PK_INLINE void settle_max_value(const scalar_t* p, int64_t n, bool maybe_nan, sc
     *out = p[i];
   }
 }
-
-PK_INLINE void keep_larger(vf8& a, const vf8& b) { a = b > a ? b : a; }
 
 struct LargerLanes {
   PK_INLINE void operator()(vf8& x, vm8&, const vf8& y, const vm8&) const { keep_larger(x, y); }
@@ -624,7 +627,7 @@ PK_INLINE void column_max_steps(const scalar_t* base, int64_t s0, int64_t s1, in
       vf8 m = load8(q + v * 8), x1 = load8(q + sR + v * 8);
       vf8 x2 = load8(q + 2 * sR + v * 8), x3 = load8(q + 3 * sR + v * 8);
       sum[v % 2] += (m + x1) + (x2 + x3);
-      m = x1 > m ? x1 : m, x2 = x3 > x2 ? x3 : x2, m = x2 > m ? x2 : m;  // ties: the earlier
+      keep_larger(m, x1), keep_larger(x2, x3), keep_larger(m, x2);  // ties: the earlier
       const vm8 take = m > best[v];
       best[v] = take ? m : best[v];
       step_of[v] = take ? current : step_of[v];
@@ -1587,12 +1590,13 @@ std::tuple<at::Tensor, at::Tensor> pool_reduce_fwd_cpu(const at::Tensor& x, bool
                  "pool_reduce_fwd_cpu: reductions over 2^31 or more elements are not supported");
   at::Tensor out = at::empty({x.size(0), x.size(2)}, x.options());
   at::Tensor indices = at::empty({is_max ? x.size(0) : 0, x.size(2)}, x.options().dtype(at::kLong));
-  if (out.numel() == 0) return {out, with_indices ? indices : indices.narrow(0, 0, 0)};
+  const at::Tensor returned = with_indices ? indices : indices.narrow(0, 0, 0);
+  if (out.numel() == 0) return {out, returned};
   poison_cpu(out);
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kHalf, at::kBFloat16, x.scalar_type(), "pool_reduce_fwd_cpu",
       [&] { reduce_fwd<scalar_t>(x, out, indices, is_max, !with_indices); });
-  return {out, with_indices ? indices : indices.narrow(0, 0, 0)};
+  return {out, returned};
 }
 
 at::Tensor pool_reduce_bwd_cpu(const at::Tensor& grad_out, const at::Tensor& indices, int64_t R,

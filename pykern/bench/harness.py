@@ -292,6 +292,11 @@ def _spin_cycles_per_ms() -> float | None:
     return 10_000_000 / ms if ms > 0 else None
 
 
+def _covering(host_ms: float) -> float:
+    """A spin's length that outlasts host_ms of enqueueing: half as long again, plus 50 us."""
+    return 1.5 * host_ms + 0.05
+
+
 def _spin(ms: float) -> None:
     """Keeps the GPU busy for about ms while the host runs ahead and queues the timed calls."""
     cycles_per_ms = _spin_cycles_per_ms()
@@ -323,7 +328,7 @@ class _Timed:
         self.inner = 1
         self.spin_ms = 0.0
         self.host_us: float | None = None
-        self.host_blocked = False  # host_us waited on a full launch queue: an upper bound
+        self.host_us_upper_bound = False  # host_us waited on a full launch queue
         self.repeats_ms: list[float] = []
 
     def _batch(self, count: int) -> list[torch.Tensor]:
@@ -363,7 +368,7 @@ class _Timed:
         so only such a wait can make it end first). Then one call is tried alone; if that still
         waits, its time is kept as an upper bound (blocked True)."""
         while True:
-            _spin(1.5 * wall_ms * count + 0.05)
+            _spin(_covering(wall_ms * count))
             spun = torch.cuda.Event()
             spun.record()
             us = self._wall_ms(count, wait=False) * 1e3
@@ -395,14 +400,14 @@ class _Timed:
             wall_ms = self._wall_ms(probe, wait=True)
             if self.cuda:
                 probe = max(3, probe)
-                self.host_us, self.host_blocked = self._host_us(wall_ms, probe)
-                self.spin_ms = 1.5 * wall_ms * probe
+                self.host_us, self.host_us_upper_bound = self._host_us(wall_ms, probe)
+                self.spin_ms = _covering(wall_ms * probe)
                 per_call_ms = self._events_ms(probe)
             else:
                 per_call_ms = wall_ms
         self.inner = max(1, min(s.max_inner, math.ceil(s.repeat_ms / max(per_call_ms, 1e-6))))
         if self.cuda:
-            self.spin_ms = 1.5 * (self.host_us or 0.0) * 1e-3 * self.inner + 0.05
+            self.spin_ms = _covering((self.host_us or 0.0) * 1e-3 * self.inner)
 
     def repeat(self) -> None:
         with self.provider.active():
@@ -648,7 +653,7 @@ def _record(case: Case, timer: _Timed, device: str, floors: dict, meta: dict) ->
         inner=timer.inner,
         buffers=len(timer.inputs),
         host_us=None if timer.host_us is None else round(timer.host_us, 2),
-        host_us_upper_bound=timer.host_blocked,
+        host_us_upper_bound=timer.host_us_upper_bound,
         bytes=case.bytes,
         gbps=case.bytes / (median * 1e-3) / 1e9,
         floor_gbps=floors["copy"]["gbps"],
