@@ -76,7 +76,8 @@ at::Tensor avg_pool2d_bwd_cuda(const at::Tensor& grad_out, const std::vector<int
 // (pykern/ops/norm.py builds it: LayerNorm/RMSNorm (M, N, 1), LayerNorm2d NHWC (N*H*W, C, 1)
 // and NCHW (N, C, H*W), BatchNorm NCHW (N, C, H*W) and NHWC (N*H*W, C, 1)). Every per-channel
 // or per-row vector (weight, bias, mean, var, rstd, sums) is in the accumulation type "acc":
-// float64 for float64 x, else float32. Optional outputs not asked for are empty (0,) tensors.
+// float64 for float64 x, else float32; BatchNorm's mean, var, weight and bias may each be in x's
+// dtype instead (a 16-bit model's, read as stored). Optional outputs not asked for are empty.
 //
 // Row norm (LayerNorm, RMSNorm, their residual-add forms, LayerNorm2d): each (b, k) is
 // normalized over C; s = x + residual (rounded to x's dtype) when residual is given.

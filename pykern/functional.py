@@ -462,14 +462,10 @@ def _run_batch_norm(
     if input.numel() == 0:  # nothing to normalize (and no statistics to update)
         out = input.clone() if residual is None else input + residual
         return out.clamp_min(0) if relu else out
-    channels_last = _layout.is_channels_last(input)
-    x = _norm.channel_view(input, channels_last)
-    res = None if residual is None else _norm.channel_view(residual, channels_last)
-    y = _norm.batch_norm(
-        x, running_mean, running_var, weight, bias, res, bool(training), float(momentum),
-        float(eps), relu, group,
+    return _norm.batch_norm(
+        input, running_mean, running_var, weight, bias, residual, bool(training),
+        float(momentum), float(eps), relu, _layout.is_channels_last(input), group,
     )  # fmt: skip
-    return _norm.from_channel_view(y, input, channels_last)
 
 
 def _batch_norm(

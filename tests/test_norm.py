@@ -571,6 +571,90 @@ def test_batch_norm_bf16_walks(target, op, layout, shape, training):
     assert torch.equal(torch.isnan(ours(x, w, b, res)), torch.isnan(ref(x, w, b, res)))
 
 
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("layout", ["nchw", "nhwc"])
+@pytest.mark.parametrize("dtype", LOW, ids=str)
+@pytest.mark.parametrize("op", list(BN_OPS))
+def test_batch_norm_of_a_low_precision_model(target, op, dtype, layout, training):
+    """A float16/bfloat16 model keeps weight, bias and running statistics in its own dtype, and
+    the kernels read them as stored (here mixed: the bias in float32): values, gradients (each
+    in its parameter's dtype) and the running statistics' update against torch in float64."""
+    _, relu, with_res = BN_OPS[op]
+    shape = (3, 6, 5, 4)
+    x = make_input(shape, dtype, target.device, layout=layout)
+    res = make_input(shape, dtype, target.device, layout=layout) if with_res else None
+    w, b_low = _params((6,), dtype, target.device)
+    b = b_low.float()  # the same values
+    rm, rv = _stats(6, dtype, target.device)
+    rm_t, rv_t, rm64, rv64 = rm.clone(), rv.clone(), *_double(rm, rv)
+    out = _bn_call(op, x, res, rm, rv, w, b, training, 0.1, 1e-5)
+    ref = _bn_ref(*_double(x), rm64, rv64, *_double(w, b), training, 0.1, 1e-5,
+                  None if res is None else res.double(), relu)  # fmt: skip
+    expected = _bn_ref(x, rm_t, rv_t, w, b_low, training, 0.1, 1e-5, res, relu)
+    assert out.dtype == dtype and rm.dtype == rv.dtype == dtype
+    assert_close_to_ref(out, ref, expected)
+    assert_close_to_ref(rm, rm64, rm_t)
+    assert_close_to_ref(rv, rv64, rv_t)
+    if not training:
+        assert torch.equal(rm, rm_t) and torch.equal(rv, rv_t)
+
+    def ours(x, w, b, res):
+        return _bn_call(op, x, res, rm.clone(), rv.clone(), w, b, training, 0.1, 1e-5)
+
+    def ref_fn(x, w, b, res):
+        return _bn_ref(x, rm.to(w.dtype, copy=True), rv.to(w.dtype, copy=True), w,
+                       b.to(w.dtype), training, 0.1, 1e-5, res, relu)  # fmt: skip
+
+    _check_grads(ours, ref_fn, [x, w, b, res], lowp_fn=ref_fn)
+
+
+@pytest.mark.parametrize("layout", ["nchw", "nhwc"])
+def test_in_place_ops_on_a_batch_norm_output(target, layout):
+    """ResNet's += and relu_ on a training BatchNorm's output: torch's gradients, and the
+    output is no view (autograd would copy the activation twice in backward for each in-place
+    op on a view: CopySlices)."""
+    x = make_input((3, 6, 5, 4), torch.float32, target.device, layout=layout)
+    r = make_input((3, 6, 5, 4), torch.float32, target.device, layout=layout)
+    w, b = _params((6,), torch.float32, target.device)
+    nodes = []
+
+    def ours(x, w, b, r):
+        y = PF.batch_norm(x, None, None, w, b, True)
+        assert y._base is None and y.stride() == x.stride()
+        y += r  # a bottleneck block's tail
+        y.relu_()
+        nodes.append(type(y.grad_fn).__name__)
+        return y
+
+    def ref(x, w, b, r):
+        return F.batch_norm(x, None, None, w, b, True).add_(r).relu_()
+
+    _check_grads(ours, ref, [x, w, b, r])
+    assert nodes == ["ReluBackward0"], nodes
+
+
+def test_eval_batch_norm_of_a_bfloat16_model_converts_nothing(target):
+    """Eval BatchNorm of a bfloat16 model is one op: its weight, bias and running statistics
+    go to the kernel as stored (converting them was four more launches per call)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Ops(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.seen = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if not func.is_view:  # views launch nothing
+                self.seen.append(str(func.overloadpacket))
+            return func(*args, **(kwargs or {}))
+
+    bn = PN.BatchNorm2d(6).to(target.device, torch.bfloat16).eval()
+    x = make_input((2, 6, 5, 7), torch.bfloat16, target.device, layout="nhwc")
+    with torch.no_grad(), Ops() as ops:
+        bn(x)
+    assert ops.seen == ["pykern.batch_norm_fwd"], ops.seen
+
+
 @pytest.mark.parametrize("op", list(BN_OPS))
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 def test_batch_norm_gradcheck(target, op, training):
@@ -670,6 +754,36 @@ def test_opcheck(target):
     torch.library.opcheck(
         ops.batch_norm_bwd.default, (r, x, y, mean, var, w, *sums, 1e-5, 12, True)
     )
+
+
+def test_batch_norm_ops_take_vectors_in_the_input_dtype(target):
+    """The BatchNorm ops take mean, var, weight and bias in acc or in x's dtype, each on its
+    own (a bfloat16 model's parameters, fed as stored): opcheck, the same values as their
+    float32 copies, and a third dtype refused with the vector named."""
+    dev, ops = target.device, torch.ops.pykern
+    x = make_input((3, 5, 4), torch.bfloat16, dev)
+    r = make_input((3, 5, 4), torch.bfloat16, dev)
+    w, b = torch.randn(5, device=dev).bfloat16(), torch.randn(5, device=dev)
+    mean, var = ops.batch_norm_stats(x)
+    rm, rv = mean.bfloat16(), var.bfloat16()
+    torch.library.opcheck(ops.batch_norm_fwd.default, (x, rm, var, w, b, r, 1e-5, True))
+    y = ops.batch_norm_fwd(x, rm, var, w, b, r, 1e-5, True)
+    assert torch.equal(y, ops.batch_norm_fwd(x, rm.float(), var, w.float(), b, r, 1e-5, True))
+    torch.library.opcheck(ops.batch_norm_bwd_reduce.default, (r, x, y, rm, rv, 1e-5))
+    sums = ops.batch_norm_bwd_reduce(r, x, y, rm, rv, 1e-5)
+    sums_ref = ops.batch_norm_bwd_reduce(r, x, y, rm.float(), rv.float(), 1e-5)
+    assert all(map(torch.equal, sums, sums_ref))
+    for count in (12, 0):
+        args = (r, x, y, rm, rv, w, *sums, 1e-5, count, True)
+        torch.library.opcheck(ops.batch_norm_bwd.default, args)
+        dx, _ = ops.batch_norm_bwd(*args)
+        dx_ref, _ = ops.batch_norm_bwd(r, x, y, rm.float(), rv.float(), w.float(), *sums, 1e-5,
+                                       count, True)  # fmt: skip
+        assert torch.equal(dx, dx_ref)
+    with pytest.raises((TypeError, ValueError), match="weight"):
+        ops.batch_norm_fwd(x, mean, var, w.half(), b, r, 1e-5, False)
+    with pytest.raises((TypeError, ValueError), match="sum_dy"):
+        ops.batch_norm_bwd(r, x, y, rm, rv, w, sums[0].bfloat16(), sums[1], 1e-5, 12, True)
 
 
 def test_compile_fullgraph(target):

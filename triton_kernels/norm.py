@@ -96,6 +96,12 @@ def _load_vec(ptr, c, c_ok, HAS: tl.constexpr, default, ACC: tl.constexpr):
 
 
 @jit_helper
+def _channel_invstd(var_ptr, c, c_ok, EPS_HI, EPS_LO, ACC: tl.constexpr):
+    """1 / sqrt(var[c] + eps) as acc, var stored as acc or as x's dtype."""
+    return _inv_sqrt(_load_vec(var_ptr, c, c_ok, True, 1.0, ACC) + _pair(EPS_HI, EPS_LO, ACC), ACC)
+
+
+@jit_helper
 def _load_s(x_ptr, r_ptr, at, ok, HAS_RES: tl.constexpr, ACC: tl.constexpr, TO_BF16: tl.constexpr):
     """s = x (+ residual), rounded to x's dtype as torch's x + residual is, returned as acc."""
     x = tl.load(x_ptr + at, mask=ok, other=0.0)
@@ -455,8 +461,8 @@ def _bn_fwd_kernel(
     b, c, k = program_tile(pid, C, K, C_CONTIG, BLOCK_C, BLOCK_K)
     c_ok = c < C
     ok = c_ok[:, None] & (k < K)[None, :]
-    mean = tl.load(mean_ptr + c, mask=c_ok, other=0.0)
-    invstd = _inv_sqrt(tl.load(var_ptr + c, mask=c_ok, other=1.0) + _pair(EPS_HI, EPS_LO, ACC), ACC)
+    mean = _load_vec(mean_ptr, c, c_ok, True, 0.0, ACC)
+    invstd = _channel_invstd(var_ptr, c, c_ok, EPS_HI, EPS_LO, ACC)
     w = _load_vec(w_ptr, c, c_ok, HAS_W, 1.0, ACC)
     bias = _load_vec(bias_ptr, c, c_ok, HAS_B, 0.0, ACC)
     at = _offsets(b, c, k, C, K, C_CONTIG)
@@ -491,8 +497,8 @@ def _bn_bwd_reduce_kernel(
     pid = tl.program_id(0).to(tl.int64)
     p, b, k_lo, k_hi, c = _bn_piece(pid, C, K, KCHUNK, NKC, BLOCK_C)
     c_ok = c < C
-    mean = tl.load(mean_ptr + c, mask=c_ok, other=0.0)
-    invstd = _inv_sqrt(tl.load(var_ptr + c, mask=c_ok, other=1.0) + _pair(EPS_HI, EPS_LO, ACC), ACC)
+    mean = _load_vec(mean_ptr, c, c_ok, True, 0.0, ACC)
+    invstd = _channel_invstd(var_ptr, c, c_ok, EPS_HI, EPS_LO, ACC)
     sum_dy = tl.zeros([BLOCK_C, BLOCK_K], ACC)
     sum_dyx = tl.zeros([BLOCK_C, BLOCK_K], ACC)
     for k0 in range(k_lo, k_hi, BLOCK_K):
@@ -521,12 +527,12 @@ def _bn_bwd_kernel(
     b, c, k = program_tile(pid, C, K, C_CONTIG, BLOCK_C, BLOCK_K)
     c_ok = c < C
     ok = c_ok[:, None] & (k < K)[None, :]
-    invstd = _inv_sqrt(tl.load(var_ptr + c, mask=c_ok, other=1.0) + _pair(EPS_HI, EPS_LO, ACC), ACC)
+    invstd = _channel_invstd(var_ptr, c, c_ok, EPS_HI, EPS_LO, ACC)
     scale = _load_vec(w_ptr, c, c_ok, HAS_W, 1.0, ACC) * invstd
     at = _offsets(b, c, k, C, K, C_CONTIG)
     dy = _masked_dy(dy_ptr, y_ptr, at, ok, HAS_Y, ACC)
     if TRAIN:
-        mean = tl.load(mean_ptr + c, mask=c_ok, other=0.0)
+        mean = _load_vec(mean_ptr, c, c_ok, True, 0.0, ACC)
         count = _pair(COUNT_HI, COUNT_LO, ACC)
         mean_dy = tl.load(sdy_ptr + c, mask=c_ok, other=0.0) / count
         mean_dyx = tl.load(sdyx_ptr + c, mask=c_ok, other=0.0) / count
@@ -656,11 +662,14 @@ def _check_big(fn: str, x: torch.Tensor, others: dict) -> None:
             _check(f"{fn}: {name}", t, x.shape, x.dtype, x.device)
 
 
-def _check_vectors(fn: str, x: torch.Tensor, n: int, vectors: dict) -> None:
+def _check_vectors(fn: str, x: torch.Tensor, n: int, vectors: dict, or_x_dtype=False) -> None:
+    """(n,) acc vectors; or_x_dtype: x's own dtype is accepted too (BatchNorm's weight, bias and
+    statistics, which its kernels load as they are stored)."""
     acc = _acc_torch(x.dtype)
     for name, t in vectors.items():
         if t is not None:
-            _check(f"{fn}: {name}", t, (n,), acc, x.device)
+            own = or_x_dtype and t.dtype == x.dtype
+            _check(f"{fn}: {name}", t, (n,), x.dtype if own else acc, x.device)
 
 
 def _empty(dtype: torch.dtype, device) -> torch.Tensor:
@@ -843,7 +852,7 @@ def batch_norm_fwd(x, mean, var, weight, bias, residual, eps, relu):
     fn = "batch_norm_fwd"
     _check_big(fn, x, {"residual": residual})
     B, C, K = x.shape
-    _check_vectors(fn, x, C, {"mean": mean, "var": var, "weight": weight, "bias": bias})
+    _check_vectors(fn, x, C, {"mean": mean, "var": var, "weight": weight, "bias": bias}, True)
     y = new_output((B, C, K), x.dtype, x.device)
     if y.numel() == 0:
         return y
@@ -866,7 +875,7 @@ def batch_norm_bwd_reduce(grad_y, x, y, mean, var, eps):
     fn = "batch_norm_bwd_reduce"
     _check_big(fn, x, {"grad_y": grad_y, "y": y})
     B, C, K = x.shape
-    _check_vectors(fn, x, C, {"mean": mean, "var": var})
+    _check_vectors(fn, x, C, {"mean": mean, "var": var}, True)
     acc = _acc_torch(x.dtype)
     if B * K == 0:
         return torch.zeros((C,), dtype=acc, device=x.device), torch.zeros(
@@ -895,10 +904,8 @@ def batch_norm_bwd(
     fn = "batch_norm_bwd"
     _check_big(fn, x, {"grad_y": grad_y, "y": y})
     B, C, K = x.shape
-    _check_vectors(
-        fn, x, C,
-        {"mean": mean, "var": var, "weight": weight, "sum_dy": sum_dy, "sum_dy_xhat": sum_dy_xhat},
-    )  # fmt: skip
+    _check_vectors(fn, x, C, {"mean": mean, "var": var, "weight": weight}, True)
+    _check_vectors(fn, x, C, {"sum_dy": sum_dy, "sum_dy_xhat": sum_dy_xhat})
     if count < 0:
         raise ValueError(f"{fn}: count must be >= 0, got {count}")
     dx = new_output((B, C, K), x.dtype, x.device)

@@ -1719,12 +1719,15 @@ at::ScalarType acc_dtype(const at::Tensor& x) {
   return x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
 }
 
-// A per-channel or per-row acc vector of n elements.
+// A per-channel or per-row acc vector of n elements; or_x_dtype: x's own dtype is accepted too
+// (BatchNorm's weight, bias and statistics, read through channel_values).
 void check_vec(const char* fn, const char* name, const at::Tensor& t, const at::Tensor& x,
-               int64_t n, const char* what) {
+               int64_t n, const char* what, bool or_x_dtype = false) {
   PK_CHECK_VALUE(t.device().is_cpu(), fn, ": ", name, " must be a CPU tensor, got ", t.device());
-  PK_CHECK_TYPE(t.scalar_type() == acc_dtype(x), fn, ": ", name, " must be ", acc_dtype(x),
-                " (the accumulation type of ", x.scalar_type(), "), got ", t.scalar_type());
+  const bool own = or_x_dtype && t.scalar_type() == x.scalar_type();
+  PK_CHECK_TYPE(t.scalar_type() == acc_dtype(x) || own, fn, ": ", name, " must be ", acc_dtype(x),
+                " (the accumulation type of ", x.scalar_type(), ")",
+                or_x_dtype ? " or x's dtype" : "", ", got ", t.scalar_type());
   PK_CHECK_VALUE(t.numel() == n, fn, ": ", name, " must have ", what, " = ", n,
                  " elements, got ", t.numel());
   PK_CHECK_VALUE(t.is_contiguous(), fn, ": ", name, " must be contiguous");
@@ -1744,14 +1747,25 @@ at::Tensor new_vec(const at::Tensor& x, int64_t n) {
   return t;
 }
 
-// invstd = 1 / sqrt(var + eps), per channel.
-template <typename acc_t>
-std::vector<acc_t> invstd_of(const at::Tensor& var, double eps) {
-  const acc_t* v = var.const_data_ptr<acc_t>();
-  std::vector<acc_t> out(var.numel());
-  for (int64_t c = 0; c < var.numel(); ++c) {
-    out[c] = acc_t(1) / std::sqrt(v[c] + static_cast<acc_t>(eps));
+// A BatchNorm (C,) vector (mean, var, weight, bias) as acc values, stored as acc or as x's
+// scalar_t (a 16-bit model's parameters: converting them here spares the caller an op each).
+template <typename scalar_t, typename acc_t = acc_type<scalar_t>>
+std::vector<acc_t> channel_values(const at::Tensor& t) {
+  std::vector<acc_t> out(t.numel());
+  if (t.scalar_type() == c10::CppTypeToScalarType<acc_t>::value) {
+    std::copy_n(t.const_data_ptr<acc_t>(), t.numel(), out.begin());
+  } else {
+    const scalar_t* p = t.const_data_ptr<scalar_t>();
+    for (int64_t c = 0; c < t.numel(); ++c) out[c] = static_cast<acc_t>(p[c]);
   }
+  return out;
+}
+
+// invstd = 1 / sqrt(var + eps), per channel.
+template <typename scalar_t, typename acc_t = acc_type<scalar_t>>
+std::vector<acc_t> invstd_of(const at::Tensor& var, double eps) {
+  std::vector<acc_t> out = channel_values<scalar_t>(var);
+  for (acc_t& v : out) v = acc_t(1) / std::sqrt(v + static_cast<acc_t>(eps));
   return out;
 }
 
@@ -1900,27 +1914,26 @@ at::Tensor batch_norm_fwd_cpu(const at::Tensor& x, const at::Tensor& mean, const
   constexpr const char* fn = "batch_norm_fwd_cpu";
   check_big(fn, "x", x);
   const int64_t B = x.size(0), C = x.size(1), K = x.size(2);
-  check_vec(fn, "mean", mean, x, C, "C");
-  check_vec(fn, "var", var, x, C, "C");
-  if (weight) check_vec(fn, "weight", *weight, x, C, "C");
-  if (bias) check_vec(fn, "bias", *bias, x, C, "C");
+  check_vec(fn, "mean", mean, x, C, "C", true);
+  check_vec(fn, "var", var, x, C, "C", true);
+  if (weight) check_vec(fn, "weight", *weight, x, C, "C", true);
+  if (bias) check_vec(fn, "bias", *bias, x, C, "C", true);
   if (residual) check_like(fn, "residual", *residual, x);
   at::Tensor y = at::empty(x.sizes(), x.options());
   poison_cpu(y);
   if (y.numel() == 0) return y;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), fn, [&] {
     using acc_t = acc_type<scalar_t>;
-    std::vector<acc_t> scale = invstd_of<acc_t>(var, eps), shift(C, acc_t(0));
-    const acc_t* w = weight ? weight->const_data_ptr<acc_t>() : nullptr;
-    const acc_t* b = bias ? bias->const_data_ptr<acc_t>() : nullptr;
-    for (int64_t c = 0; c < C; ++c) {
-      if (w) scale[c] *= w[c];
-      if (b) shift[c] = b[c];
+    std::vector<acc_t> scale = invstd_of<scalar_t>(var, eps), shift(C, acc_t(0));
+    if (weight) {
+      const std::vector<acc_t> w = channel_values<scalar_t>(*weight);
+      for (int64_t c = 0; c < C; ++c) scale[c] *= w[c];
     }
+    if (bias) shift = channel_values<scalar_t>(*bias);
+    const std::vector<acc_t> mean_v = channel_values<scalar_t>(mean);
     std::vector<acc_t> reordered;
     const ChannelCoef<acc_t> cf = kernel_coef<scalar_t>(
-        ChannelCoef<acc_t>{mean.const_data_ptr<acc_t>(), scale.data(), shift.data(), nullptr}, C, K,
-        reordered);
+        ChannelCoef<acc_t>{mean_v.data(), scale.data(), shift.data(), nullptr}, C, K, reordered);
     const scalar_t* xp = x.const_data_ptr<scalar_t>();
     const scalar_t* rp = residual ? residual->const_data_ptr<scalar_t>() : nullptr;
     scalar_t* yp = y.data_ptr<scalar_t>();
@@ -1949,8 +1962,8 @@ std::tuple<at::Tensor, at::Tensor> batch_norm_bwd_reduce_cpu(
   check_like(fn, "grad_y", grad_y, x);
   if (y) check_like(fn, "y", *y, x);
   const int64_t B = x.size(0), C = x.size(1), K = x.size(2);
-  check_vec(fn, "mean", mean, x, C, "C");
-  check_vec(fn, "var", var, x, C, "C");
+  check_vec(fn, "mean", mean, x, C, "C", true);
+  check_vec(fn, "var", var, x, C, "C", true);
   at::Tensor sum_dy = new_vec(x, C), sum_dy_xhat = new_vec(x, C);
   if (B * K == 0 || C == 0) {  // no element: zero sums
     sum_dy.zero_();
@@ -1963,14 +1976,14 @@ std::tuple<at::Tensor, at::Tensor> batch_norm_bwd_reduce_cpu(
     const scalar_t* xp = x.const_data_ptr<scalar_t>();
     acc_t* s1 = sum_dy.data_ptr<acc_t>();
     acc_t* s2 = sum_dy_xhat.data_ptr<acc_t>();
+    const std::vector<acc_t> mean_v = channel_values<scalar_t>(mean);
     if (y) {
-      bn_reduce<scalar_t, true>(dyp, xp, y->const_data_ptr<scalar_t>(), B, C, K,
-                                mean.const_data_ptr<acc_t>(), s1, s2);
+      bn_reduce<scalar_t, true>(dyp, xp, y->const_data_ptr<scalar_t>(), B, C, K, mean_v.data(),
+                                s1, s2);
     } else {
-      bn_reduce<scalar_t, false>(dyp, xp, nullptr, B, C, K, mean.const_data_ptr<acc_t>(), s1,
-                                 s2);
+      bn_reduce<scalar_t, false>(dyp, xp, nullptr, B, C, K, mean_v.data(), s1, s2);
     }
-    const std::vector<acc_t> invstd = invstd_of<acc_t>(var, eps);
+    const std::vector<acc_t> invstd = invstd_of<scalar_t>(var, eps);
     for (int64_t c = 0; c < C; ++c) s2[c] *= invstd[c];  // sum dy * (x - mean) * invstd
   });
   return {sum_dy, sum_dy_xhat};
@@ -1986,9 +1999,9 @@ std::tuple<at::Tensor, at::Tensor> batch_norm_bwd_cpu(
   check_like(fn, "grad_y", grad_y, x);
   if (y) check_like(fn, "y", *y, x);
   const int64_t B = x.size(0), C = x.size(1), K = x.size(2);
-  check_vec(fn, "mean", mean, x, C, "C");
-  check_vec(fn, "var", var, x, C, "C");
-  if (weight) check_vec(fn, "weight", *weight, x, C, "C");
+  check_vec(fn, "mean", mean, x, C, "C", true);
+  check_vec(fn, "var", var, x, C, "C", true);
+  if (weight) check_vec(fn, "weight", *weight, x, C, "C", true);
   const bool train = count > 0;
   if (train) {
     check_vec(fn, "sum_dy", sum_dy, x, C, "C");
@@ -2003,21 +2016,21 @@ std::tuple<at::Tensor, at::Tensor> batch_norm_bwd_cpu(
   if (dx.numel() == 0) return {dx, dres};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), fn, [&] {
     using acc_t = acc_type<scalar_t>;
-    const std::vector<acc_t> invstd = invstd_of<acc_t>(var, eps);
+    const std::vector<acc_t> invstd = invstd_of<scalar_t>(var, eps);
     std::vector<acc_t> k(C), mdy(C, acc_t(0)), cx(C, acc_t(0));
-    const acc_t* w = weight ? weight->const_data_ptr<acc_t>() : nullptr;
+    const std::vector<acc_t> w = weight ? channel_values<scalar_t>(*weight) : std::vector<acc_t>();
     const acc_t inv_n = train ? acc_t(1) / static_cast<acc_t>(count) : acc_t(0);
     for (int64_t c = 0; c < C; ++c) {
-      k[c] = w ? w[c] * invstd[c] : invstd[c];
+      k[c] = weight ? w[c] * invstd[c] : invstd[c];
       if (train) {
         mdy[c] = sum_dy.const_data_ptr<acc_t>()[c] * inv_n;
         cx[c] = sum_dy_xhat.const_data_ptr<acc_t>()[c] * inv_n * invstd[c];
       }
     }
     std::vector<acc_t> reordered;
+    const std::vector<acc_t> mean_v = channel_values<scalar_t>(mean);
     const ChannelCoef<acc_t> cf = kernel_coef<scalar_t>(
-        ChannelCoef<acc_t>{mean.const_data_ptr<acc_t>(), k.data(), mdy.data(), cx.data()}, C, K,
-        reordered);
+        ChannelCoef<acc_t>{mean_v.data(), k.data(), mdy.data(), cx.data()}, C, K, reordered);
     const scalar_t* dyp = grad_y.const_data_ptr<scalar_t>();
     const scalar_t* xp = x.const_data_ptr<scalar_t>();
     const scalar_t* yp = y ? y->const_data_ptr<scalar_t>() : nullptr;

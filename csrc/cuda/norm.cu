@@ -120,6 +120,21 @@ __device__ __forceinline__ acc_t to_acc(scalar_t v) {
   return static_cast<acc_t>(v);
 }
 
+// A BatchNorm (C,) vector (mean, var, weight, bias), stored as acc or as x's own scalar_t: a
+// 16-bit model's parameters and running statistics are read as stored, with no conversion
+// launches before the kernel. Read once per channel and thread (or tile): the dtype test is
+// off the hot loop.
+template <typename scalar_t>
+struct ChanVec {
+  using acc_t = at::opmath_type<scalar_t>;
+  const void* p = nullptr;  // null: absent
+  bool narrow = false;      // stored as scalar_t (never when scalar_t is acc_t)
+  __device__ __forceinline__ bool given() const { return p != nullptr; }
+  __device__ __forceinline__ acc_t operator[](int64_t c) const {
+    return narrow ? to_acc(static_cast<const scalar_t*>(p)[c]) : static_cast<const acc_t*>(p)[c];
+  }
+};
+
 // s = x + residual in acc, rounded to x's dtype (what torch's x + residual gives).
 template <typename scalar_t>
 __device__ __forceinline__ scalar_t add_round(scalar_t x, scalar_t r) {
@@ -1204,8 +1219,9 @@ struct Sum2 {
   const scalar_t* dy;
   const scalar_t* x;
   const scalar_t* y;  // null: no mask
-  const acc_t* m;     // kRowStats: (B, K) or null; else (C,) mean
-  const acc_t* r;     // kRowStats: (B, K) rstd; else (C,) var
+  const acc_t* m;     // kRowStats: (B, K) mean or null
+  const acc_t* r;     // kRowStats: (B, K) rstd
+  ChanVec<scalar_t> mean, var;  // not kRowStats: (C,) each
   acc_t eps;
   acc_t* part1;
   acc_t* part2;
@@ -1237,8 +1253,8 @@ __global__ void __launch_bounds__(kThreads)
     if constexpr (!kRowStats) {
 #pragma unroll
       for (int j = 0; j < VEC; ++j) {
-        cm[j] = a.m[c + j];
-        cr[j] = inv_std(a.r[c + j], a.eps);
+        cm[j] = a.mean[c + j];
+        cr[j] = inv_std(a.var[c + j], a.eps);
       }
     }
     for (int64_t r = r0 + threadIdx.y; r < r1; r += static_cast<int64_t>(TY) * kUnroll) {
@@ -1339,8 +1355,8 @@ __global__ void __launch_bounds__(kThreads)
   const int64_t step = static_cast<int64_t>(blockDim.x);
   acc_t cm = 0, cr = 0;
   if constexpr (!kRowStats) {
-    cm = a.m[c];
-    cr = inv_std(a.r[c], a.eps);
+    cm = a.mean[c];
+    cr = inv_std(a.var[c], a.eps);
   }
   acc_t s[2] = {0, 0};
   for (int64_t v = v0 + threadIdx.x; v < v1; v += step * U) {
@@ -1436,10 +1452,9 @@ template <typename scalar_t>
 struct BnFwd {
   using acc_t = at::opmath_type<scalar_t>;
   const scalar_t* x;
-  const acc_t* mean;
-  const acc_t* var;
-  const acc_t* weight;  // null: 1
-  const acc_t* bias;    // null: 0
+  ChanVec<scalar_t> mean, var;
+  ChanVec<scalar_t> weight;  // absent: 1
+  ChanVec<scalar_t> bias;    // absent: 0
   const scalar_t* residual;
   scalar_t* y;
   int64_t B, C, K;
@@ -1453,9 +1468,8 @@ struct BnBwd {
   const scalar_t* dy;
   const scalar_t* x;
   const scalar_t* y;  // null: no relu mask
-  const acc_t* mean;
-  const acc_t* var;
-  const acc_t* weight;
+  ChanVec<scalar_t> mean, var;
+  ChanVec<scalar_t> weight;  // absent: 1
   const acc_t* sum_dy;
   const acc_t* sum_dy_xhat;
   scalar_t* dx;
@@ -1487,8 +1501,8 @@ __global__ void __launch_bounds__(kThreads) bn_fwd_rows_kernel(const BnFwd<scala
   for (int j = 0; j < VEC; ++j) {
     m[j] = a.mean[c + j];
     is[j] = inv_std(a.var[c + j], a.eps);
-    w[j] = a.weight != nullptr ? a.weight[c + j] : acc_t(1);
-    b[j] = a.bias != nullptr ? a.bias[c + j] : acc_t(0);
+    w[j] = a.weight.given() ? a.weight[c + j] : acc_t(1);
+    b[j] = a.bias.given() ? a.bias[c + j] : acc_t(0);
   }
   const int64_t step = static_cast<int64_t>(gridDim.y) * blockDim.y;
   for (int64_t r = static_cast<int64_t>(blockIdx.y) * blockDim.y + threadIdx.y; r < a.B;
@@ -1509,8 +1523,8 @@ __global__ void __launch_bounds__(kThreads) bn_fwd_rows_kernel(const BnFwd<scala
         V o;
 #pragma unroll
         for (int j = 0; j < VEC; ++j) {
-          acc_t v = bn_fwd_value(to_acc(xv[u].v[j]), m[j], is[j], w[j], b[j], a.weight != nullptr,
-                                 a.bias != nullptr);
+          acc_t v = bn_fwd_value(to_acc(xv[u].v[j]), m[j], is[j], w[j], b[j], a.weight.given(),
+                                 a.bias.given());
           if (a.residual != nullptr) v += to_acc(rv[u].v[j]);
           if (a.relu) v = v < acc_t(0) ? acc_t(0) : v;
           o.v[j] = static_cast<scalar_t>(v);
@@ -1551,8 +1565,8 @@ __global__ void __launch_bounds__(kThreads) bn_fwd_tiles_kernel(const BnFwd<scal
       const int64_t c = (p0 + q) % C;
       pm[q] = a.mean[c];
       pis[q] = inv_std(a.var[c], a.eps);
-      pw[q] = a.weight != nullptr ? a.weight[c] : acc_t(1);
-      pb[q] = a.bias != nullptr ? a.bias[c] : acc_t(0);
+      pw[q] = a.weight.given() ? a.weight[c] : acc_t(1);
+      pb[q] = a.bias.given() ? a.bias[c] : acc_t(0);
     }
     __syncthreads();
 #pragma unroll
@@ -1564,7 +1578,7 @@ __global__ void __launch_bounds__(kThreads) bn_fwd_tiles_kernel(const BnFwd<scal
 #pragma unroll
         for (int j = 0; j < VEC; ++j) {
           acc_t v = bn_fwd_value(to_acc(xv[u].v[j]), pm[q], pis[q], pw[q], pb[q],
-                                 a.weight != nullptr, a.bias != nullptr);
+                                 a.weight.given(), a.bias.given());
           if (a.residual != nullptr) v += to_acc(rv[u].v[j]);
           if (a.relu) v = v < acc_t(0) ? acc_t(0) : v;
           o.v[j] = static_cast<scalar_t>(v);
@@ -1598,7 +1612,7 @@ __global__ void __launch_bounds__(kThreads) bn_bwd_rows_kernel(const BnBwd<scala
   for (int j = 0; j < VEC; ++j) {
     m[j] = a.mean[c + j];
     is[j] = inv_std(a.var[c + j], a.eps);
-    aw[j] = a.weight != nullptr ? a.weight[c + j] * is[j] : is[j];
+    aw[j] = a.weight.given() ? a.weight[c + j] * is[j] : is[j];
     mdy[j] = train ? a.sum_dy[c + j] / a.count : acc_t(0);
     mdyx[j] = train ? a.sum_dy_xhat[c + j] / a.count : acc_t(0);
   }
@@ -1670,7 +1684,7 @@ __global__ void __launch_bounds__(kThreads) bn_bwd_tiles_kernel(const BnBwd<scal
       const acc_t is = inv_std(a.var[c], a.eps);
       pm[q] = a.mean[c];
       pis[q] = is;
-      paw[q] = a.weight != nullptr ? a.weight[c] * is : is;
+      paw[q] = a.weight.given() ? a.weight[c] * is : is;
       pmdy[q] = train ? a.sum_dy[c] / a.count : acc_t(0);
       pmdyx[q] = train ? a.sum_dy_xhat[c] / a.count : acc_t(0);
     }
@@ -1886,11 +1900,13 @@ void check_big(const char* fn, const char* name, const at::Tensor& t, const at::
 
 // An acc-dtype vector of n elements (what: "C" or "B*K", for the message).
 void check_acc(const char* fn, const char* name, const at::Tensor& t, const at::Tensor& x,
-               const char* what, int64_t n) {
+               const char* what, int64_t n, bool or_x_dtype = false) {
   PK_CHECK_VALUE(t.device() == x.device(), fn, ": ", name, " must be on x's device (", x.device(),
                  "), got ", t.device());
-  PK_CHECK_TYPE(t.scalar_type() == acc_type(x), fn, ": ", name, " must be ", acc_type(x),
-                " for x of dtype ", x.scalar_type(), ", got ", t.scalar_type());
+  const bool own = or_x_dtype && t.scalar_type() == x.scalar_type();
+  PK_CHECK_TYPE(t.scalar_type() == acc_type(x) || own, fn, ": ", name, " must be ", acc_type(x),
+                or_x_dtype ? " or x's dtype" : "", " for x of dtype ", x.scalar_type(), ", got ",
+                t.scalar_type());
   PK_CHECK_VALUE(t.numel() == n, fn, ": ", name, " must have ", what, " = ", n,
                  " elements, got ", t.numel());
   PK_CHECK_VALUE(t.is_contiguous(), fn, ": ", name, " must be contiguous");
@@ -1899,6 +1915,14 @@ void check_acc(const char* fn, const char* name, const at::Tensor& t, const at::
 template <typename T>
 const T* opt_ptr(const std::optional<at::Tensor>& t) {
   return t.has_value() ? t->const_data_ptr<T>() : nullptr;
+}
+
+// A (C,) vector checked by check_acc(..., or_x_dtype = true); absent when t is.
+template <typename scalar_t>
+ChanVec<scalar_t> chan_vec(const std::optional<at::Tensor>& t) {
+  using acc_t = at::opmath_type<scalar_t>;
+  if (!t.has_value()) return {};
+  return {t->const_data_ptr(), t->scalar_type() != c10::CppTypeToScalarType<acc_t>::value};
 }
 
 // Partials (P, C) -> out (either pair may be null).
@@ -2118,7 +2142,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> row_norm_bwd_cuda(
     // Parameter sums by the channel reduction when the fused kernel cannot hold them:
     // s1 = sum dy -> dbias, s2 = sum dy * xhat -> dweight.
     const auto separate_params = [&] {
-      Sum2<scalar_t> s{a.dy, a.x, nullptr, a.mean, a.rstd, acc_t(0), nullptr, nullptr, B, C, K};
+      Sum2<scalar_t> s{a.dy, a.x, nullptr, a.mean, a.rstd, {}, {}, acc_t(0), nullptr, nullptr,
+                       B, C, K};
       channel_sums<scalar_t, true>(s, db, dw, acc_opts, device, stream);
     };
     if (K == 1) {
@@ -2303,10 +2328,10 @@ at::Tensor batch_norm_fwd_cuda(const at::Tensor& x, const at::Tensor& mean, cons
   PK_CHECK_CUDA("batch_norm_fwd_cuda", x);
   check_x(fn, x);
   const int64_t B = x.size(0), C = x.size(1), K = x.size(2);
-  check_acc(fn, "mean", mean, x, "C", C);
-  check_acc(fn, "var", var, x, "C", C);
-  if (weight.has_value()) check_acc(fn, "weight", *weight, x, "C", C);
-  if (bias.has_value()) check_acc(fn, "bias", *bias, x, "C", C);
+  check_acc(fn, "mean", mean, x, "C", C, true);
+  check_acc(fn, "var", var, x, "C", C, true);
+  if (weight.has_value()) check_acc(fn, "weight", *weight, x, "C", C, true);
+  if (bias.has_value()) check_acc(fn, "bias", *bias, x, "C", C, true);
   if (residual.has_value()) check_big(fn, "residual", *residual, x);
   const c10::cuda::CUDAGuard guard(x.device());
   at::Tensor y = at::empty({B, C, K}, x.options());
@@ -2319,10 +2344,10 @@ at::Tensor batch_norm_fwd_cuda(const at::Tensor& x, const at::Tensor& mean, cons
     using acc_t = at::opmath_type<scalar_t>;
     BnFwd<scalar_t> a;
     a.x = x.const_data_ptr<scalar_t>();
-    a.mean = mean.const_data_ptr<acc_t>();
-    a.var = var.const_data_ptr<acc_t>();
-    a.weight = opt_ptr<acc_t>(weight);
-    a.bias = opt_ptr<acc_t>(bias);
+    a.mean = chan_vec<scalar_t>(mean);
+    a.var = chan_vec<scalar_t>(var);
+    a.weight = chan_vec<scalar_t>(weight);
+    a.bias = chan_vec<scalar_t>(bias);
     a.residual = opt_ptr<scalar_t>(residual);
     a.y = y.data_ptr<scalar_t>();
     a.B = B;
@@ -2348,8 +2373,8 @@ std::tuple<at::Tensor, at::Tensor> batch_norm_bwd_reduce_cuda(
   const int64_t B = x.size(0), C = x.size(1), K = x.size(2);
   check_big(fn, "grad_y", grad_y, x);
   if (y.has_value()) check_big(fn, "y", *y, x);
-  check_acc(fn, "mean", mean, x, "C", C);
-  check_acc(fn, "var", var, x, "C", C);
+  check_acc(fn, "mean", mean, x, "C", C, true);
+  check_acc(fn, "var", var, x, "C", C, true);
   const c10::cuda::CUDAGuard guard(x.device());
   const auto acc_opts = x.options().dtype(acc_type(x));
   if (B * K == 0 || C == 0) return {at::zeros({C}, acc_opts), at::zeros({C}, acc_opts)};
@@ -2363,8 +2388,8 @@ std::tuple<at::Tensor, at::Tensor> batch_norm_bwd_reduce_cuda(
                                   "batch_norm_bwd_reduce_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     Sum2<scalar_t> a{grad_y.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(),
-                     opt_ptr<scalar_t>(y), mean.const_data_ptr<acc_t>(),
-                     var.const_data_ptr<acc_t>(), static_cast<acc_t>(eps), nullptr, nullptr,
+                     opt_ptr<scalar_t>(y), nullptr, nullptr, chan_vec<scalar_t>(mean),
+                     chan_vec<scalar_t>(var), static_cast<acc_t>(eps), nullptr, nullptr,
                      B, C, K};
     channel_sums<scalar_t, false>(a, sum_dy.data_ptr<acc_t>(), sum_dy_xhat.data_ptr<acc_t>(),
                                   acc_opts, device, stream);
@@ -2383,9 +2408,9 @@ std::tuple<at::Tensor, at::Tensor> batch_norm_bwd_cuda(
   const int64_t B = x.size(0), C = x.size(1), K = x.size(2);
   check_big(fn, "grad_y", grad_y, x);
   if (y.has_value()) check_big(fn, "y", *y, x);
-  check_acc(fn, "mean", mean, x, "C", C);
-  check_acc(fn, "var", var, x, "C", C);
-  if (weight.has_value()) check_acc(fn, "weight", *weight, x, "C", C);
+  check_acc(fn, "mean", mean, x, "C", C, true);
+  check_acc(fn, "var", var, x, "C", C, true);
+  if (weight.has_value()) check_acc(fn, "weight", *weight, x, "C", C, true);
   check_acc(fn, "sum_dy", sum_dy, x, "C", C);
   check_acc(fn, "sum_dy_xhat", sum_dy_xhat, x, "C", C);
   PK_CHECK_VALUE(count >= 0, fn, ": count must be >= 0, got ", count);
@@ -2405,9 +2430,9 @@ std::tuple<at::Tensor, at::Tensor> batch_norm_bwd_cuda(
     a.dy = grad_y.const_data_ptr<scalar_t>();
     a.x = x.const_data_ptr<scalar_t>();
     a.y = opt_ptr<scalar_t>(y);
-    a.mean = mean.const_data_ptr<acc_t>();
-    a.var = var.const_data_ptr<acc_t>();
-    a.weight = opt_ptr<acc_t>(weight);
+    a.mean = chan_vec<scalar_t>(mean);
+    a.var = chan_vec<scalar_t>(var);
+    a.weight = chan_vec<scalar_t>(weight);
     a.sum_dy = sum_dy.const_data_ptr<acc_t>();
     a.sum_dy_xhat = sum_dy_xhat.const_data_ptr<acc_t>();
     a.dx = dx.data_ptr<scalar_t>();

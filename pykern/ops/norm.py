@@ -12,8 +12,11 @@ layout is read natively, never transposed:
 
 Per-channel and per-row vectors (weight, bias, mean, var, rstd) travel in the accumulation
 dtype "acc" (float64 for float64 input, else float32); weight and bias are cast to it here,
-so autograd casts their gradients back. The running-statistics update rule lives here only
-(update_running_stats). Backends: csrc/cpu/norm.cpp, csrc/cuda/norm.cu, triton_kernels/norm.py.
+so autograd casts their gradients back. BatchNorm's kernels also read weight, bias and the
+running statistics in x's own dtype: a bfloat16 model's BatchNorm then launches no conversions
+(four per call otherwise, the bulk of a bfloat16 ResNet's ops). The running-statistics update
+rule lives here only (update_running_stats). Backends: csrc/cpu/norm.cpp, csrc/cuda/norm.cu,
+triton_kernels/norm.py.
 """
 
 from __future__ import annotations
@@ -39,6 +42,12 @@ def _in_acc(t: Tensor | None, acc: torch.dtype) -> Tensor | None:
     return t if t is None or t.dtype == acc else t.to(acc)
 
 
+def _in_acc_or(t: Tensor | None, acc: torch.dtype, own: torch.dtype) -> Tensor | None:
+    """t as it is when its dtype is acc or x's own dtype `own` (the BatchNorm kernels read
+    either), else converted to acc."""
+    return t if t is None or t.dtype == own else _in_acc(t, acc)
+
+
 def _vector(x: Tensor, shape) -> Tensor:
     return x.new_empty(shape, dtype=acc_dtype(x.dtype))
 
@@ -57,12 +66,13 @@ def channel_view(x: Tensor, channels_last: bool) -> Tensor:
     return contiguous(x).view(N, C, S)
 
 
-def from_channel_view(t: Tensor, x: Tensor, channels_last: bool) -> Tensor:
-    """A (B, C, K) result of channel_view(x) back to x's shape, in x's memory format."""
+def from_channel_view(t: Tensor, x: Tensor | torch.Size, channels_last: bool) -> Tensor:
+    """A (B, C, K) result of channel_view(x) back to x's shape (x or its shape given), in x's
+    memory format."""
     if channels_last:
-        shape = x.shape
+        shape = x if isinstance(x, torch.Size) else x.shape
         return t.view(shape[0], *shape[2:], shape[1]).movedim(-1, 1)
-    return t.view_as(x)  # (a torch.Size argument to view costs 2 us more)
+    return t.view(x) if isinstance(x, torch.Size) else t.view_as(x)  # view_as: 2 us less
 
 
 ROW_NORM_FWD = backends.table("norm", "row_norm_fwd")
@@ -145,7 +155,8 @@ def batch_norm_fwd(
     eps: float,
     relu: bool,
 ) -> Tensor:
-    """[relu]((x - mean) / sqrt(var + eps) * weight + bias [+ residual]) per channel."""
+    """[relu]((x - mean) / sqrt(var + eps) * weight + bias [+ residual]) per channel; the
+    (C,) vectors each in acc or in x's dtype (as are mean, var and weight in the two below)."""
     impl = backends.dispatch(BATCH_NORM_FWD, x.device, "batch_norm_fwd")
     return impl(x, mean, var, weight, bias, residual, eps, relu)
 
@@ -286,28 +297,33 @@ def sync_stats(mean: Tensor, var: Tensor, count: int, group) -> tuple[Tensor, Te
 class BatchNormFunction(torch.autograd.Function):
     """y of batch_norm_fwd given the statistics, with the gradients of x, weight, bias and
     the residual; count > 0 means the statistics are the batch's over count values (and
-    their gradient terms are included), count == 0 that they were constants (eval)."""
+    their gradient terms are included), count == 0 that they were constants (eval).
+
+    x and residual are (B, C, K) channel views of the caller's input; y comes back in the
+    input's shape (`shape`, `channels_last`) as a tensor that is no view: an in-place op on a
+    view of the output (ResNet's relu_ and +=) costs two copies of the activation in backward
+    (autograd's CopySlices), and on a view made inside a Function it is refused."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, residual, mean, var, eps, relu, count, group):
+    def forward(ctx, x, weight, bias, residual, mean, var, eps, relu, count, group, shape, cl):
         y = _batch_norm_fwd(x, mean, var, weight, bias, residual, eps, relu)
         ctx.save_for_backward(x, y if relu else None, mean, var, weight)
-        ctx.eps, ctx.count, ctx.group = eps, count, group
-        return y
+        ctx.eps, ctx.count, ctx.group, ctx.channels_last = eps, count, group, cl
+        return from_channel_view(y, shape, cl).detach()  # same storage and version counter
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_y):
         x, y, mean, var, weight = ctx.saved_tensors
         need_x, need_w, need_b, need_res = ctx.needs_input_grad[:4]
-        grad_y = contiguous(grad_y)
+        grad_y = channel_view(grad_y, ctx.channels_last)
         training = ctx.count > 0
         dx = dweight = dbias = d_res = None
         if need_w or need_b or (need_x and training):
             sum_dy, sum_dy_xhat = _batch_norm_bwd_reduce(grad_y, x, y, mean, var, ctx.eps)
             dweight, dbias = sum_dy_xhat, sum_dy  # this rank's: DDP averages them across ranks
         else:
-            sum_dy = sum_dy_xhat = torch.zeros_like(mean)
+            sum_dy = sum_dy_xhat = x.new_zeros(mean.shape, dtype=acc_dtype(x.dtype))
         if need_x or need_res:
             if training and ctx.group is not None:
                 sums = torch.cat([sum_dy, sum_dy_xhat])
@@ -321,7 +337,7 @@ class BatchNormFunction(torch.autograd.Function):
             dweight if need_w else None,
             dbias if need_b else None,
             d_res if need_res else None,
-            *([None] * 6),
+            *([None] * 8),
         )
 
 
@@ -353,7 +369,7 @@ def _plain_contiguous(t: Tensor | None) -> bool:
 
 
 def batch_norm(
-    x: Tensor,
+    input: Tensor,
     running_mean: Tensor | None,
     running_var: Tensor | None,
     weight: Tensor | None,
@@ -363,12 +379,16 @@ def batch_norm(
     momentum: float,
     eps: float,
     relu: bool,
+    channels_last: bool,
     group=None,
 ) -> Tensor:
-    """x, residual: contiguous (B, C, K) views, already validated; training uses (and, when
-    given, updates) the batch statistics, over all ranks of `group` when it is not None."""
+    """input, residual: (N, C, *spatial), already validated, read as channel views (NHWC ones
+    when channels_last); training uses (and, when given, updates) the batch statistics, over
+    all ranks of `group` when it is not None. The result has input's shape and memory format."""
+    x = channel_view(input, channels_last)
+    residual = None if residual is None else channel_view(residual, channels_last)
     acc = acc_dtype(x.dtype)
-    weight, bias = _in_acc(weight, acc), _in_acc(bias, acc)
+    weight, bias = _in_acc_or(weight, acc, x.dtype), _in_acc_or(bias, acc, x.dtype)
     if training:
         mean, var = _batch_norm_stats(x.detach())  # BatchNormFunction's backward covers them
         count = x.shape[0] * x.shape[2]
@@ -376,9 +396,12 @@ def batch_norm(
             mean, var, count = sync_stats(mean, var, count, group)
         update_running_stats(running_mean, running_var, mean, var, count, momentum)
     else:
-        mean, var, count = _in_acc(running_mean, acc), _in_acc(running_var, acc), 0
+        mean, var = _in_acc_or(running_mean, acc, x.dtype), _in_acc_or(running_var, acc, x.dtype)
+        count = 0
     if _needs_grad(x, weight, bias, residual):
         return BatchNormFunction.apply(
-            x, weight, bias, residual, mean, var, eps, relu, count, group
-        )
-    return _batch_norm_fwd(x, mean, var, weight, bias, residual, eps, relu)
+            x, weight, bias, residual, mean, var, eps, relu, count, group, input.shape,
+            channels_last,
+        )  # fmt: skip
+    y = _batch_norm_fwd(x, mean, var, weight, bias, residual, eps, relu)
+    return from_channel_view(y, input, channels_last)
