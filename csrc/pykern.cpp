@@ -117,9 +117,9 @@ PYBIND11_MODULE(_C, m) {
         py::arg("weight"), py::arg("mean"), py::arg("rstd"), py::arg("grad_sum"), py::arg("rms"),
         py::arg("need_dweight"), py::arg("need_dbias"));
   m.def("batch_norm_stats_cpu", &pykern::batch_norm_stats_cpu, py::arg("x"));
-  m.def("batch_norm_update_running_cpu", &pykern::batch_norm_update_running_cpu,
-        py::arg("running_mean"), py::arg("running_var"), py::arg("mean"), py::arg("var"),
-        py::arg("momentum"), py::arg("var_factor"));
+  m.def("batch_norm_update_running_cpu", &pykern::batch_norm_update_running_cpu, py::arg("mean"),
+        py::arg("var"), py::arg("running_mean"), py::arg("running_var"), py::arg("momentum"),
+        py::arg("var_factor"));
   m.def("batch_norm_fwd_cpu", &pykern::batch_norm_fwd_cpu, py::arg("x"), py::arg("mean"),
         py::arg("var"), py::arg("weight"), py::arg("bias"), py::arg("residual"), py::arg("eps"),
         py::arg("relu"));
@@ -136,6 +136,9 @@ PYBIND11_MODULE(_C, m) {
         py::arg("weight"), py::arg("mean"), py::arg("rstd"), py::arg("grad_sum"), py::arg("rms"),
         py::arg("need_dweight"), py::arg("need_dbias"));
   m.def("batch_norm_stats_cuda", &pykern::batch_norm_stats_cuda, py::arg("x"));
+  m.def("batch_norm_update_running_cuda", &pykern::batch_norm_update_running_cuda,
+        py::arg("mean"), py::arg("var"), py::arg("running_mean"), py::arg("running_var"),
+        py::arg("momentum"), py::arg("var_factor"));
   m.def("batch_norm_fwd_cuda", &pykern::batch_norm_fwd_cuda, py::arg("x"), py::arg("mean"),
         py::arg("var"), py::arg("weight"), py::arg("bias"), py::arg("residual"), py::arg("eps"),
         py::arg("relu"));

@@ -99,10 +99,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> row_norm_bwd_cpu(
 // bwd -> (dx, d_residual (the masked dy) or empty); count > 0: training (batch statistics,
 // count values per channel), count == 0: the stats were constants (eval).
 std::tuple<at::Tensor, at::Tensor> batch_norm_stats_cpu(const at::Tensor& x);
-// In place: running = (1 - momentum) * running + momentum * batch (var scaled by var_factor).
-void batch_norm_update_running_cpu(const std::optional<at::Tensor>& running_mean,
-                                   const std::optional<at::Tensor>& running_var,
-                                   const at::Tensor& mean, const at::Tensor& var, double momentum,
+// In place: running = (1 - momentum) * running + momentum * batch (var scaled by var_factor),
+// the batch's mean/var in the running stats' acc type; both checked before either is written.
+void batch_norm_update_running_cpu(const at::Tensor& mean, const at::Tensor& var,
+                                   const std::optional<at::Tensor>& running_mean,
+                                   const std::optional<at::Tensor>& running_var, double momentum,
                                    double var_factor);
 at::Tensor batch_norm_fwd_cpu(const at::Tensor& x, const at::Tensor& mean, const at::Tensor& var,
                             const std::optional<at::Tensor>& weight,
@@ -126,6 +127,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> row_norm_bwd_cuda(
     const at::Tensor& mean, const at::Tensor& rstd, const std::optional<at::Tensor>& grad_sum,
     bool rms, bool need_dweight, bool need_dbias);
 std::tuple<at::Tensor, at::Tensor> batch_norm_stats_cuda(const at::Tensor& x);
+void batch_norm_update_running_cuda(const at::Tensor& mean, const at::Tensor& var,
+                                    const std::optional<at::Tensor>& running_mean,
+                                    const std::optional<at::Tensor>& running_var, double momentum,
+                                    double var_factor);
 at::Tensor batch_norm_fwd_cuda(const at::Tensor& x, const at::Tensor& mean, const at::Tensor& var,
                             const std::optional<at::Tensor>& weight,
                             const std::optional<at::Tensor>& bias,

@@ -964,6 +964,46 @@ def test_running_stats_update_in_place_like_torch(stats_dtype):
         loss.backward()
 
 
+RUNNING_DTYPES = [
+    (torch.float32, torch.float32),
+    (torch.bfloat16, torch.bfloat16),
+    (torch.float16, torch.float32),  # two dtypes: a launch each
+    (torch.float64, torch.float64),
+]
+
+
+@pytest.mark.parametrize("dtypes", RUNNING_DTYPES, ids=lambda d: "-".join(str(t)[6:] for t in d))
+def test_batch_norm_update_running_op(target, dtypes):
+    """pykern::batch_norm_update_running, a training call's one launch for both running
+    statistics: torch's rule in acc rounded once, either one absent, versions bumped (autograd
+    sees the write), opcheck, and a refused call leaves both as they were."""
+    dev, ops = target.device, torch.ops.pykern
+    C, (dm, dv) = 37, dtypes
+    mean = torch.randn(C, device=dev, dtype=torch.float64 if dm == torch.float64 else torch.float32)
+    var = torch.rand(C, device=dev, dtype=mean.dtype) + 0.5
+    rm, rv = torch.randn(C, device=dev).to(dm), (torch.rand(C, device=dev) + 0.5).to(dv)
+    expect_m = (0.7 * rm.double() + 0.3 * mean.double()).to(dm)
+    expect_v = (0.7 * rv.double() + 0.3 * 1.25 * var.double()).to(dv)
+    versions = rm._version, rv._version
+    ops.batch_norm_update_running(mean, var, rm, rv, 0.3, 1.25)
+    assert rm._version > versions[0] and rv._version > versions[1]
+    # a few roundings of terms up to about 4 in size: absolute, as keep * r + take * b cancels
+    eps = {torch.float64: 1e-15, torch.float32: 2e-7, torch.float16: 1e-3, torch.bfloat16: 8e-3}
+    tol = {dt: dict(rtol=e, atol=4 * e) for dt, e in eps.items()}
+    torch.testing.assert_close(rm, expect_m, **tol[dm])
+    torch.testing.assert_close(rv, expect_v, **tol[dv])
+    rv_before = rv.clone()
+    ops.batch_norm_update_running(mean, var, None, rv, 0.5, 1.0)
+    torch.testing.assert_close(rv, (0.5 * rv_before.double() + 0.5 * var.double()).to(dv),
+                               **tol[dv])  # fmt: skip
+    args = (mean, var, rm.clone(), rv.clone(), 0.3, 1.25)
+    torch.library.opcheck(ops.batch_norm_update_running.default, args)
+    rm_before, rv_before = rm.clone(), rv.clone()
+    with pytest.raises((ValueError, TypeError), match="running_var"):
+        ops.batch_norm_update_running(mean, var, rm, rv[:5], 0.3, 1.25)
+    assert torch.equal(rm, rm_before) and torch.equal(rv, rv_before)
+
+
 def test_count_helper_is_consistent():
     # the unbiased running variance divides by count - 1 with count = N * spatial
     x = torch.randn(3, 2, 4, 5)

@@ -449,6 +449,30 @@ def _bn_stats_merge_kernel(
 
 
 @triton.jit
+def _bn_update_running_kernel(
+    rm_ptr, rv_ptr, mean_ptr, var_ptr,
+    C, KEEP_HI, KEEP_LO, TAKE_M_HI, TAKE_M_LO, TAKE_V_HI, TAKE_V_LO,
+    HAS_MEAN: tl.constexpr, HAS_VAR: tl.constexpr, ACC: tl.constexpr, TO_BF16: tl.constexpr,
+    BLOCK: tl.constexpr,
+):  # fmt: skip
+    # running = keep * running + take * batch per channel, in acc, rounded once; both running
+    # tensors (one dtype) in one launch: program axis 1 is 0 for the mean, 1 for the variance.
+    c = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    ok = c < C
+    keep = _pair(KEEP_HI, KEEP_LO, ACC)
+    if tl.program_id(1) == 0:
+        if HAS_MEAN:
+            r = tl.load(rm_ptr + c, mask=ok, other=0.0).to(ACC)
+            v = keep * r + _pair(TAKE_M_HI, TAKE_M_LO, ACC) * tl.load(mean_ptr + c, mask=ok)
+            tl.store(rm_ptr + c, round_for_bfloat16(v, TO_BF16), mask=ok)
+    else:
+        if HAS_VAR:
+            r = tl.load(rv_ptr + c, mask=ok, other=0.0).to(ACC)
+            v = keep * r + _pair(TAKE_V_HI, TAKE_V_LO, ACC) * tl.load(var_ptr + c, mask=ok)
+            tl.store(rv_ptr + c, round_for_bfloat16(v, TO_BF16), mask=ok)
+
+
+@triton.jit
 def _bn_fwd_kernel(
     x_ptr, mean_ptr, var_ptr, w_ptr, bias_ptr, r_ptr, y_ptr,
     C, K, EPS_HI, EPS_LO, TUNE,
@@ -845,6 +869,38 @@ def batch_norm_stats(x):
         C_CONTIG=c_contig, ACC=_acc(x.dtype), BLOCK_P=merge_p, BLOCK_C=merge_c, num_warps=4,
     )  # fmt: skip
     return mean, var
+
+
+def batch_norm_update_running(mean, var, running_mean, running_var, momentum, var_factor):
+    """In place: running = (1 - momentum) * running + momentum * batch (var times var_factor),
+    both running tensors checked (and their versions bumped) before either is written."""
+    fn = "batch_norm_update_running"
+    pairs = {"running_mean": (running_mean, mean), "running_var": (running_var, var)}
+    for name, (running, batch) in pairs.items():
+        if running is None:
+            continue
+        _check(f"{fn}: {name}", running, batch.shape, running.dtype, batch.device)
+        _check(f"{fn}: {name}'s batch statistics", batch, batch.shape, _acc_torch(running.dtype),
+               batch.device)  # fmt: skip
+    given = [running for running, _ in pairs.values() if running is not None]
+    for running in given:  # autograd sees the write, as it sees mul_ / add_
+        torch.autograd.graph.increment_version(running)
+    if not given or given[0].numel() == 0:
+        return
+    # One launch for both when they share a dtype, else one each.
+    groups = [given] if len({t.dtype for t in given}) == 1 else [[t] for t in given]
+    block = min(next_power_of_2(mean.numel()), 1024)
+    for group in groups:
+        has_mean = any(t is running_mean for t in group)
+        has_var = any(t is running_var for t in group)
+        dtype = group[0].dtype
+        _bn_update_running_kernel[(cdiv(mean.numel(), block), 2)](
+            running_mean if has_mean else group[0], running_var if has_var else group[0],
+            mean, var, mean.numel(), *_float_pair(1 - momentum), *_float_pair(momentum),
+            *_float_pair(momentum * var_factor),
+            HAS_MEAN=has_mean, HAS_VAR=has_var, ACC=_acc(dtype),
+            TO_BF16=dtype == torch.bfloat16, BLOCK=block,
+        )  # fmt: skip
 
 
 def batch_norm_fwd(x, mean, var, weight, bias, residual, eps, relu):

@@ -1867,9 +1867,9 @@ std::tuple<at::Tensor, at::Tensor> batch_norm_stats_cpu(const at::Tensor& x) {
   return {mean, var};
 }
 
-void batch_norm_update_running_cpu(const std::optional<at::Tensor>& running_mean,
-                                   const std::optional<at::Tensor>& running_var,
-                                   const at::Tensor& mean, const at::Tensor& var, double momentum,
+void batch_norm_update_running_cpu(const at::Tensor& mean, const at::Tensor& var,
+                                   const std::optional<at::Tensor>& running_mean,
+                                   const std::optional<at::Tensor>& running_var, double momentum,
                                    double var_factor) {
   constexpr const char* fn = "batch_norm_update_running_cpu";
   // running = (1 - momentum) * running + momentum * batch, per channel, in the running stats'
@@ -1886,9 +1886,6 @@ void batch_norm_update_running_cpu(const std::optional<at::Tensor>& running_mean
                    "'s accumulation type");
   };
   const auto update = [&](const at::Tensor& running, const at::Tensor& batch, double factor) {
-    // An in-place update: autograd must see it, as it sees mul_ / add_ (and an inference
-    // tensor outside inference mode is refused here, before any write, as torch refuses it).
-    running.unsafeGetTensorImpl()->bump_version();
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, running.scalar_type(), fn, [&] {
       using acc_t = at::opmath_type<scalar_t>;
       scalar_t* r = running.data_ptr<scalar_t>();
@@ -1903,6 +1900,10 @@ void batch_norm_update_running_cpu(const std::optional<at::Tensor>& running_mean
   // Both checked before either is written: a refused call leaves the running stats as they were.
   if (running_mean) check(*running_mean, mean, "running_mean");
   if (running_var) check(*running_var, var, "running_var");
+  // An in-place update: autograd must see it, as it sees mul_ / add_ (and an inference tensor
+  // outside inference mode is refused here, before any write, as torch refuses it).
+  if (running_mean) running_mean->unsafeGetTensorImpl()->bump_version();
+  if (running_var) running_var->unsafeGetTensorImpl()->bump_version();
   if (running_mean) update(*running_mean, mean, 1.0);
   if (running_var) update(*running_var, var, var_factor);
 }

@@ -1479,6 +1479,27 @@ struct BnBwd {
   acc_t count;  // 0: eval (the statistics were constants)
 };
 
+// Running statistics: running[i] = keep * running[i] + take[i] * batch[i] per channel, in acc,
+// rounded once to the running stats' dtype; blockIdx.y picks the tensor (mean 0, var 1).
+template <typename scalar_t>
+struct RunningUpdate {
+  using acc_t = at::opmath_type<scalar_t>;
+  scalar_t* running[2];
+  const acc_t* batch[2];
+  acc_t take[2];
+  acc_t keep;
+  int64_t C;
+};
+
+template <typename scalar_t>
+__global__ void __launch_bounds__(kThreads) update_running_kernel(const RunningUpdate<scalar_t> a) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t c = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (c >= a.C) return;
+  scalar_t* r = a.running[blockIdx.y];
+  r[c] = static_cast<scalar_t>(a.keep * to_acc(r[c]) + a.take[blockIdx.y] * a.batch[blockIdx.y][c]);
+}
+
 // BatchNorm forward of one value: v = (x - mean) * invstd * w + b (+ residual), relu keeps NaN.
 template <typename acc_t>
 __device__ __forceinline__ acc_t bn_fwd_value(acc_t x, acc_t m, acc_t is, acc_t w, acc_t b,
@@ -2318,6 +2339,63 @@ std::tuple<at::Tensor, at::Tensor> batch_norm_stats_cuda(const at::Tensor& x) {
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return {mean, var};
+}
+
+void batch_norm_update_running_cuda(const at::Tensor& mean, const at::Tensor& var,
+                                    const std::optional<at::Tensor>& running_mean,
+                                    const std::optional<at::Tensor>& running_var, double momentum,
+                                    double var_factor) {
+  constexpr const char* fn = "batch_norm_update_running_cuda";
+  PK_CHECK_CUDA("batch_norm_update_running_cuda", mean);
+  const auto check = [&](const at::Tensor& running, const at::Tensor& batch, const char* name) {
+    PK_CHECK_VALUE(running.device() == mean.device() && batch.device() == mean.device() &&
+                       running.is_contiguous() && running.numel() == batch.numel(),
+                   fn, ": ", name, " must be a contiguous tensor of ", batch.numel(),
+                   " elements on ", mean.device(), ", as its batch statistics");
+    PK_CHECK_VALUE(batch.is_contiguous() && batch.scalar_type() == acc_type(running), fn,
+                   ": the batch statistics must be contiguous and in ", name,
+                   "'s accumulation type");
+  };
+  // Both checked, and their versions bumped (autograd sees the write, as it sees mul_ / add_;
+  // an inference tensor is refused here), before either is written.
+  if (running_mean) check(*running_mean, mean, "running_mean");
+  if (running_var) check(*running_var, var, "running_var");
+  if (running_mean) running_mean->unsafeGetTensorImpl()->bump_version();
+  if (running_var) running_var->unsafeGetTensorImpl()->bump_version();
+  const c10::cuda::CUDAGuard guard(mean.device());
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  struct Task {
+    const at::Tensor& running;
+    const at::Tensor& batch;
+    double factor;
+  };
+  // One launch for both when they share a dtype (grid.y picks mean or var), else one each.
+  const auto launch = [&](std::initializer_list<Task> tasks) {
+    const at::Tensor& first = tasks.begin()->running;
+    if (first.numel() == 0) return;
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, first.scalar_type(), fn, [&] {
+      using acc_t = at::opmath_type<scalar_t>;
+      RunningUpdate<scalar_t> a{};
+      int n = 0;
+      for (const Task& t : tasks) {
+        a.running[n] = t.running.data_ptr<scalar_t>();
+        a.batch[n] = t.batch.const_data_ptr<acc_t>();
+        a.take[n] = static_cast<acc_t>(momentum * t.factor);
+        ++n;
+      }
+      a.keep = static_cast<acc_t>(1 - momentum);
+      a.C = first.numel();
+      update_running_kernel<scalar_t>
+          <<<dim3(ceil_div(a.C, kThreads), n), kThreads, 0, stream>>>(a);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+  };
+  if (running_mean && running_var && running_mean->scalar_type() == running_var->scalar_type()) {
+    launch({{*running_mean, mean, 1.0}, {*running_var, var, var_factor}});
+  } else {
+    if (running_mean) launch({{*running_mean, mean, 1.0}});
+    if (running_var) launch({{*running_var, var, var_factor}});
+  }
 }
 
 at::Tensor batch_norm_fwd_cuda(const at::Tensor& x, const at::Tensor& mean, const at::Tensor& var,
