@@ -155,6 +155,17 @@ void float_to_half_n(const float* in, c10::Half* out, int64_t n) {
 // traffic. Per-thread buffers, grown on demand and kept.
 constexpr int64_t kStage = 1024;
 
+// A software prefetch kPrefetchAhead bytes ahead of a streamed input, for the BatchNorm walks
+// over planes and elements: on a cold bfloat16 input the hardware prefetcher alone left the
+// forward at a third of copy bandwidth (Xeon, 2026-11-26; 2.3x slower than with this). (The
+// row norms, prefetching each next row, gained nothing measurable.)
+constexpr int64_t kPrefetchAhead = 2048;
+
+template <typename T>
+PK_INLINE void prefetch_ahead(const T* p) {
+  __builtin_prefetch(reinterpret_cast<const char*>(p) + kPrefetchAhead);
+}
+
 inline float* scratch(int slot, int64_t n) {
   thread_local std::vector<float> bufs[8];
   std::vector<float>& b = bufs[slot];
@@ -905,6 +916,7 @@ PK_HOT_LOOP void bn_stats_planes(const scalar_t* x, int64_t C, int64_t K, int64_
         lane_sum2<acc_t>(
             K,
             [&](int64_t i, V& a, V& q) __attribute__((always_inline)) {
+              prefetch_ahead(v + i);
               const V d = (vload_acc(v + i) - x0) - m;
               a += d;
               q += d * d;
@@ -918,6 +930,7 @@ PK_HOT_LOOP void bn_stats_planes(const scalar_t* x, int64_t C, int64_t K, int64_
         plane_sum2<acc_t>(
             b, e, c * K, C * K, K,
             [&](int64_t o, V& a, V& q) __attribute__((always_inline)) {
+              prefetch_ahead(x + o);
               a = (vload_acc(x + o) - x0) - m;
               q = a * a;
             },
@@ -1309,7 +1322,12 @@ PK_HOT_LOOP void bn_fwd_range(const scalar_t* __restrict x, const scalar_t* __re
                               int64_t C, int64_t K, int64_t p0, int64_t p1) {
   using acc_t = acc_type<scalar_t>;
   using V = vec_t<acc_t>;
+  const auto ahead = [&](int64_t i) PK_INLINE_LAMBDA {  // the streamed inputs
+    prefetch_ahead(x + i);
+    if constexpr (kRes) prefetch_ahead(res + i);
+  };
   const auto vec = [&](int64_t i, const auto& at) PK_INLINE_LAMBDA {
+    ahead(i);
     V v = (vload_acc(x + i) - at(cf.mean)) * at(cf.a) + at(cf.b);
     if constexpr (kRes) v += vload_acc(res + i);
     if constexpr (kRelu) v = v < acc_t(0) ? V{} : v;  // as zero_where: keeps NaN and -0
@@ -1322,6 +1340,7 @@ PK_HOT_LOOP void bn_fwd_range(const scalar_t* __restrict x, const scalar_t* __re
   if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
     const auto pair = [&](int64_t i, const auto& at) PK_INLINE_LAMBDA {
       V v[2];
+      ahead(i);
       vload2_bf16(x + i, v[0], v[1]);
       V r[2];
       if constexpr (kRes) vload2_bf16(res + i, r[0], r[1]);
@@ -1368,7 +1387,13 @@ PK_HOT_LOOP void bn_bwd_range(const scalar_t* __restrict dy, const scalar_t* __r
                               int64_t C, int64_t K, int64_t p0, int64_t p1) {
   using acc_t = acc_type<scalar_t>;
   using V = vec_t<acc_t>;
+  const auto ahead = [&](int64_t i) PK_INLINE_LAMBDA {  // the streamed inputs
+    prefetch_ahead(dy + i);
+    if constexpr (kMask) prefetch_ahead(y + i);
+    if constexpr (kTrain) prefetch_ahead(x + i);
+  };
   const auto vec = [&](int64_t i, const auto& at) PK_INLINE_LAMBDA {
+    ahead(i);
     V d = vload_acc(dy + i);
     if constexpr (kMask) d = vload_acc(y + i) <= acc_t(0) ? V{} : d;
     if constexpr (kTrain) {
@@ -1386,6 +1411,7 @@ PK_HOT_LOOP void bn_bwd_range(const scalar_t* __restrict dy, const scalar_t* __r
   if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
     const auto pair = [&](int64_t i, const auto& at) PK_INLINE_LAMBDA {
       V d[2], xv[2], yv[2], out[2];
+      ahead(i);
       vload2_bf16(dy + i, d[0], d[1]);
       if constexpr (kMask) vload2_bf16(y + i, yv[0], yv[1]);
       if constexpr (kTrain) vload2_bf16(x + i, xv[0], xv[1]);
@@ -1497,6 +1523,9 @@ PK_HOT_LOOP void bn_reduce_planes(const scalar_t* __restrict dy, const scalar_t*
   const int64_t seg = segment_planes(K);
   // the terms at element offset o (of the whole tensors)
   const auto vterms = [&](int64_t o, V& a, V& q) __attribute__((always_inline)) {
+    prefetch_ahead(dy + o);
+    prefetch_ahead(x + o);
+    if constexpr (kMask) prefetch_ahead(y + o);
     a = vload_acc(dy + o);
     if constexpr (kMask) a = vload_acc(y + o) <= acc_t(0) ? V{} : a;
     q = a * (vload_acc(x + o) - m);
