@@ -1186,6 +1186,25 @@ PK_INLINE void sum_rows_nhwc(const scalar_t* image, scalar_t* out, const FwdPlan
   }
 }
 
+// The window of an NHWC output pixel, prefetched (each window row one span of its columns'
+// channels, up to kPrefetchRowBytes of it): pool_rows_nhwc asks for the window kPrefetchPixels
+// ahead of the one it pools. The hardware prefetcher alone left 2x2 average and adaptive max
+// pooling of cold NHWC input 1.3-1.5x slower (Xeon, 2026-11-26: bfloat16 16x256x28x28 average
+// 0.48 -> 0.29 ms, adaptive max to 7x7 0.84 -> 0.49 ms).
+constexpr int64_t kPrefetchRowBytes = 32768;
+constexpr int64_t kPrefetchPixels = 2;
+
+template <typename scalar_t>
+PK_INLINE void prefetch_window(const scalar_t* image, const Window2d& win, int64_t h0, int64_t W,
+                               int64_t C) {
+  const int64_t bytes = std::min<int64_t>((win.w.end - win.w.first) * C * sizeof(scalar_t),
+                                          kPrefetchRowBytes);
+  for (int64_t h = win.h.first; h < win.h.end; h += win.h.step) {
+    const char* row = reinterpret_cast<const char*>(image + ((h - h0) * W + win.w.first) * C);
+    for (int64_t b = 0; b < bytes; b += 64) __builtin_prefetch(row + b);
+  }
+}
+
 // Output rows oh0..oh1 of one NHWC image, pixel by pixel, channels in blocks of kNhwcBlock
 // (after sum_rows_nhwc, for the channels it takes); `image` holds the input rows from h0 on.
 template <typename scalar_t, Reduce kReduce>
@@ -1207,6 +1226,9 @@ PK_HOT_LOOP void pool_rows_nhwc(const scalar_t* image, scalar_t* out, int64_t* i
   for (int64_t oh = oh0; oh < oh1; ++oh) {
     for (int64_t ow = 0; ow < OW; ++ow) {
       const Window2d win = {plan.h_taps[oh], plan.w_taps[ow]};
+      if (ow + kPrefetchPixels < OW) {
+        prefetch_window(image, {win.h, plan.w_taps[ow + kPrefetchPixels]}, h0, W, C);
+      }
       const acc_t divisor = kReduce == Reduce::kSum ? plan.divisor[oh * OW + ow] : acc_t(1);
       const int64_t at = (oh * OW + ow) * C;
       int64_t c = c_first;
