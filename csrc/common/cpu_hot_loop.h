@@ -1,5 +1,7 @@
-// Multi-versioning of the CPU hot loops, shared by csrc/cpu/*.cpp.
+// Multi-versioning of the CPU hot loops and their small shared helpers, used by csrc/cpu/*.cpp.
 #pragma once
+
+#include <cstdint>
 
 // The hot loops are compiled twice, for AVX2 and for plain x86-64, and picked at load time:
 // the wheel must run on any x86-64, and AVX2 doubles the width of the vector registers.
@@ -20,3 +22,9 @@
 #define PK_INLINE inline
 #define PK_INLINE_LAMBDA
 #endif
+
+// Software prefetches of the `bytes` from p, a cache line (64 bytes) at a time: for walks the
+// hardware prefetcher follows poorly (strided rows, a new page every row, windows).
+PK_INLINE void prefetch_bytes(const void* p, int64_t bytes) {
+  for (int64_t b = 0; b < bytes; b += 64) __builtin_prefetch(static_cast<const char*>(p) + b);
+}

@@ -976,7 +976,7 @@ PK_INLINE void chan_merge_vec(int64_t& n_a, acc_t* __restrict mean_a, acc_t* __r
 // stride C, which the hardware prefetcher follows poorly; they ask for the next chunk in order.
 template <int64_t kBytes>
 PK_INLINE void prefetch_span(const void* p, int64_t at) {
-  for (int64_t b = 0; b < kBytes; b += 64) __builtin_prefetch(static_cast<const char*>(p) + at + b);
+  prefetch_bytes(static_cast<const char*>(p) + at, kBytes);
 }
 
 // For the block of channels from c of a chunk of nr rows at row q (of `rows`, C channels): the

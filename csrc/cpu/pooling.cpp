@@ -1200,8 +1200,7 @@ PK_INLINE void prefetch_window(const scalar_t* image, const Window2d& win, int64
   const int64_t bytes = std::min<int64_t>((win.w.end - win.w.first) * C * sizeof(scalar_t),
                                           kPrefetchRowBytes);
   for (int64_t h = win.h.first; h < win.h.end; h += win.h.step) {
-    const char* row = reinterpret_cast<const char*>(image + ((h - h0) * W + win.w.first) * C);
-    for (int64_t b = 0; b < bytes; b += 64) __builtin_prefetch(row + b);
+    prefetch_bytes(image + ((h - h0) * W + win.w.first) * C, bytes);
   }
 }
 
