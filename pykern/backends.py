@@ -5,6 +5,13 @@ enclosing `use_backend(...)` block, `set_backend(...)`, then the PYKERN_BACKEND 
 variable. It selects among GPU implementations; CPU tensors run the C++ reference, except
 that with backend "triton" and TRITON_INTERPRET=1 they run the Triton kernels in Triton's
 interpreter (how CI tests every Triton kernel without a GPU).
+
+A gradient runs on the backend its forward ran on (`remember_backend` /
+`keeps_forward_backend` on every autograd Function), as torch's own backward kernels follow
+their forward's choice. This matters beyond taste: autograd runs the backward of CUDA tensors
+on its own device thread, which sees no `use_backend` block of the thread that ran the forward.
+Under torch.compile the choice is made when the compiled graph runs, in the thread that runs
+it: a compiled backward on a GPU sees `set_backend` and PYKERN_BACKEND, not `use_backend`.
 """
 
 from __future__ import annotations
@@ -78,6 +85,32 @@ def use_backend(name: str) -> Iterator[str]:
         yield name
     finally:
         stack.pop()
+
+
+def remember_backend(ctx) -> None:
+    """In an autograd Function's forward: records the backend in force, for its backward
+    (see keeps_forward_backend). None while torch.compile traces the forward: a compiled
+    graph picks its backend when it runs."""
+    ctx.backend = None if torch.compiler.is_compiling() else get_backend()
+
+
+def keeps_forward_backend(backward: Callable) -> Callable:
+    """Decorator for an autograd Function's backward: runs it under the backend its forward
+    recorded with remember_backend, in whatever thread autograd runs it."""
+
+    @functools.wraps(backward)
+    def run(ctx, *grads):
+        backend = ctx.backend
+        if backend is None:
+            return backward(ctx, *grads)
+        stack = _state.stack  # use_backend's push and pop, without a generator per call
+        stack.append(backend)
+        try:
+            return backward(ctx, *grads)
+        finally:
+            stack.pop()
+
+    return run
 
 
 def triton_interpreted() -> bool:

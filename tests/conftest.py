@@ -52,8 +52,15 @@ def target(request):
     if reason is not None:
         pytest.skip(reason)
     target = TARGETS[request.param]
-    with pykern.use_backend(target.backend):
-        yield target
+    # set_backend too: a compiled backward on a GPU runs in autograd's device thread, which
+    # sees set_backend but no use_backend block (eager gradients follow their forward anyway)
+    previous = backends._global_backend
+    pykern.set_backend(target.backend)
+    try:
+        with pykern.use_backend(target.backend):
+            yield target
+    finally:
+        backends._global_backend = previous
 
 
 @pytest.fixture(autouse=True)

@@ -2,6 +2,7 @@
 
 import subprocess
 import sys
+import threading
 
 import pytest
 import torch
@@ -93,3 +94,46 @@ def test_unsupported_device_names_the_argument():
 
     with pytest.raises(ValueError, match="to_channels_last: input is on device 'xpu'"):
         backends.check_device(OnXpu(), "to_channels_last")
+
+
+# Each autograd Function of the package, run forward under use_backend("triton") (Triton's
+# interpreter on CPU tensors) with its gradient taken in another thread, as autograd takes the
+# gradient of CUDA tensors on its own device thread: that thread sees no use_backend block.
+_GRADIENT_CASES = {
+    "attention": lambda x: pykern.functional.scaled_dot_product_attention(x, x, x),
+    "conv2d": lambda x: pykern.functional.conv2d(x, torch.ones(2, 3, 3, 3), padding=1),
+    "conv_transpose2d": lambda x: pykern.functional.conv_transpose2d(x, torch.ones(3, 2, 2, 2)),
+    "batch_norm": lambda x: pykern.functional.batch_norm(x, None, None, training=True),
+    "layer_norm": lambda x: pykern.functional.layer_norm(x, (5,)),
+    "max_pool2d": lambda x: pykern.functional.max_pool2d(x, 2),
+    "avg_pool2d": lambda x: pykern.functional.avg_pool2d(x, 2),
+    "global_avg_pool2d": pykern.functional.global_avg_pool2d,
+    "to_channels_last": pykern.functional.to_channels_last,
+}
+
+
+@pytest.mark.parametrize("case", list(_GRADIENT_CASES))
+def test_gradient_runs_on_the_forwards_backend_in_any_thread(case, monkeypatch):
+    pytest.importorskip("triton")
+    if not backends.triton_interpreted():
+        pytest.skip("Triton on CPU tensors needs TRITON_INTERPRET=1")
+    choices = []  # (thread, backend) of every kernel call
+
+    def spy(backend, op):
+        choice = cpu_choice(backend, op)
+        choices.append((threading.current_thread(), choice))
+        return choice
+
+    cpu_choice = backends._cpu_choice
+    monkeypatch.setattr(backends, "_cpu_choice", spy)
+    x = torch.randn(2, 3, 4, 5, requires_grad=True)
+    with pykern.use_backend("triton"):
+        y = _GRADIENT_CASES[case](x)
+    assert choices and all(choice == "triton" for _, choice in choices)
+    choices.clear()
+    worker = threading.Thread(target=lambda: y.sum().backward())
+    worker.start()
+    worker.join()
+    assert x.grad is not None
+    in_worker = [choice for thread, choice in choices if thread is worker]
+    assert in_worker and all(choice == "triton" for choice in in_worker), in_worker

@@ -132,6 +132,7 @@ class AttentionFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, bias, scale: float, is_causal: bool, dropout_p: float, seed):
+        backends.remember_backend(ctx)
         out, lse = _attention_fwd(q, k, v, bias, scale, is_causal, dropout_p, seed)
         ctx.save_for_backward(q, k, v, out, lse, bias, seed)
         ctx.args = (scale, is_causal, dropout_p)
@@ -139,6 +140,7 @@ class AttentionFunction(torch.autograd.Function):
 
     @staticmethod
     @torch.autograd.function.once_differentiable
+    @backends.keeps_forward_backend
     def backward(ctx, grad_out):
         q, k, v, out, lse, bias, seed = ctx.saved_tensors
         scale, is_causal, dropout_p = ctx.args

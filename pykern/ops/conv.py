@@ -176,6 +176,7 @@ class ConvFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, geo: Geometry, transpose: bool, out_hw: tuple[int, int]):
+        backends.remember_backend(ctx)
         ctx.save_for_backward(x, weight)
         ctx.geo, ctx.transpose, ctx.has_bias = geo, transpose, bias is not None
         if x.shape[0] == 0:  # an empty batch: the kernels need at least one image
@@ -187,6 +188,7 @@ class ConvFunction(torch.autograd.Function):
 
     @staticmethod
     @torch.autograd.function.once_differentiable
+    @backends.keeps_forward_backend
     def backward(ctx, grad_y):
         x, weight = ctx.saved_tensors
         geo, transpose = ctx.geo, ctx.transpose

@@ -79,10 +79,12 @@ class PermuteCopyFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, perm: tuple[int, ...]) -> torch.Tensor:
+        backends.remember_backend(ctx)
         ctx.perm = tuple(perm)
         return _permute_copy_call(x, list(perm))
 
     @staticmethod
+    @backends.keeps_forward_backend
     def backward(ctx, grad_out: torch.Tensor):
         # Through apply (not the raw op) so that double backward works too.
         return PermuteCopyFunction.apply(grad_out, tuple(inverse_permutation(ctx.perm))), None

@@ -234,9 +234,7 @@ def _batch_norm_bwd_fake(
 _row_norm_fwd = backends.caller("row_norm_fwd", ROW_NORM_FWD)
 _row_norm_bwd = backends.caller("row_norm_bwd", ROW_NORM_BWD)
 _batch_norm_stats = backends.caller("batch_norm_stats", BATCH_NORM_STATS)
-_batch_norm_update_running = backends.caller(
-    "batch_norm_update_running", BATCH_NORM_UPDATE_RUNNING
-)
+_batch_norm_update_running = backends.caller("batch_norm_update_running", BATCH_NORM_UPDATE_RUNNING)
 _batch_norm_fwd = backends.caller("batch_norm_fwd", BATCH_NORM_FWD)
 _batch_norm_bwd_reduce = backends.caller("batch_norm_bwd_reduce", BATCH_NORM_BWD_REDUCE)
 _batch_norm_bwd = backends.caller("batch_norm_bwd", BATCH_NORM_BWD)
@@ -251,6 +249,7 @@ class RowNormFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, residual, weight, bias, eps: float, rms: bool):
+        backends.remember_backend(ctx)
         y, s, mean, rstd = _row_norm_fwd(x, residual, weight, bias, eps, rms)
         normed = x if residual is None else s
         ctx.save_for_backward(normed, weight, mean, rstd)
@@ -262,6 +261,7 @@ class RowNormFunction(torch.autograd.Function):
 
     @staticmethod
     @torch.autograd.function.once_differentiable
+    @backends.keeps_forward_backend
     def backward(ctx, grad_y, grad_s):
         normed, weight, mean, rstd = ctx.saved_tensors
         if grad_y is None:
@@ -332,6 +332,7 @@ class BatchNormFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, residual, mean, var, eps, relu, count, group, shape, cl):
+        backends.remember_backend(ctx)
         y = _batch_norm_fwd(x, mean, var, weight, bias, residual, eps, relu)
         ctx.save_for_backward(x, y if relu else None, mean, var, weight)
         ctx.eps, ctx.count, ctx.group, ctx.channels_last = eps, count, group, cl
@@ -339,6 +340,7 @@ class BatchNormFunction(torch.autograd.Function):
 
     @staticmethod
     @torch.autograd.function.once_differentiable
+    @backends.keeps_forward_backend
     def backward(ctx, grad_y):
         x, y, mean, var, weight = ctx.saved_tensors
         need_x, need_w, need_b, need_res = ctx.needs_input_grad[:4]

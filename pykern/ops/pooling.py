@@ -63,12 +63,14 @@ _pool_reduce_bwd = backends.caller("pool_reduce_bwd", POOL_REDUCE_BWD)
 class PoolReduceFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, is_max: bool) -> torch.Tensor:
+        backends.remember_backend(ctx)
         out, indices = _pool_reduce_fwd(x, is_max, True)
         ctx.save_for_backward(indices)
         ctx.R, ctx.is_max = x.shape[1], is_max
         return out
 
     @staticmethod
+    @backends.keeps_forward_backend
     def backward(ctx, grad_out: torch.Tensor):
         (indices,) = ctx.saved_tensors
         return _pool_reduce_bwd(grad_out, indices, ctx.R, ctx.is_max), None
@@ -300,6 +302,7 @@ def _in_layout(t: torch.Tensor, channels_last: bool) -> torch.Tensor:
 class MaxPool2dFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, win: Window, channels_last: bool):
+        backends.remember_backend(ctx)
         kernel, stride, padding = win.args()
         out, indices = _max_pool2d_fwd(
             x, kernel, stride, padding, list(win.dilation), list(win.out_size), win.adaptive,
@@ -312,6 +315,7 @@ class MaxPool2dFunction(torch.autograd.Function):
 
     @staticmethod
     @torch.autograd.function.once_differentiable
+    @backends.keeps_forward_backend
     def backward(ctx, grad_out: torch.Tensor, _grad_indices):
         (indices,) = ctx.saved_tensors
         win = ctx.win
@@ -326,6 +330,7 @@ class MaxPool2dFunction(torch.autograd.Function):
 class AvgPool2dFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, win: Window, count_include_pad, divisor_override, channels_last):
+        backends.remember_backend(ctx)
         kernel, stride, padding = win.args()
         ctx.args = (win, count_include_pad, divisor_override, channels_last, list(x.shape[2:]))
         return _avg_pool2d_fwd(
@@ -335,6 +340,7 @@ class AvgPool2dFunction(torch.autograd.Function):
 
     @staticmethod
     @torch.autograd.function.once_differentiable
+    @backends.keeps_forward_backend
     def backward(ctx, grad_out: torch.Tensor):
         win, count_include_pad, divisor_override, channels_last, in_size = ctx.args
         kernel, stride, padding = win.args()
