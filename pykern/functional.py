@@ -234,10 +234,6 @@ def _hashable(value):
 @functools.lru_cache(maxsize=256, typed=True)
 def _window_of(op, in_hw, kernel_size, stride, padding, dilation, ceil_mode) -> _pooling.Window:
     """The window of max_pool2d / avg_pool2d over an (H, W) input, validated."""
-    if op == "max_pool2d":  # the largest padding each op allows
-        max_pad_of = lambda k, d: (d * (k - 1) + 1) // 2  # noqa: E731
-    else:
-        max_pad_of = lambda k, d: k // 2  # noqa: E731
     kernel = _pair(op, "kernel_size", kernel_size)
     no_stride = stride is None or (isinstance(stride, (list, tuple)) and len(stride) == 0)
     stride = kernel if no_stride else _pair(op, "stride", stride)
@@ -248,12 +244,11 @@ def _window_of(op, in_hw, kernel_size, stride, padding, dilation, ceil_mode) -> 
             raise ValueError(f"{op}: {name} must be greater than zero, got {pair}")
     if min(padding) < 0:
         raise ValueError(f"{op}: padding must be non-negative, got {padding}")
-    for p, k, d in zip(padding, kernel, dilation, strict=True):
-        if p > max_pad_of(k, d):
+    for p, k in zip(padding, kernel, strict=True):
+        if p > k // 2:  # torch's rule, the dilation left out (max_pool2d's too)
             raise ValueError(
-                f"{op}: padding ({p}) must be at most half of the kernel_size ({k})"
-                + (f" dilated by {d}" if d > 1 else "")
-                + f", got padding={padding}, kernel_size={kernel}"
+                f"{op}: padding ({p}) must be at most half of the kernel_size ({k}), "
+                f"got padding={padding}, kernel_size={kernel}"
             )
     out = tuple(
         _pooling.pool2d_out_size(*args, ceil_mode)
@@ -290,7 +285,7 @@ def max_pool2d(
     Args:
         input: (N, C, H, W) or (C, H, W); floating point or integer; NCHW or channels_last.
         kernel_size, stride (default kernel_size), padding, dilation: an int or an (H, W) pair.
-            Padding is implicit -inf and at most half the dilated kernel.
+            Padding is implicit -inf and at most half the kernel (dilation aside), as in torch.
         ceil_mode: round the output size up (a last window may hang over the padding).
         return_indices: also return the int64 index h * W + w of each max in its plane.
 
@@ -892,28 +887,36 @@ def conv_transpose2d(
             )
     unbatched = input.dim() == 3
     x = input.unsqueeze(0) if unbatched else input
-    # The part of the output that the windows of the input reach, and what output_padding
-    # adds beyond it (output_padding >= stride, allowed when smaller than the dilation).
-    core = [
-        (h - 1) * s - 2 * p + d * (k - 1) + 1 + o % s
+    out_hw = [
+        (h - 1) * s - 2 * p + d * (k - 1) + 1 + o
         for h, s, p, d, k, o in zip(
             x.shape[2:], stride, padding, dilation, (R, S), output_padding, strict=True
         )
     ]
-    beyond = [o - o % s for o, s in zip(output_padding, stride, strict=True)]
-    if min(core) <= 0:
+    if min(out_hw) <= 0:
         raise ValueError(
             f"{op}: the output would be empty: input (H, W) = {tuple(x.shape[2:])}, weight "
-            f"{R}x{S}, stride={stride}, padding={padding}, dilation={dilation}"
+            f"{R}x{S}, stride={stride}, padding={padding}, dilation={dilation}, "
+            f"output_padding={output_padding}"
         )
-    geo = _conv.Geometry(stride, padding, dilation, groups, _conv.channels_last_for(x, weight))
-    if any(beyond):  # rows no window reaches: zeros, then the bias
-        y = _conv.conv_transpose2d(x, weight, None, geo, core)
-        y = torch.nn.functional.pad(y, (0, beyond[1], 0, beyond[0]))
-        if bias is not None:
-            y = y + bias.view(1, -1, 1, 1)
-    else:
-        y = _conv.conv_transpose2d(x, weight, bias, geo, core)
+    if all(o < s for o, s in zip(output_padding, stride, strict=True)):
+        geo = _conv.Geometry(stride, padding, dilation, groups, _conv.channels_last_for(x, weight))
+        y = _conv.conv_transpose2d(x, weight, bias, geo, out_hw)
+        return y.squeeze(0) if unbatched else y
+    # output_padding >= stride (allowed when below the dilation): the output reaches past the
+    # last window of a convolution over it, so it is not conv2d's adjoint. Every window's
+    # full reach (no padding), then cropped by the padding in front and cut or zero-filled
+    # at the end: the `padding` rows past the nominal end still hold window sums.
+    reach = [
+        (h - 1) * s + d * (k - 1) + 1
+        for h, s, d, k in zip(x.shape[2:], stride, dilation, (R, S), strict=True)
+    ]
+    geo = _conv.Geometry(stride, (0, 0), dilation, groups, _conv.channels_last_for(x, weight))
+    y = _conv.conv_transpose2d(x, weight, None, geo, reach)
+    (ph, pw), (oh, ow), (rh, rw) = padding, out_hw, reach
+    y = torch.nn.functional.pad(y, (-pw, pw + ow - rw, -ph, ph + oh - rh))
+    if bias is not None:
+        y = y + bias.view(1, -1, 1, 1)
     return y.squeeze(0) if unbatched else y
 
 

@@ -44,6 +44,14 @@ TRANSPOSE_CASES = [
     ((2, 3, 5, 4), (3, 4, 3, 2), dict(stride=(1, 2), dilation=2, output_padding=(1, 1))),
     ((2, 4, 6, 5), (4, 2, 3, 3), dict(stride=3, padding=2, output_padding=(2, 0))),
     ((1, 2, 3, 3), (2, 3, 1, 1), dict()),
+    # output_padding >= stride (below the dilation) with padding: the rows past the nominal
+    # end hold window sums; in W the windows alone would give an empty output
+    (
+        (2, 3, 5, 4),
+        (3, 4, 3, 2),
+        dict(stride=(1, 2), padding=1, dilation=(2, 3), output_padding=(1, 2)),
+    ),
+    ((1, 2, 3, 2), (2, 3, 3, 1), dict(padding=(0, 1), dilation=2, output_padding=(0, 1))),
 ]
 # Depthwise (groups == C, multiplier K / C): the CPU's direct kernels, not im2col. Rows of 37
 # and 19 columns reach the 4- and 2-vector blocks and their overlapping last block.

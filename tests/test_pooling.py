@@ -452,6 +452,22 @@ def test_window_max_nan_ties_and_minus_inf(target, op, layout):
         assert torch.equal(indices, expected_indices)
 
 
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_window_wholly_in_the_padding(target, layout):
+    # A dilated window can reach over the whole input: in H, taps at rows -1 and 1 of a
+    # one-row input. torch gives -inf and the index of the first tap past the padding, here
+    # 3, past the 3-element plane. Its gradient is dropped: the output is a constant, and a
+    # scatter to that index would write into the next plane (or past the tensor).
+    x = make_input((2, 5, 1, 3), torch.float32, target.device, layout=layout, requires_grad=True)
+    kw = dict(kernel_size=(2, 5), stride=(2, 1), padding=(1, 1), dilation=(2, 1))
+    out, indices = PF.max_pool2d(x, **kw, return_indices=True)
+    expected, expected_indices = F.max_pool2d(x.detach().cpu(), **kw, return_indices=True)
+    assert torch.equal(out.cpu(), expected) and torch.equal(indices.cpu(), expected_indices)
+    assert bool((indices >= 3).all())
+    (grad,) = torch.autograd.grad(out, x, torch.randn_like(out))
+    assert torch.equal(grad, torch.zeros_like(x))
+
+
 # Forward paths the CPU kernel picks by shape: identity windows (a copy), NCHW outputs under 8
 # wide pooled 32 planes at a time (33 planes: a partial block too), row band by row band when
 # the planes are tall (200 x 13, 72 x 40), sums over runs of 16 columns (48 -> 3), and NHWC
@@ -620,6 +636,9 @@ WINDOW_BAD_INPUT = [
     (PF.max_pool2d, dict(kernel_size=2, dilation=0), ValueError, "max_pool2d: dilation must be"),
     (PF.max_pool2d, dict(kernel_size=3, padding=2), ValueError,
      r"max_pool2d: padding \(2\) must be at most half"),
+    # torch compares the padding with the kernel, not the dilated kernel
+    (PF.max_pool2d, dict(kernel_size=4, padding=3, dilation=2), ValueError,
+     r"max_pool2d: padding \(3\) must be at most half of the kernel_size \(4\)"),
     (PF.max_pool2d, dict(kernel_size=2, padding=-1), ValueError,
      "max_pool2d: padding must be non-negative"),
     (PF.max_pool2d, dict(kernel_size=7), ValueError, "max_pool2d: the output would be empty"),

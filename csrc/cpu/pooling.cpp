@@ -1410,6 +1410,12 @@ void pool_fwd(const at::Tensor& x, at::Tensor& out, at::Tensor* indices,
 // Backward: dx = 0, then each output's gradient added into its window (max: at its index;
 // avg: grad / divisor at every tap). Sums in opmath: dx itself for float and double, else a
 // float buffer per plane (NCHW) or per image block (NHWC), converted at the end.
+// Whether a max index names an element of its plane. One that does not is dropped: a dilated
+// window can lie wholly in the padding (torch then reports the index of its first tap past
+// the padding, which can be past the plane; its output is -inf, a constant, so no input has a
+// gradient from it), and the CUDA and Triton kernels, which gather, never match such an index.
+inline bool in_plane(int64_t index, int64_t plane) { return index >= 0 && index < plane; }
+
 template <typename scalar_t, bool kMax>
 void pool_bwd(const at::Tensor& dy, const at::Tensor* indices, at::Tensor& dx,
               const std::array<PoolAxis, 2>& ax, bool count_include_pad, int64_t divisor_override,
@@ -1440,7 +1446,9 @@ void pool_bwd(const at::Tensor& dy, const at::Tensor* indices, at::Tensor& dx,
         const scalar_t* gp = grad + p * out_plane;
         if constexpr (kMax) {
           const int64_t* ip = idx + p * out_plane;
-          for (int64_t o = 0; o < out_plane; ++o) sum[ip[o]] += static_cast<acc_t>(gp[o]);
+          for (int64_t o = 0; o < out_plane; ++o) {
+            if (in_plane(ip[o], plane)) sum[ip[o]] += static_cast<acc_t>(gp[o]);
+          }
         } else {
           for (int64_t oh = 0; oh < g.H; ++oh) {
             for (int64_t ow = 0; ow < g.W; ++ow) {
@@ -1473,7 +1481,9 @@ void pool_bwd(const at::Tensor& dy, const at::Tensor* indices, at::Tensor& dx,
         const scalar_t* g_row = grad + (n * out_plane + o) * in.C + c0;
         if constexpr (kMax) {
           const int64_t* i_row = idx + (n * out_plane + o) * in.C + c0;
-          for (int64_t c = 0; c < cb; ++c) sum[i_row[c] * cb + c] += static_cast<acc_t>(g_row[c]);
+          for (int64_t c = 0; c < cb; ++c) {
+            if (in_plane(i_row[c], plane)) sum[i_row[c] * cb + c] += static_cast<acc_t>(g_row[c]);
+          }
         } else {
           const int64_t oh = o / g.W, ow = o % g.W;
           const Window2d win = window_of(ax, oh, ow);
