@@ -443,7 +443,7 @@ def _check_batch_norm(
         raise ValueError(f"{op}: running_mean and running_var must be given when not training")
     if isinstance(momentum, bool) or not isinstance(momentum, (int, float)):
         raise TypeError(f"{op}: momentum must be a float, got {momentum!r}")
-    if training and input.numel() // max(C, 1) <= 1:
+    if training and input.numel() // max(C, 1) == 1:  # torch's rule: an empty batch runs
         raise ValueError(
             f"{op}: expected more than 1 value per channel when training, got input of size "
             f"{tuple(input.shape)}"
@@ -454,9 +454,11 @@ def _run_batch_norm(
     input, residual, running_mean, running_var, weight, bias, training, momentum, eps, relu,
     group=None,
 ):  # fmt: skip
-    if input.numel() == 0:  # nothing to normalize (and no statistics to update)
-        out = input.clone() if residual is None else input + residual
-        return out.clamp_min(0) if relu else out
+    if input.numel() == 0:
+        return _norm.empty_batch_norm(
+            input, residual, running_mean, running_var, weight, bias, bool(training),
+            float(momentum), relu, group,
+        )  # fmt: skip
     return _norm.batch_norm(
         input, running_mean, running_var, weight, bias, residual, bool(training),
         float(momentum), float(eps), relu, _layout.is_channels_last(input), group,
@@ -1011,6 +1013,9 @@ def _attention_bias(op: str, attn_mask, query: torch.Tensor, target, Z: int, Hq:
         raise ValueError(
             f"{op}: attn_mask requires grad, but pykern treats the mask as a constant (detach it)"
         )
+    extra = attn_mask.dim() - len(target)
+    if extra > 0 and all(n == 1 for n in attn_mask.shape[:extra]):
+        attn_mask = attn_mask[(0,) * extra]  # leading 1s broaden no output dim: torch drops them
     if _broadcast(op, "attn_mask and the attention scores", attn_mask.shape, target) != target:
         raise ValueError(
             f"{op}: attn_mask of shape {tuple(attn_mask.shape)} does not broadcast to the "

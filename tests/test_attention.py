@@ -56,6 +56,10 @@ CASES = {
         (3, 2, 7, 16), (3, 2, 10, 16), (3, 2, 10, 16), {},
         lambda L, S: torch.arange(S).expand(3, 1, 1, S) < torch.tensor([10, 4, 1]).view(3, 1, 1, 1),
     ),
+    # a mask with more (size-1) leading dims than the scores: torch drops them
+    "mask-extra-dims": (
+        (3, 9, 16), (3, 12, 16), (3, 12, 8), {}, lambda L, S: torch.randn(1, 1, L, S).double(),
+    ),
     "2d": ((9, 16), (12, 16), (12, 8), {}, None),
     "5d-bcast": ((2, 1, 2, 7, 16), (1, 3, 2, 9, 16), (1, 3, 2, 9, 16), {}, None),
     "L1-S1": ((1, 2, 1, 16), (1, 2, 1, 16), (1, 2, 1, 16), {}, None),

@@ -668,12 +668,20 @@ def test_batch_norm_gradcheck(target, op, training):
     assert torch.autograd.gradcheck(fn, (x, w, b, res), fast_mode=target.backend == "triton")
 
 
-def test_batch_norm_empty_batch(target):
-    x = make_input((0, 3, 4, 4), torch.float32, target.device)
+@pytest.mark.parametrize("training", [False, True], ids=["eval", "train"])
+def test_batch_norm_empty_batch(target, training):
+    # as torch: an empty result, running stats untouched, zero gradients for weight and bias
+    x = make_input((0, 3, 4, 4), torch.float32, target.device, requires_grad=True)
+    w = torch.randn(3, device=target.device, requires_grad=True)
+    b = torch.randn(3, device=target.device, requires_grad=True)
     rm, rv = _stats(3, torch.float32, target.device)
-    rm0 = rm.clone()
-    assert PF.batch_norm(x, rm, rv).shape == x.shape
-    assert torch.equal(rm, rm0)
+    rm0, rv0 = rm.clone(), rv.clone()
+    y = PF.batch_norm(x, rm, rv, w, b, training=training)
+    assert y.shape == x.shape
+    assert torch.equal(rm, rm0) and torch.equal(rv, rv0)
+    dx, dw, db = torch.autograd.grad(y.sum(), (x, w, b))
+    assert dx.shape == x.shape and torch.equal(dw, torch.zeros_like(w))
+    assert torch.equal(db, torch.zeros_like(b))
 
 
 # Modules
@@ -815,19 +823,23 @@ def test_compile_fullgraph(target):
 # SyncBatchNorm
 
 
-def _sync_worker(rank, world, tmp, x, g):
-    """One rank of the SyncBatchNorm test: its share of the batch through pykern's
-    SyncBatchNorm, results saved to tmp/rank<r>.pt."""
+def _sync_worker(rank, world, tmp, x, g, first_share):
+    """One rank of the SyncBatchNorm test: its share of the batch (rank 0 the first
+    first_share images) through pykern's SyncBatchNorm, results saved to tmp/rank<r>.pt."""
+    import datetime
+
     import torch.distributed as dist
 
     init = f"file://{os.path.join(tmp, 'init')}"
-    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
+    # a rank left waiting on a collective fails after the timeout rather than hanging the run
+    timeout = datetime.timedelta(seconds=60)
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world, timeout=timeout)
     try:
         bn = PN.SyncBatchNorm(x.shape[1]).double()
         with torch.no_grad():
             bn.weight.copy_(torch.linspace(0.5, 1.5, x.shape[1]))
             bn.bias.copy_(torch.linspace(-1, 1, x.shape[1]))
-        share = slice(rank * x.shape[0] // world, (rank + 1) * x.shape[0] // world)
+        share = slice(0, first_share) if rank == 0 else slice(first_share, x.shape[0])
         xs = x[share].clone().requires_grad_(True)
         y = bn(xs)
         y.backward(g[share])
@@ -838,7 +850,9 @@ def _sync_worker(rank, world, tmp, x, g):
         dist.destroy_process_group()
 
 
-def test_sync_batch_norm_two_processes_match_one_process_on_the_whole_batch():
+# 3 + 3 images; 6 + 0: a rank with an empty batch still joins the others' collectives
+@pytest.mark.parametrize("first_share", [3, 6], ids=["halves", "one-rank-empty"])
+def test_sync_batch_norm_two_processes_match_one_process_on_the_whole_batch(first_share):
     import torch.distributed as dist
     import torch.multiprocessing as mp
 
@@ -847,7 +861,7 @@ def test_sync_batch_norm_two_processes_match_one_process_on_the_whole_batch():
     x = torch.randn(6, 4, 3, 5, dtype=torch.float64)
     g = torch.randn_like(x)
     with tempfile.TemporaryDirectory() as tmp:
-        mp.spawn(_sync_worker, args=(2, tmp, x, g), nprocs=2, join=True)
+        mp.spawn(_sync_worker, args=(2, tmp, x, g, first_share), nprocs=2, join=True)
         result = [torch.load(os.path.join(tmp, f"rank{r}.pt")) for r in range(2)]
     ref_bn = torch.nn.BatchNorm2d(4).double()
     with torch.no_grad():

@@ -369,6 +369,48 @@ class BatchNormFunction(torch.autograd.Function):
         )
 
 
+def empty_batch_norm(
+    input, residual, running_mean, running_var, weight, bias, training, momentum, relu, group
+) -> Tensor:
+    """BatchNorm of an input with no element: torch's empty result, with (zero) gradients for
+    weight, bias and the residual, running statistics untouched. Under SyncBatchNorm this rank
+    still takes part in the others' collectives (the statistics' all_gather, the backward's
+    all_reduce) with a count of 0, so no rank waits on it forever; its running statistics then
+    take the group's, as every other rank's do."""
+    C = input.shape[1]
+    channel = (1, C) + (1,) * (input.dim() - 2)
+    out = input.clone() if residual is None else input + residual
+    if weight is not None:
+        out = out * weight.view(channel)
+    if bias is not None:
+        out = out + bias.view(channel)
+    out = out.clamp_min(0) if relu else out
+    if not training or group is None:
+        return out
+    zeros = input.new_zeros(C, dtype=acc_dtype(input.dtype))
+    mean, var, count = sync_stats(zeros, zeros, 0, group)
+    if count > 1:
+        update_running_stats(running_mean, running_var, mean, var, count, momentum)
+    if _needs_grad(input, residual):
+        out = JoinGradientSums.apply(out, C, group)
+    return out
+
+
+class JoinGradientSums(torch.autograd.Function):
+    """Identity whose backward joins the all_reduce of BatchNormFunction's backward on the
+    other ranks with zero sums: this rank's share of an empty batch."""
+
+    @staticmethod
+    def forward(ctx, out, C: int, group):
+        ctx.C, ctx.group = C, group
+        return out.view_as(out)
+
+    @staticmethod
+    def backward(ctx, grad):
+        dist.all_reduce(grad.new_zeros(2 * ctx.C, dtype=acc_dtype(grad.dtype)), group=ctx.group)
+        return grad, None, None
+
+
 def update_running_stats(
     running_mean: Tensor | None,
     running_var: Tensor | None,
