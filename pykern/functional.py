@@ -693,7 +693,7 @@ def layer_norm_2d(
     _check_companion(op, "weight", weight, input, (C,))
     _check_companion(op, "bias", bias, input, (C,))
     if input.numel() == 0:
-        return input.clone()
+        return _norm.empty_affine(input, weight, bias)
     # The view's middle axis is C: rows of C for channels_last, a strided axis for NCHW.
     channels_last = _layout.is_channels_last(input)
     x = _norm.channel_view(input, channels_last)

@@ -684,6 +684,20 @@ def test_batch_norm_empty_batch(target, training):
     assert torch.equal(db, torch.zeros_like(b))
 
 
+def test_empty_norms_keep_dtype_and_format_and_give_zero_parameter_gradients():
+    # a bfloat16 input with float32 parameters (autocast's mix) stays bfloat16, as in torch
+    x = torch.randn(0, 3, 4, 4, dtype=torch.bfloat16).contiguous(memory_format=torch.channels_last)
+    x.requires_grad_(True)
+    w = torch.randn(3, requires_grad=True)
+    b = torch.randn(3, requires_grad=True)
+    for y in (PF.batch_norm(x, None, None, w, b, training=True), PF.layer_norm_2d(x, w, b)):
+        expected = torch.nn.functional.batch_norm(x, None, None, w, b, training=True)
+        assert y.shape == x.shape and y.dtype == expected.dtype == torch.bfloat16
+        assert y.is_contiguous(memory_format=torch.channels_last)
+        dw, db = torch.autograd.grad(y.sum(), (w, b))
+        assert torch.equal(dw, torch.zeros(3)) and torch.equal(db, torch.zeros(3))
+
+
 # Modules
 
 

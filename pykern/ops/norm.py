@@ -369,6 +369,19 @@ class BatchNormFunction(torch.autograd.Function):
         )
 
 
+def empty_affine(input: Tensor, weight: Tensor | None, bias: Tensor | None) -> Tensor:
+    """The result of a channel (dim 1) norm of an input with no element: empty, in input's
+    dtype and memory format, and still a function of weight and bias, which then get zero
+    gradients as torch's norms give them (not none, which DDP would refuse)."""
+    channel = (1, input.shape[1]) + (1,) * (input.dim() - 2)
+    out = input.clone()
+    if weight is not None:
+        out = out * weight.view(channel).to(out.dtype)
+    if bias is not None:
+        out = out + bias.view(channel).to(out.dtype)
+    return out
+
+
 def empty_batch_norm(
     input, residual, running_mean, running_var, weight, bias, training, momentum, relu, group
 ) -> Tensor:
@@ -377,16 +390,11 @@ def empty_batch_norm(
     still takes part in the others' collectives (the statistics' all_gather, the backward's
     all_reduce) with a count of 0, so no rank waits on it forever; its running statistics then
     take the group's, as every other rank's do."""
-    C = input.shape[1]
-    channel = (1, C) + (1,) * (input.dim() - 2)
-    out = input.clone() if residual is None else input + residual
-    if weight is not None:
-        out = out * weight.view(channel)
-    if bias is not None:
-        out = out + bias.view(channel)
+    out = empty_affine(input if residual is None else input + residual, weight, bias)
     out = out.clamp_min(0) if relu else out
     if not training or group is None:
         return out
+    C = input.shape[1]
     zeros = input.new_zeros(C, dtype=acc_dtype(input.dtype))
     mean, var, count = sync_stats(zeros, zeros, 0, group)
     if count > 1:
