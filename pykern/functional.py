@@ -1013,9 +1013,9 @@ def _attention_bias(op: str, attn_mask, query: torch.Tensor, target, Z: int, Hq:
         raise ValueError(
             f"{op}: attn_mask requires grad, but pykern treats the mask as a constant (detach it)"
         )
-    extra = attn_mask.dim() - len(target)
-    if extra > 0 and all(n == 1 for n in attn_mask.shape[:extra]):
-        attn_mask = attn_mask[(0,) * extra]  # leading 1s broaden no output dim: torch drops them
+    if len(target) == 3 and attn_mask.dim() == 4 and attn_mask.shape[0] == 1:
+        # torch runs a 3D query as 4D, so it takes a 4D mask of one batch there (only there)
+        attn_mask = attn_mask[0]
     if _broadcast(op, "attn_mask and the attention scores", attn_mask.shape, target) != target:
         raise ValueError(
             f"{op}: attn_mask of shape {tuple(attn_mask.shape)} does not broadcast to the "

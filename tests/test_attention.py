@@ -56,7 +56,7 @@ CASES = {
         (3, 2, 7, 16), (3, 2, 10, 16), (3, 2, 10, 16), {},
         lambda L, S: torch.arange(S).expand(3, 1, 1, S) < torch.tensor([10, 4, 1]).view(3, 1, 1, 1),
     ),
-    # a mask with more (size-1) leading dims than the scores: torch drops them
+    # torch runs a 3D query as 4D: a 4D mask of one batch is accepted (a 5D one for 4D is not)
     "mask-extra-dims": (
         (3, 9, 16), (3, 12, 16), (3, 12, 8), {}, lambda L, S: torch.randn(1, 1, L, S).double(),
     ),
