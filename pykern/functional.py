@@ -901,19 +901,21 @@ def conv_transpose2d(
             f"{R}x{S}, stride={stride}, padding={padding}, dilation={dilation}, "
             f"output_padding={output_padding}"
         )
-    if all(o < s for o, s in zip(output_padding, stride, strict=True)):
-        geo = _conv.Geometry(stride, padding, dilation, groups, _conv.channels_last_for(x, weight))
-        y = _conv.conv_transpose2d(x, weight, bias, geo, out_hw)
-        return y.squeeze(0) if unbatched else y
     # output_padding >= stride (allowed when below the dilation): the output reaches past the
     # last window of a convolution over it, so it is not conv2d's adjoint. Every window's
     # full reach (no padding), then cropped by the padding in front and cut or zero-filled
     # at the end: the `padding` rows past the nominal end still hold window sums.
+    adjoint = all(o < s for o, s in zip(output_padding, stride, strict=True))
+    geo = _conv.Geometry(
+        stride, padding if adjoint else (0, 0), dilation, groups, _conv.channels_last_for(x, weight)
+    )
+    if adjoint:
+        y = _conv.conv_transpose2d(x, weight, bias, geo, out_hw)
+        return y.squeeze(0) if unbatched else y
     reach = [
         (h - 1) * s + d * (k - 1) + 1
         for h, s, d, k in zip(x.shape[2:], stride, dilation, (R, S), strict=True)
     ]
-    geo = _conv.Geometry(stride, (0, 0), dilation, groups, _conv.channels_last_for(x, weight))
     y = _conv.conv_transpose2d(x, weight, None, geo, reach)
     (ph, pw), (oh, ow), (rh, rw) = padding, out_hw, reach
     y = torch.nn.functional.pad(y, (-pw, pw + ow - rw, -ph, ph + oh - rh))

@@ -1407,15 +1407,15 @@ void pool_fwd(const at::Tensor& x, at::Tensor& out, at::Tensor* indices,
   at::parallel_for(0, rows, parallel ? 1 : rows, run);  // a contiguous share per thread
 }
 
-// Backward: dx = 0, then each output's gradient added into its window (max: at its index;
-// avg: grad / divisor at every tap). Sums in opmath: dx itself for float and double, else a
-// float buffer per plane (NCHW) or per image block (NHWC), converted at the end.
 // Whether a max index names an element of its plane. One that does not is dropped: a dilated
 // window can lie wholly in the padding (torch then reports the index of its first tap past
 // the padding, which can be past the plane; its output is -inf, a constant, so no input has a
 // gradient from it), and the CUDA and Triton kernels, which gather, never match such an index.
 inline bool in_plane(int64_t index, int64_t plane) { return index >= 0 && index < plane; }
 
+// Backward: dx = 0, then each output's gradient added into its window (max: at its index;
+// avg: grad / divisor at every tap). Sums in opmath: dx itself for float and double, else a
+// float buffer per plane (NCHW) or per image block (NHWC), converted at the end.
 template <typename scalar_t, bool kMax>
 void pool_bwd(const at::Tensor& dy, const at::Tensor* indices, at::Tensor& dx,
               const std::array<PoolAxis, 2>& ax, bool count_include_pad, int64_t divisor_override,

@@ -320,6 +320,14 @@ def sync_stats(mean: Tensor, var: Tensor, count: int, group) -> tuple[Tensor, Te
     return mean_all, var_all, int(total.item())
 
 
+def sync_gradient_sums(sum_dy: Tensor, sum_dy_xhat: Tensor, group) -> tuple[Tensor, Tensor]:
+    """The backward's two channel sums added over every rank of the group (one all_reduce,
+    which every rank's backward makes alike, an empty batch's too)."""
+    sums = torch.cat([sum_dy, sum_dy_xhat])
+    dist.all_reduce(sums, group=group)
+    return sums.chunk(2)
+
+
 class BatchNormFunction(torch.autograd.Function):
     """y of batch_norm_fwd given the statistics, with the gradients of x, weight, bias and
     the residual; count > 0 means the statistics are the batch's over count values (and
@@ -354,9 +362,7 @@ class BatchNormFunction(torch.autograd.Function):
             sum_dy = sum_dy_xhat = x.new_zeros(mean.shape, dtype=acc_dtype(x.dtype))
         if need_x or need_res:
             if training and ctx.group is not None:
-                sums = torch.cat([sum_dy, sum_dy_xhat])
-                dist.all_reduce(sums, group=ctx.group)
-                sum_dy, sum_dy_xhat = sums.chunk(2)
+                sum_dy, sum_dy_xhat = sync_gradient_sums(sum_dy, sum_dy_xhat, ctx.group)
             dx, d_res = _batch_norm_bwd(
                 grad_y, x, y, mean, var, weight, sum_dy, sum_dy_xhat, ctx.eps, ctx.count, need_res
             )
@@ -415,7 +421,8 @@ class JoinGradientSums(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        dist.all_reduce(grad.new_zeros(2 * ctx.C, dtype=acc_dtype(grad.dtype)), group=ctx.group)
+        zeros = grad.new_zeros(ctx.C, dtype=acc_dtype(grad.dtype))
+        sync_gradient_sums(zeros, zeros, ctx.group)
         return grad, None, None
 
 
